@@ -1,0 +1,3 @@
+"""dykaf: the DyKAF optimizer (Kronecker-factored Fisher tracked by projector splitting, Adam in its
+eigenbasis), SOAP as a configuration of the same engine, Fisher-fidelity diagnostics and a registry
+of baseline optimizers. Depends on torch only."""
