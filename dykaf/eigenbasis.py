@@ -1,0 +1,38 @@
+"""Eigenbases of the Kronecker factors: the rotation in which DyKAF/SOAP run Adam.
+
+Two operations, as in SOAP: a full ``eigh`` when a parameter is initialised, and afterwards a cheap
+refresh every ``precondition_frequency`` steps (one power-iteration step plus QR), which needs the
+previous basis' columns ordered by the current eigenvalue estimates. The second moment lives in the
+rotated coordinates, so whoever reorders a basis must reorder the moment's rows/columns with the
+same permutation — :func:`refresh` returns it for that reason.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dykaf.kronecker import _eigh
+
+
+def initial(factor: Tensor) -> Tensor:
+    """Orthonormal eigenvectors of a symmetric PSD factor, eigenvalues in descending order.
+
+    ``eigh`` runs in the factor's dtype (float32 for all low-precision params) with a float64 retry
+    on failure; the result is cast back to the factor's dtype.
+    """
+    _, vectors = _eigh(factor)
+    return torch.flip(vectors, dims=[1])
+
+
+def refresh(factor: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+    """One power-iteration/QR refresh of ``basis`` towards ``factor``'s eigenvectors.
+
+    Returns ``(new_basis, order)`` where ``order`` sorts the old columns by the estimated eigenvalues
+    ``diag(Qᵀ P Q)`` in descending order; the caller permutes its second moment with ``order``.
+    """
+    estimates = torch.sum((factor @ basis) * basis, dim=0)
+    order = torch.argsort(estimates, descending=True)
+    sorted_basis = basis[:, order]
+    new_basis, _ = torch.linalg.qr(factor @ sorted_basis)
+    return new_basis, order
