@@ -1,0 +1,182 @@
+"""Run lifecycle as single conditional UPDATEs: claim, heartbeat, finish, requeue.
+
+Each transition is one ``UPDATE … WHERE <expected state>`` whose row count says whether this
+caller won; that is what makes a run claimable by exactly one worker, a redelivered Celery task a
+no-op, and a worker that lost its run (requeued after a stale heartbeat) unable to overwrite the
+new owner's state — every write after the claim is fenced by ``attempt``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, func, literal, or_, select, update
+from sqlalchemy.orm import Session
+
+from server.crud.jobs import lock_job, recompute_job
+from server.db.models import CANCELLED, QUEUED, RUNNING, TERMINAL, Run
+from server.db.types import UTCDateTime, utcnow
+
+
+@dataclass(frozen=True)
+class Claim:
+    run_id: int
+    job_id: int
+    attempt: int
+    spec: dict[str, Any]
+
+
+def claim_run(
+    session: Session, run_id: int, *, worker: str, device: str | None, stale_before: datetime
+) -> Claim | None:
+    """Move the run to ``running`` if it is queued, or running with a stale heartbeat.
+
+    Returns None when another worker owns it, it already ended, it was cancelled, or it no longer
+    exists — the redelivered-task case, which must do nothing.
+    """
+    job_id = session.scalar(select(Run.job_id).where(Run.id == run_id))
+    if job_id is None or not lock_job(session, job_id):
+        return None
+    now = utcnow()
+    claimable = or_(
+        Run.status == QUEUED,
+        and_(Run.status == RUNNING, or_(Run.heartbeat_at.is_(None), Run.heartbeat_at < stale_before)),
+    )
+    result = session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.cancel_requested.is_(False), claimable)
+        .values(
+            status=RUNNING,
+            attempt=Run.attempt + 1,
+            worker=worker[:200],
+            device=device,
+            heartbeat_at=now,
+            started_at=func.coalesce(Run.started_at, literal(now, UTCDateTime())),
+            finished_at=None,
+            reason=None,
+            error=None,
+        )
+    )
+    if result.rowcount != 1:
+        return None
+    row = session.execute(select(Run.attempt, Run.spec).where(Run.id == run_id)).one()
+    recompute_job(session, job_id)
+    return Claim(run_id=run_id, job_id=job_id, attempt=row.attempt, spec=row.spec)
+
+
+def heartbeat(session: Session, run_id: int, attempt: int, step: int | None) -> tuple[bool, bool]:
+    """Refresh the heartbeat (and progress step); returns ``(still_owned, cancel_requested)``."""
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    if step is not None:
+        values["step"] = step
+    result = session.execute(
+        update(Run).where(Run.id == run_id, Run.attempt == attempt, Run.status == RUNNING).values(**values)
+    )
+    if result.rowcount != 1:
+        return False, True
+    cancel = session.scalar(select(Run.cancel_requested).where(Run.id == run_id))
+    return True, bool(cancel)
+
+
+def finish_run(
+    session: Session,
+    claim: Claim,
+    *,
+    status: str,
+    reason: str | None,
+    final_step: int | None,
+    summary: Mapping[str, Any] | None,
+    error: str | None = None,
+    run_seconds: float | None = None,
+) -> bool:
+    """Record the run's end; False when this worker no longer owns it (nothing is written)."""
+    if status not in TERMINAL:
+        raise ValueError(f"not a terminal status: {status!r}")
+    if not lock_job(session, claim.job_id):
+        return False
+    values: dict[str, Any] = {
+        "status": status,
+        "reason": reason,
+        "error": error,
+        "finished_at": utcnow(),
+        "summary": dict(summary) if summary is not None else None,
+    }
+    if final_step is not None:
+        values["step"] = final_step
+    if run_seconds is not None:
+        values["run_seconds"] = func.coalesce(Run.run_seconds, 0.0) + run_seconds
+    result = session.execute(
+        update(Run)
+        .where(Run.id == claim.run_id, Run.attempt == claim.attempt, Run.status == RUNNING)
+        .values(**values)
+    )
+    if result.rowcount != 1:
+        return False
+    recompute_job(session, claim.job_id)
+    return True
+
+
+def add_run_seconds(session: Session, claim: Claim, seconds: float) -> None:
+    """Account training time of an attempt that did not finish the run (lost or interrupted)."""
+    session.execute(
+        update(Run)
+        .where(Run.id == claim.run_id, Run.attempt == claim.attempt)
+        .values(run_seconds=func.coalesce(Run.run_seconds, 0.0) + seconds)
+    )
+
+
+def requeue_stale(session: Session, stale_before: datetime) -> list[int]:
+    """Runs whose worker stopped heartbeating go back to ``queued`` (or end ``cancelled`` when a
+    cancel was pending). Returns the ids of the requeued runs, to be enqueued again."""
+    candidates = session.execute(
+        select(Run.id, Run.job_id).where(Run.status == RUNNING, Run.heartbeat_at < stale_before)
+    ).all()
+    requeued: list[int] = []
+    for run_id, job_id in candidates:
+        if not lock_job(session, job_id):
+            continue
+        stale = and_(Run.id == run_id, Run.status == RUNNING, Run.heartbeat_at < stale_before)
+        now = utcnow()
+        cancelled = session.execute(
+            update(Run)
+            .where(stale, Run.cancel_requested.is_(True))
+            .values(
+                status=CANCELLED, reason="cancelled (its worker was lost before it stopped)", finished_at=now
+            )
+        ).rowcount
+        moved = session.execute(
+            update(Run)
+            .where(stale, Run.cancel_requested.is_(False))
+            .values(
+                status=QUEUED,
+                task_id=None,
+                worker=None,
+                queued_at=now,
+                error="requeued: worker heartbeat went stale",
+            )
+        ).rowcount
+        if moved:
+            requeued.append(run_id)
+        if moved or cancelled:
+            recompute_job(session, job_id)
+    return requeued
+
+
+def unenqueued_runs(session: Session, queued_before: datetime) -> list[int]:
+    """Queued runs that never got a broker message (e.g. the broker was down at submit time)."""
+    return list(
+        session.scalars(
+            select(Run.id).where(Run.status == QUEUED, Run.task_id.is_(None), Run.queued_at < queued_before)
+        ).all()
+    )
+
+
+def set_task_id(session: Session, run_id: int, task_id: str) -> None:
+    session.execute(update(Run).where(Run.id == run_id, Run.status == QUEUED).values(task_id=task_id))
+
+
+def run_queue(session: Session, run_id: int) -> str | None:
+    return session.scalar(select(Run.queue).where(Run.id == run_id))
