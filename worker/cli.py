@@ -1,1 +1,129 @@
-app = None
+"""The ``dykaf-lab`` command line (Typer).
+
+``dykaf-lab run JOB.yaml`` runs a whole comparison on this machine and writes CSVs and a plot.
+Service commands (embedded server, worker, …) live in ``worker/cli_service.py`` and are registered
+in the marked section at the end of this file.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="dykaf-lab",
+    help="Compare DyKAF with AdamW, SOAP, Shampoo, Muon and others on language-model tasks.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.callback()
+def main() -> None:
+    """dykaf-lab: optimizer comparisons on language-model tasks."""
+
+
+class DeviceChoice(enum.StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def load_job_file(path: Path) -> Any:
+    """Parse a YAML (or JSON) job file into a validated ``JobSpec``; exits 2 with a readable error."""
+    import yaml
+    from pydantic import ValidationError
+
+    from worker.spec import format_validation_error, parse_job
+
+    err = Console(stderr=True)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        err.print(f"[red]{path}: not valid YAML[/red]\n{exc}")
+        raise typer.Exit(2) from None
+    if not isinstance(data, dict):
+        err.print(f"[red]{path}: expected a mapping with at least 'optimizers'[/red]")
+        raise typer.Exit(2)
+    try:
+        return parse_job(data)
+    except ValidationError as exc:
+        err.print(f"[red]{path}: invalid job file[/red]")
+        err.print(format_validation_error(exc), markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _fmt(mean: float, std: float, digits: int = 3) -> str:
+    if not math.isfinite(mean):
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def summary_table(rows: list[dict[str, Any]], has_target: bool) -> Table:
+    table = Table(title="summary (mean ± std over seeds)")
+    for column in ("optimizer", "ok/seeds", "final val loss", "best val loss", "step ms", "peak MB"):
+        table.add_column(column)
+    if has_target:
+        table.add_column("steps to target")
+        table.add_column("s to target")
+    for row in rows:
+        cells = [
+            row["label"] + (" *" if row["selected"] else ""),
+            f"{row['succeeded']}/{row['seeds']}",
+            _fmt(row["final_val_loss_mean"], row["final_val_loss_std"]),
+            _fmt(row["best_val_loss_mean"], row["best_val_loss_std"]),
+            _fmt(row["step_time_ms_mean"], row["step_time_ms_std"], 1),
+            f"{row['peak_memory_mb_mean']:.0f}" if math.isfinite(row["peak_memory_mb_mean"]) else "-",
+        ]
+        if has_target:
+            cells.append(
+                f"{_fmt(row['steps_to_target_mean'], row['steps_to_target_std'], 0)} "
+                f"({row.get('reached_target', 0)}/{row['seeds']})"
+            )
+            cells.append(_fmt(row["time_to_target_s_mean"], row["time_to_target_s_std"], 1))
+        table.add_row(*cells)
+    return table
+
+
+@app.command()
+def run(
+    job_file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="job spec (YAML or JSON)")],
+    out: Annotated[Path | None, typer.Option(help="output directory (default: runs/<job name>)")] = None,
+    device: Annotated[DeviceChoice | None, typer.Option(help="override the job's device")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Run a comparison job locally: optimizers × sweep points × seeds, then CSVs and a plot."""
+    from worker.local import run_job, safe_name
+
+    job = load_job_file(job_file)
+    out_dir = out or Path("runs") / safe_name(job.name)
+    console = Console(stderr=True)
+    console.print(f"[bold]{job.name}[/bold]: {job.run_count()} runs → {out_dir}")
+    outcome = run_job(
+        job, out_dir, device=device.value if device else None, show_progress=not quiet, console=console
+    )
+    Console().print(summary_table(outcome.summary, job.target_loss is not None))
+    for name, path in outcome.files.items():
+        console.print(f"  {name}: {path}")
+    bad = [r for r in outcome.runs if r.result.status != "succeeded"]
+    for record in bad:
+        console.print(
+            f"[yellow]{record.spec.run_key}: {record.result.status}: {record.result.reason}[/yellow]"
+        )
+    if bad and len(bad) == len(outcome.runs):
+        raise typer.Exit(1)
+
+
+# --- service commands -------------------------------------------------------------------------
+# Commands of the service (embedded stack, worker, database) are defined in worker/cli_service.py
+# and registered here, e.g.:
+#     from worker.cli_service import up, worker
+#     app.command()(up)
+#     app.command()(worker)
+# ------------------------------------------------------------------------------------------------

@@ -1,0 +1,59 @@
+"""Where the worker may read local files from, and where it caches things.
+
+Job specs arrive from users (YAML on the command line, JSON over the REST API), so a path inside a
+spec must never reach files the operator did not offer: every local path is resolved (symlinks and
+``..`` included) and must land inside one of the configured data roots.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DATA_ROOTS_ENV = "DYKAF_DATA_ROOTS"
+CACHE_ENV = "DYKAF_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """The writable cache directory (BPE tokenizers, HF dataset caches); ``DYKAF_CACHE_DIR`` wins."""
+    configured = os.environ.get(CACHE_ENV)
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "dykaf-lab"
+
+
+def data_roots() -> list[Path]:
+    """Directories local spec paths may point into.
+
+    ``DYKAF_DATA_ROOTS`` (``os.pathsep``-separated) when set, otherwise the current working directory
+    and the cache root. Resolved so that comparisons below are between real locations.
+    """
+    configured = os.environ.get(DATA_ROOTS_ENV)
+    if configured:
+        roots = [Path(part).expanduser() for part in configured.split(os.pathsep) if part.strip()]
+    else:
+        roots = [Path.cwd(), cache_root()]
+    return [root.resolve() for root in roots]
+
+
+def confine_path(path: str | os.PathLike[str]) -> Path:
+    """Resolve ``path`` (relative to the working directory) and check it lies inside a data root.
+
+    Raises ``ValueError`` with the offending path and the allowed roots, so that a spec validator can
+    hand the message to the user unchanged.
+    """
+    raw = os.fspath(path)
+    if not raw.strip():
+        raise ValueError("path is empty")
+    if "\x00" in raw:
+        raise ValueError("path contains a NUL byte")
+    resolved = Path(raw).expanduser()
+    if not resolved.is_absolute():
+        resolved = Path.cwd() / resolved
+    resolved = resolved.resolve()
+    roots = data_roots()
+    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        allowed = ", ".join(str(root) for root in roots)
+        raise ValueError(
+            f"path {raw!r} resolves to {str(resolved)!r}, outside the allowed data roots ({allowed}); "
+            f"move the file under one of them or set {DATA_ROOTS_ENV}"
+        )
+    return resolved

@@ -1,0 +1,431 @@
+"""The comparison job schema: one pydantic model shared by the YAML command line and the REST API.
+
+A ``JobSpec`` names a task (what to train and on which data), the optimizers to compare (each with
+fixed hyperparameters and an optional sweep), the seeds, the device preference and an optional target
+loss. ``JobSpec.expand()`` turns it into ``RunSpec`` objects, one per optimizer × sweep point × seed,
+which is all a worker needs to execute one run.
+
+Validation is strict on purpose (``extra="forbid"``, finite numbers only, caps on steps and runs,
+local paths confined to the data roots) because the same schema faces untrusted REST clients; errors
+carry the field path so that ``format_validation_error`` can tell the user exactly what to fix.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from worker.paths import confine_path
+
+MAX_STEPS = 200_000
+MAX_RUNS_PER_JOB = 256
+MAX_SEEDS = 32
+MAX_SWEEP_VALUES = 16
+MAX_CORPUS_CHARS = 500_000_000
+MAX_CONTEXT = 32_768
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,79}$")
+
+
+class StrictModel(BaseModel):
+    """Base for every spec model: unknown fields and NaN/inf are errors, not silently kept."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True)
+
+
+def looks_like_local_path(value: str) -> bool:
+    """True when ``value`` names a local file or directory rather than a Hugging Face hub id.
+
+    Explicit path syntax (absolute, ``./``, ``../``, ``~``) always counts as local, and so does a
+    relative name that exists; anything else must be a well-formed ``owner/name`` hub id.
+    """
+    if value.startswith(("/", ".", "~")) or os.path.isabs(value):
+        return True
+    return os.path.exists(value)
+
+
+def _check_local_or_hub(value: str, what: str) -> str:
+    """Validate a model/dataset reference: confine local paths, check hub ids are well formed."""
+    if looks_like_local_path(value):
+        confine_path(value)
+        return value
+    if ".." in value or not _HUB_ID.match(value):
+        raise ValueError(
+            f"{what} {value!r} is neither an existing local path nor a hub id of the form 'owner/name'"
+        )
+    return value
+
+
+class CorpusSpec(StrictModel):
+    """Which text to train on and how to split it into training and validation parts."""
+
+    name: Literal["pydoc", "stdlib_code", "file", "hf"] = Field(
+        "pydoc",
+        description="pydoc: the Python documentation topics (English prose, embedded); stdlib_code: the "
+        "Python standard library's source (embedded); file: a local .txt/.jsonl/.parquet file or "
+        "directory; hf: a Hugging Face dataset by name (or a local dataset directory)",
+    )
+    path: str | None = Field(None, description="local file or directory (name='file')")
+    format: Literal["auto", "text", "jsonl", "parquet"] = Field(
+        "auto", description="file format (name='file'); auto picks by extension"
+    )
+    text_field: str = Field("text", description="column holding the text (jsonl, parquet, hf)")
+    hf_name: str | None = Field(None, description="dataset id or local dataset directory (name='hf')")
+    hf_config: str | None = Field(None, description="dataset configuration (name='hf')")
+    hf_split: str = Field("train", description="dataset split, slicing allowed e.g. 'train[:5000]'")
+    max_chars: int = Field(
+        4_000_000, gt=0, le=MAX_CORPUS_CHARS, description="the corpus is truncated to this many characters"
+    )
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="share of the corpus held out")
+
+    @field_validator("path")
+    @classmethod
+    def _confine(cls, value: str | None) -> str | None:
+        if value is not None:
+            confine_path(value)
+        return value
+
+    @field_validator("hf_name")
+    @classmethod
+    def _hf_name(cls, value: str | None) -> str | None:
+        return None if value is None else _check_local_or_hub(value, "dataset")
+
+    @model_validator(mode="after")
+    def _required_per_kind(self) -> CorpusSpec:
+        if self.name == "file" and not self.path:
+            raise ValueError("corpus.path is required when corpus.name is 'file'")
+        if self.name == "hf" and not self.hf_name:
+            raise ValueError("corpus.hf_name is required when corpus.name is 'hf'")
+        return self
+
+
+class TokenizerSpec(StrictModel):
+    """Tokenizer for pre-training; fine-tuning always uses the pretrained model's own tokenizer."""
+
+    kind: Literal["byte", "bpe"] = Field("byte", description="byte: UTF-8 bytes, no training; bpe: trained")
+    vocab_size: int = Field(4096, ge=300, le=131_072, description="BPE vocabulary size (kind='bpe')")
+
+
+class LoraSpec(StrictModel):
+    """LoRA adapters via peft; only the adapter weights are trained."""
+
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(
+        None,
+        description="module names to adapt (e.g. ['q_proj', 'v_proj']); null uses peft's default for "
+        "known architectures, or ['qkv'] for checkpoints of our own GPT",
+    )
+
+
+class FinetuneSpec(StrictModel):
+    """The pretrained starting point for ``task.kind == 'finetune'``."""
+
+    model: str = Field(
+        ...,
+        description="a local Hugging Face model directory, a hub id, or a model.pt exported by an earlier "
+        "pre-training run (or the directory holding it)",
+    )
+    lora: LoraSpec | None = Field(None, description="null = full fine-tuning")
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        return _check_local_or_hub(value, "model")
+
+
+class TaskSpec(StrictModel):
+    """What is trained and how: model size, data, batch, schedule, measurement cadence."""
+
+    kind: Literal["pretrain", "finetune"] = "pretrain"
+    # model (pretrain)
+    n_layer: int = Field(4, ge=1, le=128)
+    n_head: int = Field(4, ge=1, le=128)
+    d_model: int = Field(128, ge=8, le=16_384)
+    context: int = Field(128, ge=4, le=MAX_CONTEXT, description="sequence length in tokens")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    tie_weights: bool = Field(False, description="share the embedding and output matrices")
+    # batch and length
+    batch_size: int = Field(16, ge=1, le=4096, description="sequences per micro-batch")
+    grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
+    steps: int = Field(500, gt=0, le=MAX_STEPS, description="optimizer steps")
+    # schedule and clipping
+    warmup_steps: int = Field(50, ge=0, le=MAX_STEPS)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr as a fraction of the peak")
+    grad_clip: float = Field(1.0, ge=0.0, description="max global gradient norm; 0 disables clipping")
+    # measurement cadence
+    eval_every: int = Field(50, ge=1, le=MAX_STEPS)
+    eval_batches: int = Field(8, ge=1, le=10_000, description="validation micro-batches per evaluation")
+    log_every: int = Field(10, ge=1, le=MAX_STEPS)
+    fisher_every: int = Field(0, ge=0, le=MAX_STEPS, description="Fisher diagnostics cadence; 0 disables")
+    fisher_window: int = Field(32, ge=1, le=10_000)
+    fisher_layers: Literal["auto"] | list[str] = "auto"
+    checkpoint_every: int = Field(0, ge=0, le=MAX_STEPS, description="0 = only at cancel and at the end")
+    # data
+    corpus: CorpusSpec = Field(default_factory=CorpusSpec)
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    finetune: FinetuneSpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TaskSpec:
+        if self.kind == "pretrain":
+            if self.d_model % self.n_head:
+                raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+            if self.finetune is not None:
+                raise ValueError("finetune must be null when kind is 'pretrain'")
+        elif self.finetune is None:
+            raise ValueError("finetune (with at least 'model') is required when kind is 'finetune'")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
+        return self
+
+
+def _scalar(value: Any) -> Any:
+    """Hyperparameter values are finite numbers, booleans or short strings; nothing nested."""
+    if isinstance(value, bool | str):
+        if isinstance(value, str) and len(value) > 200:
+            raise ValueError("string values are limited to 200 characters")
+        return value
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+    raise ValueError(f"must be a number, boolean or string, got {type(value).__name__}")
+
+
+HyperValue = Annotated[
+    Any, AfterValidator(_scalar), Field(json_schema_extra={"type": ["number", "boolean", "string"]})
+]
+
+
+def _registry() -> Any | None:
+    """The optimizer registry, or None while ``dykaf.registry`` is not installed (checks are skipped)."""
+    try:
+        from dykaf import registry
+    except ImportError:
+        return None
+    return registry
+
+
+class OptimizerSpec(StrictModel):
+    """One optimizer configuration; ``sweep`` lists values to try per hyperparameter (grid)."""
+
+    name: str = Field(..., description="a registry name, e.g. adamw, soap, dykaf, muon, shampoo")
+    label: str | None = Field(None, description="display name; defaults to the optimizer name")
+    hyperparameters: dict[str, HyperValue] = Field(default_factory=dict)
+    sweep: dict[str, Annotated[list[HyperValue], Field(min_length=1, max_length=MAX_SWEEP_VALUES)]] = Field(
+        default_factory=dict, description="hyperparameter -> values; the grid over all of them is run"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        registry = _registry()
+        if registry is not None and value not in registry.OPTIMIZER_NAMES:
+            accepted = ", ".join(registry.OPTIMIZER_NAMES)
+            raise ValueError(f"unknown optimizer {value!r}; accepted: {accepted}")
+        return value
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME.match(value):
+            raise ValueError(
+                "label must be 1-80 letters, digits, spaces or ._+- and start with a letter/digit"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _hyperparameters_valid(self) -> OptimizerSpec:
+        registry = _registry()
+        if registry is None or self.name not in registry.OPTIMIZER_NAMES:
+            return self
+        for point in [{}, *self.sweep_points()]:
+            merged = {**self.hyperparameters, **point}
+            try:
+                registry.validate_hyperparameters(self.name, merged)
+            except ValueError as exc:
+                where = "sweep" if point else "hyperparameters"
+                raise ValueError(f"{where}: {exc}") from None
+        return self
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+    def sweep_points(self) -> list[dict[str, Any]]:
+        """Every combination of the sweep values (``[{}]`` when there is no sweep)."""
+        if not self.sweep:
+            return [{}]
+        keys = sorted(self.sweep)
+        return [
+            dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(self.sweep[k] for k in keys))
+        ]
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+class RunSpec(StrictModel):
+    """Everything one training run needs; produced by ``JobSpec.expand``."""
+
+    job_name: str
+    run_key: str = Field(..., description="unique within the job, e.g. 'adamw[lr=0.001]-s0'")
+    group: str = Field(..., description="the OptimizerSpec's display name (sweep points share it)")
+    label: str = Field(..., description="group plus the sweep point")
+    optimizer: str
+    hyperparameters: dict[str, Any]
+    sweep_point: dict[str, Any] = Field(default_factory=dict)
+    seed: int
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    target_loss: float | None = None
+    task: TaskSpec
+
+
+class JobSpec(StrictModel):
+    """A comparison: one task, several optimizers (with optional sweeps), several seeds."""
+
+    name: str = Field("comparison", description="a short name for the job")
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    optimizers: list[OptimizerSpec] = Field(..., min_length=1, max_length=64)
+    seeds: list[int] = Field([0], min_length=1, max_length=MAX_SEEDS)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    target_loss: float | None = Field(None, gt=0, description="report steps/seconds to reach this val loss")
+    sweep_selection: Literal["all_seeds", "first_seed"] = Field(
+        "all_seeds",
+        description="all_seeds: every sweep point runs on every seed; first_seed: sweep on the first seed, "
+        "then run the remaining seeds at each optimizer's best point (equal tuning budget per optimizer)",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(
+                "name must be 1-80 letters, digits, spaces or ._+- and start with a letter/digit"
+            )
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("seeds must be distinct")
+        if any(seed < 0 or seed >= 2**31 for seed in value):
+            raise ValueError("seeds must be in [0, 2**31)")
+        return value
+
+    @model_validator(mode="after")
+    def _limits(self) -> JobSpec:
+        labels = [opt.display for opt in self.optimizers]
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        if duplicates:
+            raise ValueError(
+                f"optimizer labels must be unique; repeated: {', '.join(duplicates)} (set 'label')"
+            )
+        total = self.run_count()
+        if total > MAX_RUNS_PER_JOB:
+            raise ValueError(
+                f"the job expands to {total} runs (optimizers x sweep points x seeds); the limit is "
+                f"{MAX_RUNS_PER_JOB}"
+            )
+        return self
+
+    def run_count(self) -> int:
+        """Number of runs the job will execute (both stages for ``first_seed`` selection)."""
+        points = sum(len(opt.sweep_points()) for opt in self.optimizers)
+        if self.sweep_selection == "first_seed":
+            return points + len(self.optimizers) * (len(self.seeds) - 1)
+        return points * len(self.seeds)
+
+    def _run(self, opt: OptimizerSpec, point: dict[str, Any], seed: int) -> RunSpec:
+        hyper = {**opt.hyperparameters, **point}
+        registry = _registry()
+        if registry is not None and opt.name in registry.OPTIMIZER_NAMES:
+            hyper = registry.validate_hyperparameters(opt.name, hyper)
+        suffix = ",".join(f"{k}={_format_value(v)}" for k, v in sorted(point.items()))
+        label = f"{opt.display}[{suffix}]" if suffix else opt.display
+        return RunSpec(
+            job_name=self.name,
+            run_key=f"{label}-s{seed}",
+            group=opt.display,
+            label=label,
+            optimizer=opt.name,
+            hyperparameters=hyper,
+            sweep_point=dict(point),
+            seed=seed,
+            device=self.device,
+            target_loss=self.target_loss,
+            task=self.task,
+        )
+
+    def expand(self, seeds: list[int] | None = None) -> list[RunSpec]:
+        """Every optimizer × sweep point × seed (the first stage only for ``first_seed`` selection)."""
+        if seeds is None:
+            seeds = self.seeds[:1] if self.sweep_selection == "first_seed" else self.seeds
+        return [
+            self._run(opt, point, seed)
+            for opt in self.optimizers
+            for point in opt.sweep_points()
+            for seed in seeds
+        ]
+
+    def expand_selected(self, chosen: dict[str, dict[str, Any]]) -> list[RunSpec]:
+        """Second stage of ``first_seed`` selection: the remaining seeds at each group's chosen point.
+
+        ``chosen`` maps an optimizer's display name to its winning sweep point.
+        """
+        runs = []
+        for opt in self.optimizers:
+            point = chosen.get(opt.display, {})
+            runs.extend(self._run(opt, point, seed) for seed in self.seeds[1:])
+        return runs
+
+
+def task_schema() -> dict[str, Any]:
+    """JSON schema of ``TaskSpec`` with defaults and descriptions (served by ``/api/v1/tasks``)."""
+    return TaskSpec.model_json_schema()
+
+
+def job_schema() -> dict[str, Any]:
+    """JSON schema of ``JobSpec``."""
+    return JobSpec.model_json_schema()
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem: the dotted field path, the message, and the offending input if short."""
+    lines = []
+    for error in exc.errors():
+        path = ".".join(str(part) for part in error["loc"]) or "(job)"
+        message = error["msg"].removeprefix("Value error, ")
+        given = error.get("input")
+        shown = ""
+        if error["type"] != "missing" and isinstance(given, str | int | float | bool):
+            text = repr(given)
+            shown = f" (got {text})" if len(text) <= 60 else ""
+        lines.append(f"{path}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def parse_job(data: Any) -> JobSpec:
+    """Validate a mapping (parsed YAML or JSON) into a ``JobSpec``; raises ``ValidationError``."""
+    return JobSpec.model_validate(data)

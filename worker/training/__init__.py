@@ -1,0 +1,1 @@
+"""The training runner and its pieces (schedule, metric sinks, checkpoints, measurements)."""

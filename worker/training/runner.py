@@ -1,0 +1,422 @@
+"""Execute one training run: ``execute_run(spec, sink, ...) -> RunResult``.
+
+The loop is deliberately plain: micro-batches with gradient accumulation (bf16 autocast on CUDA),
+Fisher observation of the raw gradient, clipping, the optimizer step and the LR schedule, periodic
+evaluation on a fixed validation set, metrics to a sink, checkpoints to a directory.
+
+Guarantees the comparison relies on:
+- same seed ⇒ same initial weights and the same batches in the same order for every optimizer;
+- a run resumed from a checkpoint ends bit-identical (on CPU) to one that never stopped, because the
+  checkpoint carries model, optimizer, scheduler and RNG states and the data position is a function
+  of the step;
+- a non-finite loss, gradient or update ends the run as ``diverged`` (with step and reason), any
+  exception as ``failed``; neither escapes to the caller, so sibling runs are unaffected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from worker.lm.data import WindowBatches, validation_batches
+from worker.lm.task import LMTask, build_task
+from worker.spec import RunSpec
+from worker.training import checkpoint as ckpt
+from worker.training import measure, optim
+from worker.training.schedule import build_scheduler
+from worker.training.sinks import MetricSink
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, Mapping[str, float]], None]
+STATUSES = ("succeeded", "diverged", "cancelled", "failed")
+
+
+@dataclass
+class RunResult:
+    """Outcome of a run. ``summary`` holds final/best losses, time-to-target, costs (floats only)."""
+
+    status: str
+    reason: str | None
+    final_step: int
+    summary: dict[str, float] = field(default_factory=dict)
+
+
+class Diverged(Exception):
+    """Raised inside the loop when training produced a non-finite value."""
+
+
+def resolve_device(preference: str | torch.device | None) -> torch.device:
+    """``auto`` picks CUDA when present; asking for ``cuda`` without one is an error, not a fallback."""
+    if isinstance(preference, torch.device):
+        return preference
+    if preference in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(preference).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but CUDA is not available on this worker")
+    return torch.device(preference)
+
+
+def spec_fingerprint(spec: RunSpec) -> str:
+    """Identifies what a checkpoint belongs to (the device may change between attempts)."""
+    return hashlib.sha256(spec.model_dump_json(exclude={"device"}).encode()).hexdigest()
+
+
+@dataclass
+class _Tracker:
+    """Running aggregates for the summary; part of the checkpoint so they survive a resume."""
+
+    target_loss: float | None
+    train_time: float = 0.0
+    wall_offset: float = 0.0
+    fwd_bwd_total: float = 0.0
+    optimizer_total: float = 0.0
+    tokens_total: int = 0
+    timed_steps: int = 0
+    best_val: float = math.inf
+    best_val_step: int = -1
+    final_val: float = math.nan
+    final_train: float = math.nan
+    steps_to_target: int = -1
+    time_to_target: float = math.nan
+    peak_memory_mb: float = 0.0
+
+    def observe_val(self, step: int, loss: float) -> None:
+        self.final_val = loss
+        if loss < self.best_val:
+            self.best_val, self.best_val_step = loss, step
+        if self.target_loss is not None and self.steps_to_target < 0 and loss <= self.target_loss:
+            self.steps_to_target, self.time_to_target = step, self.train_time
+
+    def state(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        for key, value in state.items():
+            if key != "target_loss":
+                setattr(self, key, value)
+
+    def summary(self, final_step: int, wall_time: float, info: Mapping[str, Any]) -> dict[str, float]:
+        out: dict[str, float] = {
+            "final_step": float(final_step),
+            "final_train_loss": self.final_train,
+            "final_val_loss": self.final_val,
+            "best_val_loss": self.best_val if math.isfinite(self.best_val) else math.nan,
+            "best_val_step": float(self.best_val_step),
+            "train_time_s": self.train_time,
+            "wall_time_s": wall_time,
+            "peak_memory_mb": self.peak_memory_mb,
+        }
+        if self.timed_steps:
+            out["step_time_ms"] = 1000 * (self.fwd_bwd_total + self.optimizer_total) / self.timed_steps
+            out["fwd_bwd_ms"] = 1000 * self.fwd_bwd_total / self.timed_steps
+            out["optimizer_ms"] = 1000 * self.optimizer_total / self.timed_steps
+        if self.train_time > 0:
+            out["tokens_per_s"] = self.tokens_total / self.train_time
+        if self.target_loss is not None:
+            out["reached_target"] = float(self.steps_to_target >= 0)
+            if self.steps_to_target >= 0:
+                out["steps_to_target"] = float(self.steps_to_target)
+                out["time_to_target_s"] = self.time_to_target
+        for key in ("parameters", "trainable_parameters"):
+            if key in info:
+                out[key] = float(info[key])
+        return out
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class _Run:
+    """State of one run in progress; ``train()`` returns the result or raises ``Diverged``."""
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        sink: MetricSink,
+        device: torch.device,
+        checkpoint_dir: Path | None,
+        should_cancel: Callable[[], bool],
+        progress: ProgressFn | None,
+    ) -> None:
+        self.spec, self.sink, self.device = spec, sink, device
+        self.checkpoint_dir, self.should_cancel, self.progress = checkpoint_dir, should_cancel, progress
+        self.task_spec = spec.task
+        self.tracker = _Tracker(target_loss=spec.target_loss)
+        self.step = 0
+        self.started = time.perf_counter()
+        self.task: LMTask | None = None
+
+    # -- set-up -------------------------------------------------------------------------------
+    def build(self) -> None:
+        task = build_task(self.task_spec, self.spec.seed)
+        self.task = task
+        self.model = task.model.to(self.device)
+        named = task.trainable_parameters()
+        self.params = [p for _, p in named]
+        roles = {name: task.roles[name] for name, _ in named}
+        self.optimizer = optim.build_optimizer(self.spec.optimizer, named, self.spec.hyperparameters, roles)
+        t = self.task_spec
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            steps=t.steps,
+            warmup_steps=t.warmup_steps,
+            schedule=t.schedule,
+            min_lr_ratio=t.min_lr_ratio,
+        )
+        self.batches = WindowBatches(task.train_tokens, t.context, t.batch_size, self.spec.seed)
+        self.val_batches = validation_batches(task.val_tokens, t.context, t.batch_size, t.eval_batches)
+        self.tokens_per_step = t.batch_size * t.grad_accum * t.context
+        self.memory = measure.MemoryPeak(self.device)
+        self.fisher = None
+        monitor_cls = optim.fisher_monitor_class() if t.fisher_every > 0 else None
+        if monitor_cls is not None:
+            self.fisher = monitor_cls(
+                self.model, self.optimizer, layers=t.fisher_layers, window=t.fisher_window
+            )
+        elif t.fisher_every > 0:
+            log.warning(
+                "fisher_every=%d but dykaf.fisher is not available; diagnostics skipped", t.fisher_every
+            )
+        # Dropout and any other in-loop randomness: seeded per run (the caller's RNG is forked).
+        torch.manual_seed(self.spec.seed)
+        random.seed(self.spec.seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(self.spec.seed)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def wall_time(self) -> float:
+        return self.tracker.wall_offset + time.perf_counter() - self.started
+
+    def save(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        payload = {
+            "fingerprint": spec_fingerprint(self.spec),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(self.device),
+            "tracker": {**self.tracker.state(), "wall_offset": self.wall_time()},
+        }
+        ckpt.save_checkpoint(self.checkpoint_dir, self.step, payload)
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint if any; True when one was loaded."""
+        path = ckpt.latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            return False
+        payload = ckpt.load_checkpoint(path)
+        if payload.get("fingerprint") != spec_fingerprint(self.spec):
+            raise ValueError(f"checkpoint {path} was written by a different run spec; use a fresh directory")
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        _set_rng_state(payload["rng"], self.device)
+        self.tracker.load(payload["tracker"])
+        self.step = int(payload["step"])
+        log.info("resumed %s from %s (step %d)", self.spec.run_key, path.name, self.step)
+        return True
+
+    def export_model(self) -> None:
+        """Pre-training runs leave a ``model.pt`` that a fine-tuning task can start from."""
+        from worker.lm.hf import EXPORT_NAME, save_gpt_export
+        from worker.lm.model import GPT
+
+        if self.checkpoint_dir is not None and isinstance(self.model, GPT) and self.task is not None:
+            save_gpt_export(self.checkpoint_dir / EXPORT_NAME, self.model, self.task.tokenizer)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        assert self.task is not None
+        with self.autocast():
+            logits = self.task.logits(self.model, inputs)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total, count = 0.0, 0
+        for inputs, targets in self.val_batches:
+            loss = self.loss(inputs.to(self.device), targets.to(self.device))
+            total += float(loss) * targets.numel()
+            count += targets.numel()
+        self.model.train()
+        return total / count
+
+    def log_eval(self, metrics: dict[str, float]) -> None:
+        val = self.evaluate()
+        metrics["val_loss"] = val
+        metrics["val_ppl"] = math.exp(val) if val < 700 else math.inf
+        if not math.isfinite(val):
+            self.sink.log_metrics(self.step, metrics, self.wall_time())
+            raise Diverged(f"non-finite validation loss ({val}) at step {self.step}")
+        self.tracker.observe_val(self.step, val)
+
+    def train_step(self, log_this: bool) -> dict[str, float]:
+        t = self.task_spec
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        start = measure.now(self.device)
+        losses = []
+        for micro in range(t.grad_accum):
+            inputs, targets = self.batches.batch((self.step - 1) * t.grad_accum + micro)
+            loss = self.loss(
+                inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            )
+            (loss / t.grad_accum).backward()
+            losses.append(loss.detach())
+        train_loss = float(torch.stack(losses).mean())
+        after_backward = measure.now(self.device)
+        lr = self.optimizer.param_groups[0]["lr"]
+        metrics = {"train_loss": train_loss, "lr": lr}
+        if not math.isfinite(train_loss):
+            self.sink.log_metrics(self.step, metrics, self.wall_time())
+            raise Diverged(f"non-finite training loss ({train_loss}) at step {self.step}")
+        if self.fisher is not None:
+            self.fisher.observe()
+        max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        metrics["grad_norm"] = grad_norm
+        if not math.isfinite(grad_norm):
+            self.sink.log_metrics(self.step, metrics, self.wall_time())
+            raise Diverged(f"non-finite gradient norm ({grad_norm}) at step {self.step}")
+        before = measure.snapshot(self.params) if log_this else None
+        step_start = measure.now(self.device)
+        self.optimizer.step()
+        self.scheduler.step()
+        end = measure.now(self.device)
+        fwd_bwd, opt_time = after_backward - start, end - step_start
+        self.tracker.fwd_bwd_total += fwd_bwd
+        self.tracker.optimizer_total += opt_time
+        self.tracker.train_time += end - start
+        self.tracker.timed_steps += 1
+        self.tracker.tokens_total += self.tokens_per_step
+        self.tracker.final_train = train_loss
+        metrics.update(
+            fwd_bwd_time=fwd_bwd,
+            optimizer_time=opt_time,
+            step_time=end - start,
+            tokens_per_s=self.tokens_per_step / max(end - start, 1e-12),
+        )
+        if before is not None:
+            change = measure.update_norm(before, self.params)
+            metrics["update_norm"] = change
+            if not math.isfinite(change):
+                self.sink.log_metrics(self.step, metrics, self.wall_time())
+                raise Diverged(f"non-finite parameter update ({change}) at step {self.step}")
+        return metrics
+
+    def train(self) -> RunResult:
+        t = self.task_spec
+        self.build()
+        resumed = self.resume()
+        if self.step >= t.steps:
+            return self.result("succeeded", None)
+        if not resumed:
+            metrics: dict[str, float] = {}
+            self.log_eval(metrics)
+            metrics["train_time"] = 0.0
+            metrics["peak_memory_mb"] = self.tracker.peak_memory_mb = self.memory.sample()
+            self.sink.log_metrics(0, metrics, self.wall_time())
+        while self.step < t.steps:
+            if self.should_cancel():
+                self.save()
+                self.sink.flush()
+                return self.result("cancelled", f"cancelled before step {self.step + 1}")
+            self.step += 1
+            is_eval = self.step % t.eval_every == 0 or self.step == t.steps
+            is_log = is_eval or self.step % t.log_every == 0
+            metrics = self.train_step(is_log)
+            if is_eval:
+                self.log_eval(metrics)
+            if is_log:
+                metrics["train_time"] = self.tracker.train_time
+                metrics["peak_memory_mb"] = self.tracker.peak_memory_mb = self.memory.sample()
+                self.sink.log_metrics(self.step, metrics, self.wall_time())
+            if self.fisher is not None and self.step % t.fisher_every == 0:
+                self.sink.log_fisher(self.fisher.report(self.step))
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                self.save()
+            if self.progress is not None:
+                self.progress(self.step, t.steps, metrics)
+        self.save()
+        self.export_model()
+        return self.result("succeeded", None)
+
+    def result(self, status: str, reason: str | None) -> RunResult:
+        info = self.task.info if self.task is not None else {}
+        summary = self.tracker.summary(self.step, self.wall_time(), info)
+        return RunResult(status=status, reason=reason, final_step=self.step, summary=summary)
+
+
+def execute_run(
+    spec: RunSpec,
+    sink: MetricSink,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    should_cancel: Callable[[], bool] = lambda: False,
+    device: str | torch.device | None = None,
+    progress: ProgressFn | None = None,
+) -> RunResult:
+    """Train one run to completion, divergence, cancellation or failure; never raises ``Exception``.
+
+    Resumes from the newest checkpoint in ``checkpoint_dir`` when there is one (and checkpoints there
+    every ``task.checkpoint_every`` steps, on cancel and at the end). ``device`` overrides the spec's
+    preference. ``progress(step, total, metrics)`` is called after every step. The sink is flushed
+    but not closed: it belongs to the caller.
+    """
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    run: _Run | None = None
+    try:
+        target = resolve_device(device if device is not None else spec.device)
+        run = _Run(spec, sink, target, directory, should_cancel, progress)
+        fork_devices = [target.index or 0] if target.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices):
+            return run.train()
+    except Diverged as exc:
+        assert run is not None
+        log.warning("run %s diverged: %s", spec.run_key, exc)
+        result = run.result("diverged", str(exc))
+        result.summary["diverged_step"] = float(run.step)
+        return result
+    except Exception as exc:
+        log.exception("run %s failed", spec.run_key)
+        reason = f"{type(exc).__name__}: {exc}"
+        if run is None:
+            return RunResult(status="failed", reason=reason, final_step=0)
+        return run.result("failed", reason)
+    finally:
+        with contextlib.suppress(Exception):
+            sink.flush()
+        if run is not None and run.device.type == "cuda":
+            del run
+            torch.cuda.empty_cache()
