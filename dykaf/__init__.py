@@ -3,6 +3,15 @@ eigenbasis), SOAP as a configuration of the same engine, Fisher-fidelity diagnos
 of baseline optimizers. Depends on torch only."""
 
 from dykaf.optimizer import SOAP, DyKAF, PreconditionerState
+from dykaf.registry import OPTIMIZER_NAMES, all_schemas, build_optimizer, validate_hyperparameters
 
-__all__ = ["SOAP", "DyKAF", "PreconditionerState"]
+__all__ = [
+    "OPTIMIZER_NAMES",
+    "SOAP",
+    "DyKAF",
+    "PreconditionerState",
+    "all_schemas",
+    "build_optimizer",
+    "validate_hyperparameters",
+]
 __version__ = "0.1.0"

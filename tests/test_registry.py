@@ -1,0 +1,132 @@
+"""The optimizer registry: schemas, validation messages, routing and that every entry trains."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from dykaf import registry
+from dykaf.routed import RoutedOptimizer
+
+EXPECTED = {"dykaf", "dykaf-seq", "dykaf-rank1", "soap", "adamw", "adafactor", "muon", "shampoo", "psgd-kron"}
+
+
+class TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(11, 8)
+        self.fc = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.lm_head = nn.Linear(8, 11, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(torch.tanh(self.fc(self.wte(idx)))))
+
+
+def _loss(model: TinyLM, idx: torch.Tensor) -> torch.Tensor:
+    logits = model(idx[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, 11), idx[:, 1:].reshape(-1))
+
+
+def test_registry_lists_every_required_optimizer_with_json_schemas() -> None:
+    assert set(registry.OPTIMIZER_NAMES) == EXPECTED
+    schemas = registry.all_schemas()
+    json.dumps(schemas)  # must be JSON-serialisable for the API and the dashboard form
+    for schema in schemas:
+        assert schema["hyperparameters"]["lr"]["type"] == "number"
+        for spec in schema["hyperparameters"].values():
+            assert {"type", "default", "help"} <= set(spec)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_optimizer_builds_and_reduces_loss(name: str) -> None:
+    torch.manual_seed(0)
+    model = TinyLM()
+    idx = torch.randint(0, 11, (4, 12), generator=torch.Generator().manual_seed(1))
+    lrs = {"psgd-kron": 3e-3, "shampoo": 1e-3, "adafactor": 3e-2}
+    opt = registry.build_optimizer(name, model.named_parameters(), {"lr": lrs.get(name, 1e-2)})
+    first = float(_loss(model, idx).detach())
+    for _ in range(40):
+        opt.zero_grad()
+        _loss(model, idx).backward()
+        opt.step()
+    assert float(_loss(model, idx).detach()) < first - 0.05, name
+
+
+def test_muon_routes_hidden_matrices_only() -> None:
+    model = TinyLM()
+    opt = registry.build_optimizer("muon", model.named_parameters())
+    assert isinstance(opt, RoutedOptimizer)
+    muon_params = {id(p) for g in opt.parts["muon"].param_groups for p in g["params"]}
+    assert muon_params == {id(model.fc.weight)}
+    adamw_params = {id(p) for g in opt.parts["adamw"].param_groups for p in g["params"]}
+    assert id(model.wte.weight) in adamw_params and id(model.lm_head.weight) in adamw_params
+
+
+def test_explicit_roles_override_names() -> None:
+    model = TinyLM()
+    roles = {"lm_head.weight": "hidden"}
+    opt = registry.build_optimizer("muon", model.named_parameters(), roles=roles)
+    muon_params = {id(p) for g in opt.parts["muon"].param_groups for p in g["params"]}
+    assert id(model.lm_head.weight) in muon_params
+
+
+def test_routed_optimizer_checkpoint_and_scheduler() -> None:
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = registry.build_optimizer("muon", model.named_parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert opt.parts["muon"].param_groups[0]["lr"] == pytest.approx(0.01)
+    idx = torch.randint(0, 11, (2, 6))
+    opt.zero_grad()
+    _loss(model, idx).backward()
+    opt.step()
+    sched.step()
+    saved = opt.state_dict()
+    clone = registry.build_optimizer("muon", model.named_parameters())
+    clone.load_state_dict(saved)
+    assert len(clone.state) == len(opt.state) > 0
+
+
+def test_engine_hyperparameters_reach_the_optimizer() -> None:
+    model = TinyLM()
+    opt = registry.build_optimizer(
+        "dykaf-seq", model.named_parameters(), {"beta1": 0.9, "shampoo_beta": 0.99}
+    )
+    group = opt.param_groups[0]
+    assert group["betas"] == (0.9, 0.95) and group["factor_rule"] == "sequential"
+    assert group["shampoo_beta"] == 0.99
+    assert (
+        registry.build_optimizer("dykaf-rank1", model.named_parameters()).param_groups[0]["second_moment"]
+        == "rank1"
+    )
+    assert registry.build_optimizer("soap", model.named_parameters()).param_groups[0]["factor_rule"] == "ema"
+
+
+@pytest.mark.parametrize(
+    ("name", "hp", "message"),
+    [
+        ("nadam", {}, "unknown optimizer 'nadam'; available: dykaf, dykaf-seq"),
+        ("dykaf", {"momentum": 0.9}, "unknown hyperparameter.*'momentum'.*accepted: lr, beta1"),
+        ("dykaf", {"lr": -1}, "lr must be > 0"),
+        ("dykaf", {"lr": float("nan")}, "lr must be finite"),
+        ("dykaf", {"beta1": 1.0}, "beta1 must be >= 0 and < 1"),
+        ("dykaf", {"init": "zeros"}, "init must be one of 'kron', 'eps'"),
+        ("dykaf", {"precondition_frequency": 2.5}, "precondition_frequency must be an integer"),
+        ("dykaf", {"precondition_1d": "yes"}, "precondition_1d must be true or false"),
+        ("muon", {"adjust_lr_fn": "x"}, "adjust_lr_fn must be one of 'original', 'match_rms_adamw'"),
+        ("adamw", {"lr": "fast"}, "lr must be a number"),
+    ],
+)
+def test_bad_values_name_the_field_and_accepted_values(name: str, hp: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        registry.validate_hyperparameters(name, hp)
+
+
+def test_defaults_are_filled_and_valid() -> None:
+    for name in registry.OPTIMIZER_NAMES:
+        filled = registry.validate_hyperparameters(name, {})
+        assert registry.validate_hyperparameters(name, filled) == filled
