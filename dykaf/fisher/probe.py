@@ -1,0 +1,205 @@
+"""A probe on one matrix parameter: a ring of recent gradients, shadow estimators, and the metrics.
+
+``observe`` is the per-step part and is kept cheap (one copy into the ring, one factor update per
+shadow method); ``metrics``/``report`` do the heavy, implicit Fisher algebra on request only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from dykaf.fisher import rows as names
+from dykaf.fisher.rows import FisherRow
+from dykaf.fisher.shadow import SHADOW_RULES, ShadowFactors
+from dykaf.fisher.weighted_fisher import WeightedFisher, relative_error, spectral, window_weights
+
+DEFAULT_WINDOW = 32
+DEFAULT_BETA = 0.95
+
+
+class OwnState(Protocol):
+    """What the probe reads from ``optimizer.preconditioner_state(p)`` (see docs/CONTRACTS.md)."""
+
+    left: Tensor | None
+    right: Tensor | None
+    left_basis: Tensor | None
+    right_basis: Tensor | None
+    second_moment: Tensor | None
+    matrix_shape: tuple[int, ...]
+
+
+def probe_shape(param: Tensor) -> tuple[int, int]:
+    """The matrix a parameter is probed as: ``(shape[0], prod(rest))``; needs ≥ 2 dimensions."""
+    if param.ndim < 2:
+        raise ValueError(f"only parameters with ≥ 2 dimensions can be probed, got shape {tuple(param.shape)}")
+    return param.shape[0], math.prod(param.shape[1:])
+
+
+class LayerProbe:
+    """Fisher-fidelity probe of one parameter.
+
+    Keeps the last ``window`` gradients (float32 copies; float64 for float64 parameters) in a ring
+    buffer and feeds every gradient to one shadow estimator per method in ``methods``. The Fisher it
+    measures against is ``H = Σ_i w_i vec(G_i)vec(G_i)ᵀ`` over the ring with ``w_i ∝ β^age``.
+    It reads ``param.grad`` and never writes to the parameter, its gradient or any RNG.
+    """
+
+    def __init__(
+        self,
+        param: Tensor,
+        name: str = "",
+        *,
+        window: int = DEFAULT_WINDOW,
+        beta: float = DEFAULT_BETA,
+        methods: Iterable[str] = names.SHADOW_METHODS,
+        tol: float | None = None,
+        max_iter: int = 200,
+        warm_start: bool = True,
+    ) -> None:
+        if window < 1:
+            raise ValueError(f"window must be ≥ 1, got {window}")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        unknown = [m for m in methods if m not in SHADOW_RULES]
+        if unknown:
+            raise ValueError(f"unknown shadow methods {unknown}; available: {sorted(SHADOW_RULES)}")
+        self.param = param
+        self.name = name
+        self.shape = probe_shape(param)
+        self.window = window
+        self.beta = float(beta)
+        self.dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        self.tol = tol
+        self.max_iter = max_iter
+        self.warm_start = warm_start
+        self.shadows = {m: ShadowFactors(SHADOW_RULES[m]) for m in methods}
+        self.ring: Tensor | None = None
+        self.head = 0  # next slot to write
+        self.count = 0  # filled slots
+        self.observed = 0  # gradients seen in total
+        self.last_power_iterations = 0
+        self._warm_right: Tensor | None = None
+
+    # ------------------------------------------------------------------ per step
+    @torch.no_grad()
+    def observe(self, grad: Tensor | None = None) -> None:
+        """Record ``grad`` (default ``param.grad``; None → nothing to record this step)."""
+        grad = self.param.grad if grad is None else grad
+        if grad is None:
+            return
+        if self.ring is None:
+            self.ring = torch.zeros(self.window, *self.shape, dtype=self.dtype, device=grad.device)
+        slot = self.ring[self.head]
+        slot.copy_(grad.detach().reshape(self.shape))
+        for shadow in self.shadows.values():
+            shadow.update(slot, self.beta)
+        self.head = (self.head + 1) % self.window
+        self.count = min(self.count + 1, self.window)
+        self.observed += 1
+
+    # ------------------------------------------------------------------ on request
+    def fisher(self) -> WeightedFisher | None:
+        """The window's weighted Fisher (None before the first gradient)."""
+        if self.ring is None or self.count == 0:
+            return None
+        slots = torch.arange(self.count, device=self.ring.device)
+        ages = (self.head - 1 - slots) % self.window
+        return WeightedFisher(self.ring[: self.count], window_weights(ages, self.beta))
+
+    def latest_grad(self) -> Tensor | None:
+        """The most recently recorded gradient (a view into the ring)."""
+        return None if self.ring is None or self.count == 0 else self.ring[(self.head - 1) % self.window]
+
+    @torch.no_grad()
+    def metrics(self, own: OwnState | None = None) -> list[tuple[str, str, float]]:
+        """``(method, metric, value)`` triples; undefined values (zero Fisher, no factors) are left out."""
+        fisher = self.fisher()
+        latest = self.latest_grad()
+        if fisher is None or latest is None:
+            return []
+        out = [
+            (names.WINDOW, names.FISHER_NORM, fisher.norm()),
+            (names.WINDOW, names.GRAD_NORM, float(torch.linalg.norm(latest.double()))),
+        ]
+        if fisher.norm_sq() > 0.0:
+            out += self._optimal_metrics(fisher)
+            if own is not None:
+                out += _own_metrics(fisher, own)
+            for method, shadow in self.shadows.items():
+                if shadow.left is not None and shadow.right is not None:
+                    rows, cols = self.shape
+                    err, mass = fisher.spectral_metrics(
+                        spectral(shadow.left, rows, fisher.grads), spectral(shadow.right, cols, fisher.grads)
+                    )
+                    out += [(method, names.KRON_REL_ERR, err), (method, names.DIAG_MASS, mass)]
+        return [(method, metric, value) for method, metric, value in out if math.isfinite(value)]
+
+    def _optimal_metrics(self, fisher: WeightedFisher) -> list[tuple[str, str, float]]:
+        """Floor: the best Kronecker product of H, and how diagonal H is in its eigenbasis."""
+        warm = self._warm_right if self.warm_start else None
+        opt = fisher.optimal_kronecker(tol=self.tol, max_iter=self.max_iter, init_right=warm)
+        self._warm_right = opt.right
+        self.last_power_iterations = opt.iterations
+        rows, cols = self.shape
+        _, mass = fisher.spectral_metrics(
+            spectral(opt.left, rows, fisher.grads), spectral(opt.right, cols, fisher.grads)
+        )
+        err = relative_error(opt.sigma, fisher.norm_sq(), 1.0)
+        return [(names.OPTIMAL, names.KRON_REL_ERR, err), (names.OPTIMAL, names.DIAG_MASS, mass)]
+
+    def report(self, step: int, own: OwnState | None = None) -> list[FisherRow]:
+        """The metrics as storable rows."""
+        return [FisherRow(int(step), self.name, m, k, float(v)) for m, k, v in self.metrics(own)]
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Ring, counters and shadow factors, so a resumed run reports as if never interrupted."""
+        return {
+            "ring": self.ring,
+            "head": self.head,
+            "count": self.count,
+            "observed": self.observed,
+            "shadows": {m: (s.left, s.right, s.steps) for m, s in self.shadows.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` saved (tensors are moved to the parameter's device)."""
+        device = self.param.device
+        ring = state["ring"]
+        self.ring = None if ring is None else ring.to(device=device, dtype=self.dtype)
+        self.head, self.count, self.observed = int(state["head"]), int(state["count"]), int(state["observed"])
+        for method, (left, right, steps) in state["shadows"].items():
+            if method in self.shadows:
+                shadow = self.shadows[method]
+                shadow.left = None if left is None else left.to(device=device, dtype=self.dtype)
+                shadow.right = None if right is None else right.to(device=device, dtype=self.dtype)
+                shadow.steps = int(steps)
+
+
+def _own_metrics(fisher: WeightedFisher, own: OwnState) -> list[tuple[str, str, float]]:
+    """Metrics of the training optimizer's own preconditioner.
+
+    The optimizer may reshape a >2-D tensor differently from the probe; ``H`` does not depend on
+    the matrix shape (row-major ``vec`` of the tensor), so we view the gradients in its shape.
+    ``diag_mass`` and ``precond_rel_err`` use the basis the optimizer actually applies
+    (``left_basis``/``right_basis``, refreshed every ``precondition_frequency`` steps), not a fresh
+    eigendecomposition of its factors: that is the basis the Adam step assumes H is diagonal in.
+    """
+    shape = tuple(int(d) for d in own.matrix_shape)
+    if len(shape) != 2 or shape[0] * shape[1] != fisher.shape[0] * fisher.shape[1]:
+        return []
+    view = fisher.reshaped(*shape)
+    out: list[tuple[str, str, float]] = []
+    if own.left is not None or own.right is not None:
+        out.append((names.OWN, names.KRON_REL_ERR, view.kron_rel_err(own.left, own.right)))
+    diag = view.rotated_diag(own.left_basis, own.right_basis)
+    out.append((names.OWN, names.DIAG_MASS, view.diag_mass(diag)))
+    second = own.second_moment
+    if second is not None and second.numel() == diag.numel():
+        out.append((names.OWN, names.PRECOND_REL_ERR, view.precond_rel_err(diag, second.reshape(shape))))
+    return out
