@@ -180,3 +180,58 @@ def set_task_id(session: Session, run_id: int, task_id: str) -> None:
 
 def run_queue(session: Session, run_id: int) -> str | None:
     return session.scalar(select(Run.queue).where(Run.id == run_id))
+
+
+# Summary key that picks a sweep winner (lower is better), as in ``worker.local``'s selection.
+SELECTION_KEYS = ("final_val_loss",)
+
+
+def _score(summary: Mapping[str, Any] | None) -> float:
+    for key in SELECTION_KEYS:
+        value = (summary or {}).get(key)
+        if isinstance(value, int | float) and value == value:  # not NaN
+            return float(value)
+    return float("inf")
+
+
+def expand_next_stage(session: Session, job_id: int) -> list[tuple[int, str]]:
+    """Second stage of ``sweep_selection: first_seed`` jobs.
+
+    When every first-stage run (all sweep points, first seed) has ended, each optimizer's best
+    succeeded sweep point (lowest final validation loss, the rule of ``worker.local``) is run on
+    the remaining seeds, so every optimizer gets the same tuning budget. Called inside the
+    transaction that finished a run (the job row is locked), so exactly one worker creates it.
+    Returns ``(run_id, queue)`` of the new runs, to publish after commit.
+    """
+    from server.crud.jobs import recompute_job, runs_from_specs
+    from server.db.models import ACTIVE, SUCCEEDED, Job
+
+    job = session.get(Job, job_id)
+    if job is None or job.cancel_requested:
+        return []
+    spec_json = job.spec or {}
+    if spec_json.get("sweep_selection") != "first_seed" or len(spec_json.get("seeds") or []) < 2:
+        return []
+    from worker.spec import JobSpec
+
+    spec = JobSpec.model_validate(spec_json)
+    stage_one = len(spec.expand())
+    runs = list(session.scalars(select(Run).where(Run.job_id == job_id).order_by(Run.index)).all())
+    if len(runs) != stage_one or any(run.status in ACTIVE for run in runs):
+        return []
+    chosen: dict[str, dict[str, Any]] = {}
+    best: dict[str, float] = {}
+    for run in runs:
+        group = (run.spec or {}).get("group", run.label)
+        score = _score(run.summary) if run.status == SUCCEEDED else float("inf")
+        if group not in chosen or score < best[group]:
+            chosen[group] = dict((run.spec or {}).get("sweep_point") or {})
+            best[group] = score
+    new = runs_from_specs(spec.expand_selected(chosen), start_index=stage_one, auto_queue=runs[0].queue)
+    for run in new:
+        run.job_id = job_id
+        run.queue = runs[0].queue
+    session.add_all(new)
+    session.flush()
+    recompute_job(session, job_id)
+    return [(run.id, run.queue) for run in new]

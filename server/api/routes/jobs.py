@@ -1,0 +1,279 @@
+"""Job endpoints: submit, list, inspect, cancel, rerun, delete."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from sqlalchemy.orm import Session
+
+from server.api.deps import get_session, get_settings
+from server.auth import read_access, require_key
+from server.core.config import Settings
+from server.crud import jobs as jobs_crud
+from server.crud import runs as runs_crud
+from server.db.models import STATUSES, ApiKey, Job, Run
+from server.errors import ApiError
+from server.observability import JOBS_SUBMITTED
+from server.schemas import JobOut, JobPage, JobSummaryOut, Progress, RunOut
+from worker.spec import JobSpec
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+API_PREFIX = "/api/v1"
+
+
+def _progress(counts: jobs_crud.RunCounts) -> Progress:
+    return Progress(
+        fraction=round(counts.progress, 6),
+        steps_done=counts.steps_done,
+        steps_total=counts.steps_total,
+        runs=counts.by_status,
+    )
+
+
+def job_summary(job: Job, counts: jobs_crud.RunCounts) -> JobSummaryOut:
+    return JobSummaryOut(
+        id=job.id,
+        name=job.name,
+        status=job.status,
+        reason=job.reason,
+        cancel_requested=job.cancel_requested,
+        rerun_of=job.rerun_of,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        finished_at=job.finished_at,
+        progress=_progress(counts),
+    )
+
+
+def run_out(run: Run) -> RunOut:
+    spec = run.spec or {}
+    return RunOut(
+        id=run.id,
+        index=run.index,
+        label=run.label,
+        optimizer=run.optimizer,
+        seed=run.seed,
+        status=run.status,
+        reason=run.reason,
+        step=run.step,
+        total_steps=run.total_steps,
+        attempt=run.attempt,
+        worker=run.worker,
+        device=run.device,
+        queue=run.queue,
+        cancel_requested=run.cancel_requested,
+        heartbeat_at=run.heartbeat_at,
+        created_at=run.created_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        run_seconds=run.run_seconds,
+        hyperparameters=spec.get("hyperparameters") or {},
+        sweep_point=spec.get("sweep_point") or {},
+        summary=run.summary,
+    )
+
+
+def job_detail(session: Session, job: Job, warnings: list[str] | None = None) -> JobOut:
+    counts = jobs_crud.run_counts(session, [job.id])[job.id]
+    base = f"{API_PREFIX}/jobs/{job.id}"
+    return JobOut(
+        **job_summary(job, counts).model_dump(),
+        spec=job.spec,
+        runs=[run_out(run) for run in job.runs],
+        links={
+            "self": base,
+            "metrics": f"{base}/metrics",
+            "metrics_csv": f"{base}/metrics.csv",
+            "summary_csv": f"{base}/summary.csv",
+            "fisher": f"{base}/fisher",
+            "fisher_csv": f"{base}/fisher.csv",
+        },
+        warnings=warnings or [],
+    )
+
+
+def check_limits(spec: JobSpec, settings: Settings) -> None:
+    """Deployment caps on top of the schema's own (``DYKAF_MAX_STEPS``, ``DYKAF_MAX_RUNS_PER_JOB``)."""
+    if spec.task.steps > settings.max_steps:
+        raise ApiError(
+            422,
+            f"steps ({spec.task.steps}) exceeds this server's limit of {settings.max_steps}",
+            loc=["body", "task", "steps"],
+            type_="less_than_equal",
+        )
+    runs = spec.run_count()
+    if runs > settings.max_runs_per_job:
+        raise ApiError(
+            422,
+            f"the job expands to {runs} runs (optimizers x sweep points x seeds); this server's limit is "
+            f"{settings.max_runs_per_job}",
+            loc=["body", "optimizers"],
+            type_="too_many_runs",
+        )
+
+
+def publish_runs(settings: Settings, session: Session, runs: list[tuple[int, str]]) -> list[str]:
+    """Send one task per run; failures leave ``task_id`` empty for the reconciler to retry."""
+    from worker.celery_app import enqueue_run
+
+    warnings: list[str] = []
+    for run_id, queue in runs:
+        try:
+            task_id = enqueue_run(settings, run_id, queue)
+        except Exception as exc:
+            log.warning("publishing run %s failed: %s", run_id, exc)
+            if not warnings:
+                warnings.append(
+                    f"broker unavailable ({type(exc).__name__}); runs will be queued when it is back"
+                )
+            continue
+        runs_crud.set_task_id(session, run_id, task_id)
+    session.commit()
+    return warnings
+
+
+def submit(
+    session: Session,
+    settings: Settings,
+    spec: JobSpec,
+    *,
+    api_key_id: int | None,
+    rerun_of: int | None = None,
+) -> tuple[Job, list[str]]:
+    job = jobs_crud.create_job(session, spec, api_key_id=api_key_id, rerun_of=rerun_of)
+    session.commit()
+    warnings = publish_runs(settings, session, [(run.id, run.queue) for run in job.runs])
+    JOBS_SUBMITTED.inc()
+    return job, warnings
+
+
+def _get_job(session: Session, job_id: int) -> Job:
+    job = jobs_crud.get_job(session, job_id)
+    if job is None:
+        raise ApiError(404, f"job {job_id} not found", loc=["path", "job_id"], type_="not_found")
+    return job
+
+
+@router.post("", status_code=201, response_model=JobOut, summary="Submit a comparison job")
+def create_job(
+    response: Response,
+    spec: Annotated[JobSpec, Body(description="the job spec (same schema as `dykaf-lab run` YAML)")],
+    key: Annotated[ApiKey, Depends(require_key)],
+    session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> JobOut:
+    check_limits(spec, settings)
+    job, warnings = submit(session, settings, spec, api_key_id=key.id)
+    response.headers["Location"] = f"{API_PREFIX}/jobs/{job.id}"
+    session.expire_all()
+    return job_detail(session, _get_job(session, job.id), warnings)
+
+
+@router.get(
+    "", response_model=JobPage, dependencies=[Depends(read_access)], summary="List jobs, newest first"
+)
+def list_jobs(
+    session: Annotated[Session, Depends(get_session)],
+    status: Annotated[str | None, Query(description=f"one of {', '.join(STATUSES)}")] = None,
+    name: Annotated[str | None, Query(max_length=200)] = None,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> JobPage:
+    if status is not None and status not in STATUSES:
+        raise ApiError(422, f"status must be one of {', '.join(STATUSES)}", loc=["query", "status"])
+    before = None
+    if cursor:
+        try:
+            before = jobs_crud.decode_cursor(cursor)
+        except ValueError:
+            raise ApiError(422, "malformed cursor", loc=["query", "cursor"]) from None
+    jobs, next_before = jobs_crud.list_jobs(session, status=status, name=name, before_id=before, limit=limit)
+    counts = jobs_crud.run_counts(session, [job.id for job in jobs])
+    return JobPage(
+        items=[job_summary(job, counts[job.id]) for job in jobs],
+        next_cursor=jobs_crud.encode_cursor(next_before) if next_before is not None else None,
+    )
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobOut,
+    dependencies=[Depends(read_access)],
+    summary="A job with its runs, progress and summaries",
+)
+def get_job(job_id: int, session: Annotated[Session, Depends(get_session)]) -> JobOut:
+    return job_detail(session, _get_job(session, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a job (its runs keep their data)")
+def cancel_job(
+    job_id: int,
+    _key: Annotated[ApiKey, Depends(require_key)],
+    session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> JobOut:
+    task_ids = jobs_crud.request_cancel(session, job_id)
+    if task_ids is None:
+        raise ApiError(404, f"job {job_id} not found", loc=["path", "job_id"], type_="not_found")
+    session.commit()
+    from worker.celery_app import revoke
+
+    revoke(settings, task_ids)
+    session.expire_all()
+    return job_detail(session, _get_job(session, job_id))
+
+
+@router.post(
+    "/{job_id}/rerun", status_code=201, response_model=JobOut, summary="Submit a new job with the same spec"
+)
+def rerun_job(
+    job_id: int,
+    response: Response,
+    key: Annotated[ApiKey, Depends(require_key)],
+    session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> JobOut:
+    original = _get_job(session, job_id)
+    spec = JobSpec.model_validate(original.spec)
+    check_limits(spec, settings)
+    job, warnings = submit(session, settings, spec, api_key_id=key.id, rerun_of=job_id)
+    response.headers["Location"] = f"{API_PREFIX}/jobs/{job.id}"
+    session.expire_all()
+    return job_detail(session, _get_job(session, job.id), warnings)
+
+
+@router.delete("/{job_id}", status_code=204, summary="Delete a finished job and all its data")
+def delete_job(
+    job_id: int,
+    request: Request,
+    _key: Annotated[ApiKey, Depends(require_key)],
+    session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> Response:
+    _get_job(session, job_id)
+    if jobs_crud.has_active_runs(session, job_id):
+        raise ApiError(
+            409,
+            f"job {job_id} still has queued or running runs; cancel it first",
+            loc=["path", "job_id"],
+            type_="conflict",
+        )
+    run_ids = [run_id for (run_id,) in session.query(Run.id).filter(Run.job_id == job_id).all()]
+    jobs_crud.delete_job(session, job_id)
+    session.commit()
+    _remove_checkpoints(settings, run_ids)
+    cache: Any = getattr(request.app.state, "read_cache", None)
+    if cache is not None:
+        cache.invalidate(job_id)
+    return Response(status_code=204)
+
+
+def _remove_checkpoints(settings: Settings, run_ids: list[int]) -> None:
+    import shutil
+
+    for run_id in run_ids:
+        shutil.rmtree(settings.checkpoint_root / str(run_id), ignore_errors=True)

@@ -1,0 +1,208 @@
+"""Metric and Fisher reads: downsampled JSON for charts, full-fidelity CSV streams for papers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from server.api.deps import get_session, get_settings
+from server.auth import read_access
+from server.cache import ReadCache
+from server.core.config import Settings
+from server.crud import jobs as jobs_crud
+from server.crud import metrics as metrics_crud
+from server.csv_export import fisher_csv, metrics_csv, summary_csv
+from server.db.models import TERMINAL, Run
+from server.db.session import session_factory
+from server.errors import ApiError
+from server.schemas import FisherOut, MetricsOut
+
+router = APIRouter(prefix="/jobs/{job_id}", tags=["metrics"], dependencies=[Depends(read_access)])
+
+
+def _marker(session: Session, job_id: int) -> tuple[str, object]:
+    marker = jobs_crud.job_updated_marker(session, job_id)
+    if marker is None:
+        raise ApiError(404, f"job {job_id} not found", loc=["path", "job_id"], type_="not_found")
+    return marker
+
+
+def _runs(session: Session, job_id: int) -> dict[int, tuple[str, int]]:
+    rows = session.execute(select(Run.id, Run.label, Run.seed).where(Run.job_id == job_id))
+    return {rid: (label, seed) for rid, label, seed in rows}
+
+
+@router.get(
+    "/metrics", response_model=MetricsOut, summary="Downsampled metric series (per run and across seeds)"
+)
+def get_metrics(
+    job_id: int,
+    request: Request,
+    session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
+    run_id: Annotated[list[int] | None, Query(description="restrict to these runs (repeatable)")] = None,
+    name: Annotated[list[str] | None, Query(description="restrict to these metrics (repeatable)")] = None,
+    step_min: Annotated[int | None, Query(ge=0)] = None,
+    step_max: Annotated[int | None, Query(ge=0)] = None,
+    max_points: Annotated[int | None, Query(ge=1, description="buckets per series (server caps it)")] = None,
+    view: Annotated[
+        Literal["runs", "aggregate", "both"],
+        Query(description="per-run series, per-label aggregates across seeds (mean/min/max/std), or both"),
+    ] = "both",
+) -> JSONResponse:
+    if step_min is not None and step_max is not None and step_min > step_max:
+        raise ApiError(422, "step_min must not exceed step_max", loc=["query", "step_min"])
+    if max_points is not None and max_points > settings.max_points_per_series:
+        raise ApiError(
+            422, f"max_points must be at most {settings.max_points_per_series}", loc=["query", "max_points"]
+        )
+    points = max_points or settings.default_points_per_series
+    status, updated_at = _marker(session, job_id)
+    cache: ReadCache = request.app.state.read_cache
+    key = (
+        updated_at,
+        tuple(sorted(run_id or ())),
+        tuple(sorted(name or ())),
+        step_min,
+        step_max,
+        points,
+        view,
+    )
+    if status in TERMINAL:
+        cached = cache.get(job_id, key)
+        if cached is not None:
+            return JSONResponse(cached)
+    flt = metrics_crud.MetricFilter(job_id, run_id or (), name or (), step_min, step_max)
+    runs = _runs(session, job_id)
+    series_out, aggregates_out, width = [], [], 1
+    if view in ("runs", "both"):
+        series, width = metrics_crud.downsampled_series(session, flt, points)
+        for s in series:
+            rid, metric = s.key
+            label, seed = runs[rid]
+            series_out.append(
+                {
+                    "run_id": rid,
+                    "label": label,
+                    "seed": seed,
+                    "name": metric,
+                    "step": s.step,
+                    "value": s.value,
+                    "min": s.min,
+                    "max": s.max,
+                    "count": s.count,
+                }
+            )
+    if view in ("aggregate", "both"):
+        aggs, width = metrics_crud.aggregated_series(session, flt, points)
+        for s in aggs:
+            label, metric = s.key
+            aggregates_out.append(
+                {
+                    "label": label,
+                    "name": metric,
+                    "step": s.step,
+                    "mean": s.value,
+                    "min": s.min,
+                    "max": s.max,
+                    "std": s.std,
+                    "n": s.count,
+                }
+            )
+    names = sorted({s["name"] for s in series_out} | {a["name"] for a in aggregates_out})
+    payload = {
+        "job_id": job_id,
+        "names": names,
+        "max_points": points,
+        "bucket_width": width,
+        "series": series_out,
+        "aggregates": aggregates_out,
+    }
+    if status in TERMINAL:
+        cache.put(job_id, key, payload)
+    return JSONResponse(payload)
+
+
+@router.get("/fisher", response_model=FisherOut, summary="Fisher-fidelity diagnostics")
+def get_fisher(
+    job_id: int,
+    session: Annotated[Session, Depends(get_session)],
+    run_id: Annotated[list[int] | None, Query()] = None,
+    layer: Annotated[list[str] | None, Query()] = None,
+    method: Annotated[list[str] | None, Query()] = None,
+    metric: Annotated[list[str] | None, Query()] = None,
+) -> JSONResponse:
+    _marker(session, job_id)
+    runs = _runs(session, job_id)
+    flt = metrics_crud.FisherFilter(job_id, run_id or (), layer or (), method or (), metric or ())
+    out = []
+    for s in metrics_crud.fisher_series(session, flt):
+        rid, lay, meth, met = s.key
+        label, seed = runs[rid]
+        out.append(
+            {
+                "run_id": rid,
+                "label": label,
+                "seed": seed,
+                "layer": lay,
+                "method": meth,
+                "metric": met,
+                "step": s.step,
+                "value": s.value,
+            }
+        )
+    return JSONResponse({"job_id": job_id, "series": out})
+
+
+def _csv_response(request: Request, job_id: int, kind: str, body: object) -> StreamingResponse:
+    return StreamingResponse(
+        body,  # type: ignore[arg-type]
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="job-{job_id}-{kind}.csv"'},
+    )
+
+
+_CSV_DOC = {200: {"content": {"text/csv": {}}, "description": "CSV stream"}}
+
+
+@router.get("/metrics.csv", response_class=StreamingResponse, responses=_CSV_DOC, summary="All metric points")
+def get_metrics_csv(
+    job_id: int,
+    request: Request,
+    session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> StreamingResponse:
+    _marker(session, job_id)
+    return _csv_response(
+        request, job_id, "metrics", metrics_csv(session_factory(settings.database_url), job_id)
+    )
+
+
+@router.get("/summary.csv", response_class=StreamingResponse, responses=_CSV_DOC, summary="One row per run")
+def get_summary_csv(
+    job_id: int,
+    request: Request,
+    session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> StreamingResponse:
+    _marker(session, job_id)
+    return _csv_response(
+        request, job_id, "summary", summary_csv(session_factory(settings.database_url), job_id)
+    )
+
+
+@router.get("/fisher.csv", response_class=StreamingResponse, responses=_CSV_DOC, summary="All Fisher rows")
+def get_fisher_csv(
+    job_id: int,
+    request: Request,
+    session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> StreamingResponse:
+    _marker(session, job_id)
+    return _csv_response(
+        request, job_id, "fisher", fisher_csv(session_factory(settings.database_url), job_id)
+    )

@@ -1,0 +1,77 @@
+"""FastAPI application factory.
+
+``uvicorn --factory server.main:create_app`` (or ``dykaf-lab api``) builds the app from
+``DYKAF_*`` environment variables; tests call ``create_app(settings)`` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+
+from server.api.main import api_router
+from server.api.routes import health
+from server.cache import ReadCache
+from server.core.config import Settings
+from server.errors import install_error_handlers
+from server.limits import BodySizeLimit
+from server.observability import PrometheusMiddleware
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+WEB_DIR = Path(__file__).resolve().parents[1] / "web"
+
+
+def mount_web(app: FastAPI) -> None:
+    """Mount point for the dashboard (a later issue): ``web/static`` at ``/static`` when present.
+
+    Templates will live in ``web/templates``; until the dashboard exists ``/`` points at the API docs.
+    """
+    static = WEB_DIR / "static"
+    if static.is_dir():
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount("/static", StaticFiles(directory=static), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/docs")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = threading.Event()
+        if settings.reconcile:
+            from worker.reconcile import start_reconciler_thread
+
+            start_reconciler_thread(settings, stop)
+        try:
+            yield
+        finally:
+            stop.set()
+
+    app = FastAPI(
+        title="dykaf-lab",
+        version="0.1.0",
+        summary="Optimizer-comparison jobs (DyKAF vs AdamW/SOAP/Shampoo/Muon): submit, follow, export.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.read_cache = ReadCache()
+    install_error_handlers(app)
+    app.include_router(api_router, prefix=API_PREFIX)
+    app.include_router(health.router)
+    mount_web(app)
+    app.add_middleware(PrometheusMiddleware)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,350 @@
+"""Execute one run inside a Celery task: claim, heartbeat, stream metrics to the DB, finish.
+
+The flow is built so that every failure mode converges on a correct final state:
+
+* redelivered task → the claim fails (run running with a fresh heartbeat, or already ended) → no-op;
+* worker killed → heartbeats stop → the reconciler requeues the run → the next claim resumes from
+  the newest checkpoint under ``DATA_DIR/checkpoints/<run_id>``; metric points replayed after the
+  checkpoint hit the primary key and are dropped (``ON CONFLICT DO NOTHING``): no gaps, no dupes;
+* this worker stalls long enough to lose the run → its heartbeat sees ``attempt`` changed, it stops
+  training and writes nothing further (every write is fenced by ``attempt``);
+* cancel → the API sets ``cancel_requested``; the heartbeat thread polls it and ``should_cancel``
+  returns True between steps; the runner checkpoints and returns ``cancelled``; metrics stay.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+
+from server.core.config import Settings
+from server.crud import runs as runs_crud
+from server.crud.metrics import FisherRowT, MetricRow, insert_fisher, insert_metrics
+from server.db.models import CANCELLED, FAILED, SUCCEEDED
+from server.db.session import get_engine, session_scope
+from server.db.types import utcnow
+
+log = logging.getLogger(__name__)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying with the same data: lost connections, lock timeouts, restarts."""
+    if isinstance(exc, OperationalError | InterfaceError | DisconnectionError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+class CheckpointAlignment:
+    """Says when the sink must flush so that no checkpoint is ever ahead of the stored metrics.
+
+    The runner saves a checkpoint every ``checkpoint_every`` steps and at the end, after logging
+    that step's metrics and Fisher rows. If a checkpoint at step ``c`` were written while points
+    of steps ≤ ``c`` still sat in this buffer, a worker killed right then would resume from ``c``
+    and never log those points again: a gap. So the buffer is flushed at the last log call before
+    every checkpoint step (a log call at step ``s`` flushes when a save falls in
+    ``[s, next possible log call)``).
+    """
+
+    def __init__(self, task: Any) -> None:
+        self.steps = int(task.steps)
+        self.checkpoint_every = int(task.checkpoint_every)
+        self.cadences = [c for c in (task.log_every, task.eval_every, task.fisher_every) if c and c > 0]
+
+    def _next_event(self, step: int) -> int:
+        nxt = [(step // c + 1) * c for c in self.cadences]
+        return min([*nxt, self.steps]) if step < self.steps else step + 1
+
+    def _has_save(self, lo: int, hi: int) -> bool:
+        """A checkpoint step in ``[lo, hi)``?"""
+        if lo <= self.steps < hi:
+            return True
+        if self.checkpoint_every <= 0 or hi <= lo:
+            return False
+        first = -(-lo // self.checkpoint_every) * self.checkpoint_every
+        return first < hi and first >= max(lo, 1)
+
+    def must_flush(self, step: int) -> bool:
+        return self._has_save(step, max(self._next_event(step), step + 1))
+
+
+class DatabaseSink:
+    """``MetricSink`` writing to the service DB in batches.
+
+    Points are buffered and written with one statement per flush (every ``flush_every_points``
+    points or ``flush_every_s`` seconds, and on ``flush``/``close``), never one round trip per
+    point. A transient DB error keeps the buffer and retries with exponential backoff, so a DB
+    restart during training loses nothing; only a persistent failure propagates.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        run_id: int,
+        *,
+        flush_every_points: int = 2000,
+        flush_every_s: float = 2.0,
+        max_retries: int = 8,
+        backoff_s: float = 0.25,
+    ) -> None:
+        self.engine = engine
+        self.run_id = run_id
+        self.flush_every_points = max(1, flush_every_points)
+        self.flush_every_s = flush_every_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self._metrics: list[MetricRow] = []
+        self._fisher: list[FisherRowT] = []
+        self._last_flush = time.monotonic()
+        self.last_step: int | None = None
+        self.flushes = 0
+        self.retries = 0
+        self.alignment: CheckpointAlignment | None = None
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float], wall_time: float) -> None:
+        step = int(step)
+        for name, value in metrics.items():
+            if value is None:
+                continue
+            self._metrics.append((self.run_id, str(name), step, float(value), float(wall_time)))
+        self.last_step = step if self.last_step is None else max(self.last_step, step)
+        self._maybe_flush(step)
+
+    def log_fisher(self, rows: Iterable[Sequence[Any]]) -> None:
+        step = None
+        for step, layer, method, metric, value in rows:
+            self._fisher.append(
+                (
+                    self.run_id,
+                    int(step),
+                    str(layer),
+                    str(method),
+                    str(metric),
+                    None if value is None else float(value),
+                )
+            )
+        self._maybe_flush(step)
+
+    def _maybe_flush(self, step: int | None) -> None:
+        pending = len(self._metrics) + len(self._fisher)
+        aligned = self.alignment is not None and step is not None and self.alignment.must_flush(int(step))
+        if (
+            pending >= self.flush_every_points
+            or aligned
+            or (pending and time.monotonic() - self._last_flush >= self.flush_every_s)
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._metrics and not self._fisher:
+            self._last_flush = time.monotonic()
+            return
+        attempt = 0
+        while True:
+            try:
+                with self.engine.begin() as conn:
+                    insert_metrics(conn, self._metrics)
+                    insert_fisher(conn, self._fisher)
+                break
+            except DBAPIError as exc:
+                if not is_transient(exc) or attempt >= self.max_retries:
+                    raise
+                attempt += 1
+                self.retries += 1
+                delay = min(self.backoff_s * 2 ** (attempt - 1), 10.0)
+                log.warning(
+                    "metric flush failed (%s); retry %d in %.2fs", exc.__class__.__name__, attempt, delay
+                )
+                time.sleep(delay)
+        self._metrics.clear()
+        self._fisher.clear()
+        self.flushes += 1
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+
+    @property
+    def pending(self) -> int:
+        return len(self._metrics) + len(self._fisher)
+
+
+class Heartbeat(threading.Thread):
+    """Refreshes the run's heartbeat and progress, and watches for cancel and lost ownership.
+
+    Polls every ``min(heartbeat_s, 1)`` seconds so a cancel takes effect within about a second
+    plus one training step.
+    """
+
+    def __init__(self, settings: Settings, claim: runs_crud.Claim, sink: DatabaseSink) -> None:
+        super().__init__(name=f"heartbeat-run-{claim.run_id}", daemon=True)
+        self.settings = settings
+        self.claim = claim
+        self.sink = sink
+        self.progress_step: int | None = None
+        self.cancel = threading.Event()
+        self.lost = threading.Event()
+        self._stop_event = threading.Event()
+        self.interval = max(0.05, min(settings.heartbeat_s, 1.0))
+
+    def beat(self) -> None:
+        step = self.progress_step if self.progress_step is not None else self.sink.last_step
+        with session_scope(self.settings.database_url) as session:
+            owned, cancel = runs_crud.heartbeat(session, self.claim.run_id, self.claim.attempt, step)
+        if not owned:
+            self.lost.set()
+        if cancel:
+            self.cancel.set()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            try:
+                self.beat()
+            except Exception as exc:  # a DB blip must not kill the thread
+                log.warning("heartbeat for run %s failed: %s", self.claim.run_id, exc)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=10)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def device_label(spec_device: str, worker_device: str | None) -> str:
+    """The device a run will use; checked in the child only (never before a pool forks)."""
+    if worker_device:
+        return worker_device
+    if spec_device in ("cpu", "cuda"):
+        return spec_device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _finite_summary(summary: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """JSON (and PostgreSQL's JSONB) has no NaN/inf: store them as null."""
+    if summary is None:
+        return None
+    out: dict[str, Any] = {}
+    for key, value in summary.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            out[str(key)] = None
+        else:
+            out[str(key)] = value
+    return out
+
+
+def run_task(run_id: int, settings: Settings, *, task_id: str | None = None) -> str:
+    """Entry point of the Celery task; returns what happened (for logs and tests)."""
+    stale_before = utcnow() - timedelta(seconds=settings.stale_after_s)
+    with session_scope(settings.database_url) as session:
+        from server.db.models import Run
+
+        row = session.get(Run, run_id)
+        spec_device = (row.spec or {}).get("device", "auto") if row is not None else "auto"
+    device = device_label(spec_device, settings.worker_device)
+    with session_scope(settings.database_url) as session:
+        claim = runs_crud.claim_run(
+            session, run_id, worker=worker_name(), device=device, stale_before=stale_before
+        )
+    if claim is None:
+        log.info("run %s not claimable (already running elsewhere, finished or cancelled)", run_id)
+        return "skipped"
+    log.info("run %s claimed (attempt %d, task %s)", run_id, claim.attempt, task_id)
+    return execute_claimed(claim, settings, device=device)
+
+
+def execute_claimed(claim: runs_crud.Claim, settings: Settings, *, device: str | None) -> str:
+    from worker.spec import RunSpec
+    from worker.training.runner import execute_run
+
+    sink = DatabaseSink(
+        get_engine(settings.database_url),
+        claim.run_id,
+        flush_every_points=settings.flush_every_points,
+        flush_every_s=settings.flush_every_s,
+    )
+    heartbeat = Heartbeat(settings, claim, sink)
+    heartbeat.start()
+    checkpoint_dir = settings.checkpoint_root / str(claim.run_id)
+    started = time.monotonic()
+
+    def should_cancel() -> bool:
+        return heartbeat.cancel.is_set() or heartbeat.lost.is_set()
+
+    def progress(*args: Any, **kwargs: Any) -> None:
+        step = kwargs.get("step", args[0] if args else None)
+        step = getattr(step, "step", step)
+        if isinstance(step, int):
+            heartbeat.progress_step = step
+
+    status, reason, final_step, summary, error = FAILED, None, None, None, None
+    try:
+        spec = RunSpec.model_validate(claim.spec)
+        sink.alignment = CheckpointAlignment(spec.task)
+        result = execute_run(
+            spec,
+            sink,
+            checkpoint_dir=checkpoint_dir,
+            should_cancel=should_cancel,
+            device=settings.worker_device,
+            progress=progress,
+        )
+        sink.close()
+        status, reason = result.status, result.reason
+        final_step, summary = result.final_step, _finite_summary(result.summary)
+    except Exception as exc:
+        error = traceback.format_exc()
+        reason = f"{type(exc).__name__}: {exc}"[:2000]
+        log.exception("run %s failed", claim.run_id)
+        try:
+            sink.close()
+        except Exception:
+            log.exception("could not flush the metrics of failed run %s", claim.run_id)
+    finally:
+        heartbeat.stop()
+    elapsed = time.monotonic() - started
+
+    if heartbeat.lost.is_set():
+        log.warning("run %s was taken over by another worker; leaving it alone", claim.run_id)
+        return "lost"
+    if status == CANCELLED and heartbeat.cancel.is_set():
+        reason = "cancelled on request"
+    if status != SUCCEEDED and not reason:
+        reason = status
+    with session_scope(settings.database_url) as session:
+        finished = runs_crud.finish_run(
+            session,
+            claim,
+            status=status,
+            reason=reason if status != SUCCEEDED else None,
+            final_step=final_step,
+            summary=summary,
+            error=error,
+            run_seconds=elapsed,
+        )
+        new_runs = runs_crud.expand_next_stage(session, claim.job_id) if finished else []
+    if new_runs:
+        from worker.celery_app import enqueue_run
+
+        for run_id, queue in new_runs:
+            try:
+                task_id = enqueue_run(settings, run_id, queue)
+            except Exception as exc:  # the reconciler publishes it later
+                log.warning("could not publish run %s: %s", run_id, exc)
+                continue
+            with session_scope(settings.database_url) as session:
+                runs_crud.set_task_id(session, run_id, task_id)
+    return status if finished else "lost"
