@@ -1,0 +1,183 @@
+"""Time one optimizer step and measure optimizer-state memory on GPT-style layer shapes.
+
+    python bench/optimizer_step.py                      # CPU: d_model 256, 512, 1024
+    python bench/optimizer_step.py --device cuda        # GPT-2-small shapes (768×768 … 3072×768)
+    python bench/optimizer_step.py --json out.json      # also write the rows as JSON
+
+Every optimizer runs in the same process on the same shapes; the step time is the mean over a
+window of ``precondition_frequency`` steps taken after initialisation, so each window contains
+exactly one eigenbasis refresh (the amortised cost a training run pays). State memory is counted
+exactly from the tensors each optimizer keeps. The "floor" column is DyKAF's extra factor-update
+FLOPs over SOAP's at the matmul rate measured on this device in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dykaf import registry  # noqa: E402
+
+OPTIMIZERS = ("adamw", "soap", "dykaf", "dykaf-rank1", "muon", "shampoo")
+FREQUENCY = 10
+WINDOWS = 5
+# Shampoo's inverse roots every step would dominate everything; practitioners amortise them.
+EXTRA_HP = {"shampoo": {"preconditioning_compute_steps": FREQUENCY}}
+
+
+def layer_shapes(device: str, widths: list[int] | None) -> list[tuple[int, int]]:
+    """The distinct matrix shapes of a GPT block (qkv, attention out, MLP in, MLP out)."""
+    if widths is None:
+        widths = [768] if device == "cuda" else [256, 512, 1024]
+    shapes = []
+    for d in widths:
+        shapes += [(d, d), (d, 3 * d), (d, 4 * d), (4 * d, d)]
+    return shapes
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], None], device: str, repeats: int) -> list[float]:
+    """Per-call seconds: CUDA events on GPU, perf_counter on CPU."""
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def matmul_rate(device: str, size: int = 2048) -> float:
+    """Measured float32 matmul FLOP/s on this device (the rate behind the FLOP floor)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b
+    synchronize(device)
+    seconds = statistics.median(timed(lambda: a @ b, device, 5))
+    return 2 * size**3 / seconds
+
+
+def dykaf_extra_flops(m: int, n: int) -> int:
+    """FLOPs of DyKAF's parallel factor update beyond SOAP's EMA (``2mn(m+n)``), per step."""
+    soap = 2 * m * m * n + 2 * m * n * n
+    products = 2 * (2 * m * m * n + 2 * m * n * n)  # ĜV0Ĝᵀ and ĜᵀU0Ĝ
+    cross = min(2 * m * m * n + 2 * m * n * n, 2 * m * m * n + 4 * m**3, 2 * m * n * n + 4 * n**3)
+    return products + cross - soap
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = 0
+    for state in opt.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                total += value.numel() * value.element_size()
+            elif isinstance(value, list | tuple):
+                total += sum(v.numel() * v.element_size() for v in value if torch.is_tensor(v))
+    return total
+
+
+def measure(name: str, shape: tuple[int, int], device: str) -> dict[str, float]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(shape, device=device, generator=gen) * 0.02)
+    grads = [torch.randn(shape, device=device, generator=gen) for _ in range(4)]
+    opt = registry.build_optimizer(
+        name, [("blocks.0.mlp.weight", param)], {"lr": 1e-4, **EXTRA_HP.get(name, {})}
+    )
+    counter = iter(range(10**9))
+
+    def one_step() -> None:
+        param.grad = grads[next(counter) % len(grads)]
+        opt.step()
+
+    for _ in range(FREQUENCY + 1):  # initialisation step plus one full refresh window
+        one_step()
+    synchronize(device)
+    # Median over several refresh windows: robust to a busy machine without hiding the refresh cost.
+    windows = [sum(timed(one_step, device, FREQUENCY)) / FREQUENCY for _ in range(WINDOWS)]
+    return {"step_s": statistics.median(windows), "state_mb": state_bytes(opt) / 2**20}
+
+
+def run(device: str, widths: list[int] | None, optimizers: tuple[str, ...]) -> dict:
+    rate = matmul_rate(device)
+    for name in optimizers:  # warm-up: first-call allocations and lazy imports stay out of the table
+        measure(name, (64, 64), device)
+    rows = []
+    for shape in layer_shapes(device, widths):
+        results = {name: measure(name, shape, device) for name in optimizers}
+        m, n = shape
+        floor = dykaf_extra_flops(m, n) / rate
+        for name, res in results.items():
+            rows.append(
+                {
+                    "shape": f"{m}x{n}",
+                    "optimizer": name,
+                    "step_ms": res["step_s"] * 1e3,
+                    "vs_adamw": res["step_s"] / results["adamw"]["step_s"] if "adamw" in results else None,
+                    "vs_soap": res["step_s"] / results["soap"]["step_s"] if "soap" in results else None,
+                    "state_mb": res["state_mb"],
+                    "dykaf_extra_floor_ms": floor * 1e3 if name.startswith("dykaf") else None,
+                }
+            )
+        print(f"  done {m}x{n}", file=sys.stderr, flush=True)
+    return {"device": describe(device), "matmul_tflops": rate / 1e12, "rows": rows}
+
+
+def describe(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"Device: {result['device']}; measured float32 matmul rate {result['matmul_tflops']:.3f} TFLOP/s",
+        "",
+        "| shape | optimizer | step ms | × AdamW | × SOAP | state MB | DyKAF extra-FLOP floor ms |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        floor = row["dykaf_extra_floor_ms"]
+        lines.append(
+            f"| {row['shape']} | {row['optimizer']} | {row['step_ms']:.2f} | {row['vs_adamw']:.2f} | "
+            f"{row['vs_soap']:.2f} | {row['state_mb']:.2f} | {'' if floor is None else f'{floor:.2f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--widths", type=int, nargs="*", help="d_model values (default by device)")
+    parser.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS))
+    parser.add_argument("--json", type=Path, help="write the result as JSON here")
+    args = parser.parse_args()
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    result = run(args.device, args.widths, tuple(args.optimizers))
+    print(markdown(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
