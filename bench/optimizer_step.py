@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dykaf import registry  # noqa: E402
+from dykaf import registry
 
 OPTIMIZERS = ("adamw", "soap", "dykaf", "dykaf-rank1", "muon", "shampoo")
 FREQUENCY = 10
@@ -165,7 +165,9 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--widths", type=int, nargs="*", help="d_model values (default by device)")
     parser.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS))
