@@ -41,7 +41,7 @@ def parallel_step(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tup
 
 def sequential_step(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     m, n = grad.shape
-    a, u0, v0, _, delta = rearranged_step(left, right, grad, beta)
+    a, _u0, v0, _, delta = rearranged_step(left, right, grad, beta)
     k = a @ v0
     s_hat = k.norm()
     u1 = k / s_hat
