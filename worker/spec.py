@@ -24,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -251,19 +252,30 @@ class OptimizerSpec(StrictModel):
             )
         return value
 
-    @model_validator(mode="after")
-    def _hyperparameters_valid(self) -> OptimizerSpec:
+    @field_validator("hyperparameters")
+    @classmethod
+    def _hyperparameters_valid(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         registry = _registry()
-        if registry is None or self.name not in registry.OPTIMIZER_NAMES:
-            return self
-        for point in [{}, *self.sweep_points()]:
-            merged = {**self.hyperparameters, **point}
-            try:
-                registry.validate_hyperparameters(self.name, merged)
-            except ValueError as exc:
-                where = "sweep" if point else "hyperparameters"
-                raise ValueError(f"{where}: {exc}") from None
-        return self
+        name = info.data.get("name")
+        if registry is not None and name in registry.OPTIMIZER_NAMES:
+            registry.validate_hyperparameters(name, value)
+        return value
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_valid(cls, value: dict[str, list[Any]], info: ValidationInfo) -> dict[str, list[Any]]:
+        registry = _registry()
+        name = info.data.get("name")
+        base = info.data.get("hyperparameters")
+        if registry is None or name not in registry.OPTIMIZER_NAMES or base is None:
+            return value
+        for key, values in value.items():
+            for item in values:
+                try:
+                    registry.validate_hyperparameters(name, {**base, key: item})
+                except ValueError as exc:
+                    raise ValueError(f"{key}={item!r}: {exc}") from None
+        return value
 
     @property
     def display(self) -> str:

@@ -1,0 +1,77 @@
+"""Shared helpers for the worker tests: a tiny task, and the optimizer factory they train with.
+
+While ``dykaf.registry`` is not importable the runner's factory is replaced by plain torch optimizers
+(AdamW for "adamw", SGD for any other name), so the training-loop tests do not depend on it; once the
+registry exists the real path is exercised.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from worker.training import optim
+
+
+def registry_available() -> bool:
+    try:
+        import dykaf.registry  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _fallback(name: str, named: Any, hyper: Any, roles: Any) -> torch.optim.Optimizer:
+    params = [p for _, p in named]
+    lr = float(hyper.get("lr", 1e-3))
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=float(hyper.get("weight_decay", 0.0)))
+    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+@pytest.fixture
+def optimizer_factory(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not registry_available():
+        monkeypatch.setattr(optim, "build_optimizer", _fallback)
+
+
+@pytest.fixture
+def data_roots(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Confine local paths to ``tmp_path`` and keep caches there."""
+    monkeypatch.setenv("DYKAF_DATA_ROOTS", str(tmp_path))
+    monkeypatch.setenv("DYKAF_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def tiny_task(**overrides: Any) -> dict[str, Any]:
+    """A GPT small enough that a dozen steps take well under a second on one core."""
+    task = {
+        "kind": "pretrain",
+        "n_layer": 1,
+        "n_head": 2,
+        "d_model": 32,
+        "context": 16,
+        "batch_size": 4,
+        "steps": 8,
+        "warmup_steps": 2,
+        "eval_every": 4,
+        "eval_batches": 2,
+        "log_every": 1,
+        "corpus": {"name": "pydoc", "max_chars": 200_000},
+    }
+    task.update(overrides)
+    return task
+
+
+def tiny_job(optimizers: list[dict[str, Any]] | None = None, **overrides: Any) -> dict[str, Any]:
+    job: dict[str, Any] = {
+        "name": "tiny",
+        "device": "cpu",
+        "seeds": [0],
+        "task": tiny_task(),
+        "optimizers": optimizers or [{"name": "adamw", "hyperparameters": {"lr": 3e-3}}],
+    }
+    job.update(overrides)
+    return job
