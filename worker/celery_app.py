@@ -30,6 +30,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if settings.broker_url.startswith(("redis://", "rediss://")):
         # Unacked messages come back only after this long; it must exceed the longest run.
         transport_options["visibility_timeout"] = settings.visibility_timeout_s
+        if settings.broker_key_prefix:
+            transport_options["global_keyprefix"] = settings.broker_key_prefix
     return {
         "broker_url": settings.broker_url,
         "broker_transport_options": transport_options,
@@ -106,6 +108,14 @@ def _start_reconciler(sender: Any = None, **_: Any) -> None:
     from worker.reconcile import start_reconciler_thread
 
     start_reconciler_thread(settings, _reconciler_stop)
+
+
+@signals.worker_shutting_down.connect
+def _on_shutting_down(sender: Any = None, **_: Any) -> None:
+    """Ask the run in progress to checkpoint and requeue itself so the shutdown is prompt."""
+    from worker.execute import SHUTDOWN
+
+    SHUTDOWN.set()
 
 
 @signals.worker_shutdown.connect

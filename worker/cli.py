@@ -127,3 +127,7 @@ def run(
 #     app.command()(up)
 #     app.command()(worker)
 # ------------------------------------------------------------------------------------------------
+
+from worker import cli_service  # noqa: E402
+
+cli_service.register(app)

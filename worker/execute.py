@@ -37,6 +37,10 @@ from server.db.types import utcnow
 
 log = logging.getLogger(__name__)
 
+# Set when the worker process is asked to stop (SIGTERM/SIGINT): the run in progress checkpoints,
+# goes back to the queue and resumes on the next worker instead of blocking the shutdown.
+SHUTDOWN = threading.Event()
+
 
 def is_transient(exc: BaseException) -> bool:
     """Errors worth retrying with the same data: lost connections, lock timeouts, restarts."""
@@ -282,7 +286,7 @@ def execute_claimed(claim: runs_crud.Claim, settings: Settings, *, device: str |
     started = time.monotonic()
 
     def should_cancel() -> bool:
-        return heartbeat.cancel.is_set() or heartbeat.lost.is_set()
+        return heartbeat.cancel.is_set() or heartbeat.lost.is_set() or SHUTDOWN.is_set()
 
     def progress(*args: Any, **kwargs: Any) -> None:
         step = kwargs.get("step", args[0] if args else None)
@@ -320,6 +324,8 @@ def execute_claimed(claim: runs_crud.Claim, settings: Settings, *, device: str |
     if heartbeat.lost.is_set():
         log.warning("run %s was taken over by another worker; leaving it alone", claim.run_id)
         return "lost"
+    if status == CANCELLED and SHUTDOWN.is_set() and not heartbeat.cancel.is_set():
+        return _requeue_for_shutdown(claim, settings, elapsed)
     if status == CANCELLED and heartbeat.cancel.is_set():
         reason = "cancelled on request"
     if status != SUCCEEDED and not reason:
@@ -348,3 +354,23 @@ def execute_claimed(claim: runs_crud.Claim, settings: Settings, *, device: str |
             with session_scope(settings.database_url) as session:
                 runs_crud.set_task_id(session, run_id, task_id)
     return status if finished else "lost"
+
+
+def _requeue_for_shutdown(claim: runs_crud.Claim, settings: Settings, elapsed: float) -> str:
+    """The worker is stopping: the runner has checkpointed; hand the run back to the queue."""
+    with session_scope(settings.database_url) as session:
+        requeued = runs_crud.release_run(session, claim, run_seconds=elapsed)
+    if not requeued:
+        return "lost"
+    log.warning("worker stopping: run %s requeued, resumes from its checkpoint", claim.run_id)
+    from worker.celery_app import enqueue_run
+
+    try:
+        with session_scope(settings.database_url) as session:
+            queue = runs_crud.run_queue(session, claim.run_id) or "gpu"
+        task_id = enqueue_run(settings, claim.run_id, queue)
+        with session_scope(settings.database_url) as session:
+            runs_crud.set_task_id(session, claim.run_id, task_id)
+    except Exception as exc:  # the reconciler publishes it later
+        log.warning("could not publish run %s: %s", claim.run_id, exc)
+    return "requeued"

@@ -41,6 +41,9 @@ class Settings:
     data_dir: Path = field(default_factory=lambda: Path(".lab"))
     database_url: str = ""
     broker_url: str = ""
+    # Prefix of every Redis key the broker uses, so several deployments (or test sessions) can
+    # share one Redis without consuming each other's tasks.
+    broker_key_prefix: str = ""
     # Input limits: a job larger than this is rejected with 4xx before anything is written.
     max_steps: int = 1_000_000
     max_runs_per_job: int = 256
@@ -61,6 +64,8 @@ class Settings:
     # Downsampled metric reads return at most this many buckets per series (client may ask less).
     max_points_per_series: int = 5000
     default_points_per_series: int = 1000
+    # Queue of runs whose job says device "auto" (embedded workers consume both queues).
+    auto_queue: str = "gpu"
     # Device a worker trains on (None = the job's choice; "cuda" when a GPU worker pins one).
     worker_device: str | None = None
     # Run the stale-run reconciler inside API and worker processes.
@@ -81,6 +86,7 @@ class Settings:
             "data_dir": Path(os.environ.get("DYKAF_DATA_DIR") or ".lab"),
             "database_url": os.environ.get("DYKAF_DATABASE_URL", ""),
             "broker_url": os.environ.get("DYKAF_BROKER_URL", ""),
+            "broker_key_prefix": os.environ.get("DYKAF_BROKER_KEY_PREFIX", ""),
             "max_steps": _env_int("DYKAF_MAX_STEPS", cls.max_steps),
             "max_runs_per_job": _env_int("DYKAF_MAX_RUNS_PER_JOB", cls.max_runs_per_job),
             "max_body_bytes": _env_int("DYKAF_MAX_BODY_BYTES", cls.max_body_bytes),
@@ -93,6 +99,7 @@ class Settings:
             "flush_every_s": _env_float("DYKAF_FLUSH_EVERY_S", cls.flush_every_s),
             "max_points_per_series": _env_int("DYKAF_MAX_POINTS_PER_SERIES", cls.max_points_per_series),
             "worker_device": os.environ.get("DYKAF_WORKER_DEVICE") or None,
+            "auto_queue": os.environ.get("DYKAF_AUTO_QUEUE") or "gpu",
             "reconcile": _env_bool("DYKAF_RECONCILE", cls.reconcile),
         }
         values.update(overrides)
@@ -116,6 +123,7 @@ class Settings:
             "DYKAF_DATA_DIR": str(self.data_dir.resolve()),
             "DYKAF_DATABASE_URL": self.database_url,
             "DYKAF_BROKER_URL": self.broker_url,
+            "DYKAF_BROKER_KEY_PREFIX": self.broker_key_prefix,
             "DYKAF_MAX_STEPS": str(self.max_steps),
             "DYKAF_MAX_RUNS_PER_JOB": str(self.max_runs_per_job),
             "DYKAF_MAX_BODY_BYTES": str(self.max_body_bytes),
@@ -127,6 +135,8 @@ class Settings:
             "DYKAF_FLUSH_EVERY_POINTS": str(self.flush_every_points),
             "DYKAF_FLUSH_EVERY_S": str(self.flush_every_s),
             "DYKAF_RECONCILE": "1" if self.reconcile else "0",
+            "DYKAF_AUTO_QUEUE": self.auto_queue,
+            "DYKAF_MAX_POINTS_PER_SERIES": str(self.max_points_per_series),
         }
         if self.worker_device:
             out["DYKAF_WORKER_DEVICE"] = self.worker_device

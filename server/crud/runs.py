@@ -128,6 +128,30 @@ def add_run_seconds(session: Session, claim: Claim, seconds: float) -> None:
     )
 
 
+def release_run(session: Session, claim: Claim, *, run_seconds: float | None = None) -> bool:
+    """Give a run back to the queue (its worker is shutting down after a checkpoint)."""
+    if not lock_job(session, claim.job_id):
+        return False
+    values: dict[str, Any] = {
+        "status": QUEUED,
+        "task_id": None,
+        "worker": None,
+        "queued_at": utcnow(),
+        "error": "requeued: its worker shut down",
+    }
+    if run_seconds is not None:
+        values["run_seconds"] = func.coalesce(Run.run_seconds, 0.0) + run_seconds
+    result = session.execute(
+        update(Run)
+        .where(Run.id == claim.run_id, Run.attempt == claim.attempt, Run.status == RUNNING)
+        .values(**values)
+    )
+    if result.rowcount != 1:
+        return False
+    recompute_job(session, claim.job_id)
+    return True
+
+
 def requeue_stale(session: Session, stale_before: datetime) -> list[int]:
     """Runs whose worker stopped heartbeating go back to ``queued`` (or end ``cancelled`` when a
     cancel was pending). Returns the ids of the requeued runs, to be enqueued again."""

@@ -144,7 +144,9 @@ def submit(
     api_key_id: int | None,
     rerun_of: int | None = None,
 ) -> tuple[Job, list[str]]:
-    job = jobs_crud.create_job(session, spec, api_key_id=api_key_id, rerun_of=rerun_of)
+    job = jobs_crud.create_job(
+        session, spec, auto_queue=settings.auto_queue, api_key_id=api_key_id, rerun_of=rerun_of
+    )
     session.commit()
     warnings = publish_runs(settings, session, [(run.id, run.queue) for run in job.runs])
     JOBS_SUBMITTED.inc()

@@ -1,0 +1,546 @@
+"""Service commands of ``dykaf-lab``: the embedded stack, API and worker processes, and a client.
+
+* ``up``        — embedded mode: migrate SQLite under ``DYKAF_DATA_DIR`` (default ``./.lab``), start
+                  uvicorn and one Celery worker (SQLAlchemy transport on its own SQLite file, solo
+                  pool), create a local API key in ``.lab/api_key``, submit ``examples/quick.yaml``
+                  once, print the dashboard URL; Ctrl-C stops everything.
+* ``api``       — the API server alone (cluster mode: set DYKAF_DATABASE_URL / DYKAF_BROKER_URL).
+* ``worker``    — one Celery worker process (one per GPU: ``--queue gpu --gpu 0``).
+* ``migrate``   — apply Alembic migrations to DYKAF_DATABASE_URL.
+* ``keys``      — create / list / revoke API keys (direct DB access).
+* ``submit``, ``status``, ``watch``, ``cancel``, ``download`` — HTTP client for any server URL
+  (``--server`` or DYKAF_SERVER; the key from ``--key``, DYKAF_API_KEY or ``.lab/api_key``).
+
+Nothing here imports torch or the Celery app at import time: ``dykaf-lab worker`` replaces itself
+with the ``celery worker`` process after setting ``CUDA_VISIBLE_DEVICES``, so CUDA is never
+initialised in a parent that forks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+out = Console()
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+EXAMPLE = ROOT / "examples" / "quick.yaml"
+TERMINAL = {"succeeded", "failed", "diverged", "cancelled"}
+
+ServerOpt = Annotated[
+    str | None, typer.Option("--server", "-s", help="API base URL (default: $DYKAF_SERVER or local)")
+]
+KeyOpt = Annotated[
+    str | None, typer.Option("--key", help="API key (default: $DYKAF_API_KEY or .lab/api_key)")
+]
+
+
+def _settings(**overrides: Any) -> Any:
+    from server.core.config import Settings
+
+    return Settings.from_env(**{k: v for k, v in overrides.items() if v is not None})
+
+
+# --- client helpers ------------------------------------------------------------------------------
+def _server(server: str | None) -> str:
+    return (server or os.environ.get("DYKAF_SERVER") or DEFAULT_SERVER).rstrip("/")
+
+
+def _key(key: str | None) -> str | None:
+    if key:
+        return key
+    if os.environ.get("DYKAF_API_KEY"):
+        return os.environ["DYKAF_API_KEY"]
+    path = _settings().data_dir / "api_key"
+    return path.read_text().strip() if path.exists() else None
+
+
+def _client(server: str | None, key: str | None, timeout: float = 30.0) -> Any:
+    import httpx
+
+    headers = {}
+    token = _key(key)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return httpx.Client(base_url=f"{_server(server)}/api/v1", headers=headers, timeout=timeout)
+
+
+def _fail(response: Any) -> None:
+    """Print the API's error list (loc: msg) and exit non-zero."""
+    try:
+        detail = response.json().get("detail")
+    except Exception:
+        detail = response.text
+    console.print(f"[red]HTTP {response.status_code}[/red]")
+    if isinstance(detail, list):
+        for item in detail:
+            loc = ".".join(str(p) for p in item.get("loc", []) if p != "body")
+            console.print(f"  {loc or '(request)'}: {item.get('msg')}", markup=False, highlight=False)
+    else:
+        console.print(str(detail), markup=False)
+    raise typer.Exit(1)
+
+
+def _request(client: Any, method: str, path: str, **kwargs: Any) -> Any:
+    import httpx
+
+    try:
+        response = client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        console.print(f"[red]cannot reach {client.base_url}: {exc}[/red]")
+        raise typer.Exit(1) from None
+    if response.status_code >= 400:
+        _fail(response)
+    return response
+
+
+# --- client commands -----------------------------------------------------------------------------
+def submit(
+    job_file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="job spec (YAML or JSON)")],
+    server: ServerOpt = None,
+    key: KeyOpt = None,
+    watch_: Annotated[bool, typer.Option("--watch", help="follow progress until the job ends")] = False,
+) -> None:
+    """Submit a job to a server (validated locally first, then by the server)."""
+    from worker.cli import load_job_file
+
+    spec = load_job_file(job_file)
+    with _client(server, key) as client:
+        job = _request(client, "POST", "/jobs", json=spec.model_dump(mode="json")).json()
+    out.print(f"job {job['id']} ({job['name']}): {len(job['runs'])} runs queued")
+    for warning in job.get("warnings", []):
+        console.print(f"[yellow]{warning}[/yellow]")
+    out.print(f"  {_server(server)}/api/v1/jobs/{job['id']}")
+    if watch_:
+        watch(job["id"], server=server, key=key)
+
+
+def status(
+    job_id: Annotated[int | None, typer.Argument(help="a job id; omit to list recent jobs")] = None,
+    server: ServerOpt = None,
+    key: KeyOpt = None,
+    limit: Annotated[int, typer.Option(help="jobs to list")] = 20,
+) -> None:
+    """List jobs, or show one job's runs."""
+    from rich.table import Table
+
+    with _client(server, key) as client:
+        if job_id is None:
+            page = _request(client, "GET", "/jobs", params={"limit": limit}).json()
+            table = Table(title="jobs")
+            for col in ("id", "name", "status", "progress", "runs", "created", "reason"):
+                table.add_column(col)
+            for job in page["items"]:
+                prog = job["progress"]
+                runs = ", ".join(f"{k} {v}" for k, v in sorted(prog["runs"].items()))
+                table.add_row(
+                    str(job["id"]),
+                    job["name"],
+                    job["status"],
+                    f"{100 * prog['fraction']:.0f}%",
+                    runs,
+                    job["created_at"][:19],
+                    job["reason"] or "",
+                )
+            out.print(table)
+            return
+        job = _request(client, "GET", f"/jobs/{job_id}").json()
+    table = Table(
+        title=f"job {job['id']} {job['name']}: {job['status']}"
+        + (f" ({job['reason']})" if job["reason"] else "")
+    )
+    for col in ("run", "label", "seed", "status", "step", "attempt", "device", "final val loss", "reason"):
+        table.add_column(col)
+    for run in job["runs"]:
+        final = (run.get("summary") or {}).get("final_val_loss")
+        table.add_row(
+            str(run["id"]),
+            run["label"],
+            str(run["seed"]),
+            run["status"],
+            f"{run['step']}/{run['total_steps']}",
+            str(run["attempt"]),
+            run["device"] or "",
+            "-" if final is None else f"{final:.4f}",
+            run["reason"] or "",
+        )
+    out.print(table)
+
+
+def watch(
+    job_id: Annotated[int, typer.Argument(help="job id")],
+    server: ServerOpt = None,
+    key: KeyOpt = None,
+    interval: Annotated[float, typer.Option(help="seconds between polls")] = 1.0,
+) -> None:
+    """Progress bars for every run of a job until it ends."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with (
+        _client(server, key) as client,
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress,
+    ):
+        bars: dict[int, Any] = {}
+        while True:
+            job = _request(client, "GET", f"/jobs/{job_id}").json()
+            for run in job["runs"]:
+                if run["id"] not in bars:
+                    bars[run["id"]] = progress.add_task(
+                        f"{run['label']} s{run['seed']}", total=run["total_steps"], status=run["status"]
+                    )
+                progress.update(bars[run["id"]], completed=run["step"], status=run["status"])
+            if job["status"] in TERMINAL:
+                break
+            time.sleep(interval)
+    out.print(f"job {job_id}: {job['status']}" + (f" ({job['reason']})" if job["reason"] else ""))
+    if job["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+def cancel(
+    job_id: Annotated[int, typer.Argument(help="job id")], server: ServerOpt = None, key: KeyOpt = None
+) -> None:
+    """Cancel a job: queued runs never start, running ones stop within seconds (data kept)."""
+    with _client(server, key) as client:
+        job = _request(client, "POST", f"/jobs/{job_id}/cancel").json()
+    out.print(f"job {job_id}: {job['status']} (cancel requested)")
+
+
+def download(
+    job_id: Annotated[int, typer.Argument(help="job id")],
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for the CSV files")] = Path("."),
+    server: ServerOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Download metrics.csv, summary.csv and fisher.csv (full fidelity, streamed to disk)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _client(server, key, timeout=300) as client:
+        for kind in ("metrics", "summary", "fisher"):
+            target = out_dir / f"job-{job_id}-{kind}.csv"
+            with client.stream("GET", f"/jobs/{job_id}/{kind}.csv") as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _fail(response)
+                with open(target, "wb") as handle:
+                    for chunk in response.iter_bytes():
+                        handle.write(chunk)
+            out.print(f"  {target}")
+
+
+# --- database and keys ---------------------------------------------------------------------------
+def migrate(
+    revision: Annotated[str, typer.Option(help="target revision")] = "head",
+    downgrade: Annotated[bool, typer.Option(help="downgrade to --revision (e.g. base) instead")] = False,
+) -> None:
+    """Apply the Alembic migrations to DYKAF_DATABASE_URL (default: the embedded SQLite file)."""
+    from server.db import migrate as m
+
+    settings = _settings()
+    if downgrade:
+        m.downgrade(settings.database_url, revision)
+    else:
+        m.upgrade(settings.database_url, revision)
+    console.print(f"database at revision {m.current_revision(settings.database_url)}")
+
+
+keys_app = typer.Typer(help="API keys (stored hashed; the token is shown once).", no_args_is_help=True)
+
+
+@keys_app.command("create")
+def keys_create(name: Annotated[str, typer.Option(help="who or what the key is for")] = "cli") -> None:
+    """Create a key and print its token."""
+    from server.crud.api_keys import create_key
+    from server.db.session import session_scope
+
+    with session_scope(_settings().database_url) as session:
+        row, token = create_key(session, name)
+        key_id = row.id
+    console.print(f"key {key_id} ({name}) created; store the token now, it is not shown again:")
+    out.print(token)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List keys (id, prefix, name, created, revoked)."""
+    from server.crud.api_keys import list_keys
+    from server.db.session import session_scope
+
+    with session_scope(_settings().database_url) as session:
+        for row in list_keys(session):
+            revoked = f" revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else ""
+            out.print(f"{row.id}\t{row.prefix}…\t{row.name}\t{row.created_at:%Y-%m-%d %H:%M}{revoked}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(ident: Annotated[str, typer.Argument(help="key id, prefix or full token")]) -> None:
+    """Revoke a key; requests using it get 401 from then on."""
+    from server.crud.api_keys import revoke_key
+    from server.db.session import session_scope
+
+    with session_scope(_settings().database_url) as session:
+        count = revoke_key(session, ident)
+    if not count:
+        console.print(f"[red]no active key matches {ident!r}[/red]")
+        raise typer.Exit(1)
+    console.print(f"revoked {count} key(s)")
+
+
+# --- processes -----------------------------------------------------------------------------------
+def celery_worker_argv(queues: str, name: str, loglevel: str = "INFO") -> list[str]:
+    """The worker command line: solo pool (no fork, so no CUDA-before-fork), one run at a time."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "-P",
+        "solo",
+        "-c",
+        "1",
+        "--prefetch-multiplier",
+        "1",
+        "-Q",
+        queues,
+        "-n",
+        name,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "-l",
+        loglevel,
+    ]
+
+
+def worker(
+    queue: Annotated[str, typer.Option(help="queue(s) to consume: gpu, cpu or gpu,cpu")] = "gpu",
+    gpu: Annotated[
+        int | None, typer.Option(help="GPU index this worker owns (sets CUDA_VISIBLE_DEVICES)")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="worker node name")] = None,
+    loglevel: Annotated[str, typer.Option(help="log level")] = "INFO",
+) -> None:
+    """Run one Celery worker process (start one per GPU); replaces this process with ``celery worker``."""
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        env.setdefault("DYKAF_WORKER_DEVICE", "cuda")
+    elif queue == "cpu":
+        env.setdefault("DYKAF_WORKER_DEVICE", "cpu")
+    node = name or (f"gpu{gpu}@%h" if gpu is not None else f"{queue.replace(',', '-')}-{os.getpid()}@%h")
+    argv = celery_worker_argv(queue, node, loglevel)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    os.execvpe(argv[0], argv, env)
+
+
+def api(
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+    migrate_first: Annotated[
+        bool, typer.Option("--migrate/--no-migrate", help="apply migrations first")
+    ] = False,
+) -> None:
+    """Run the API server (uvicorn) against DYKAF_DATABASE_URL and DYKAF_BROKER_URL."""
+    import uvicorn
+
+    if migrate_first:
+        from server.db import migrate as m
+
+        m.upgrade(_settings().database_url)
+    uvicorn.run(
+        "server.main:create_app", factory=True, host=host, port=port, workers=workers, log_level="info"
+    )
+
+
+def _ensure_local_key(settings: Any) -> str:
+    """The key in ``data_dir/api_key`` if it is still valid, else a new one written there (0600)."""
+    from server.crud.api_keys import create_key, verify_token
+    from server.db.session import session_scope
+
+    path = settings.data_dir / "api_key"
+    with session_scope(settings.database_url) as session:
+        if path.exists():
+            token = path.read_text().strip()
+            if verify_token(session, token) is not None:
+                return token
+        _, token = create_key(session, "local (dykaf-lab up)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    return token
+
+
+def _wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the API process exited with code {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.3)
+    raise RuntimeError(f"the API did not become ready at {base} within {timeout:.0f}s")
+
+
+def _submit_example(base: str, token: str, example: Path) -> None:
+    import httpx
+    import yaml
+
+    spec = yaml.safe_load(example.read_text())
+    headers = {"Authorization": f"Bearer {token}"}
+    found = httpx.get(
+        f"{base}/api/v1/jobs", params={"name": spec["name"], "limit": 1}, headers=headers, timeout=30
+    )
+    found.raise_for_status()
+    if found.json()["items"]:
+        job = found.json()["items"][0]
+        console.print(f"example job {spec['name']!r} exists (job {job['id']}, {job['status']})")
+        return
+    response = httpx.post(f"{base}/api/v1/jobs", json=spec, headers=headers, timeout=60)
+    if response.status_code >= 400:
+        console.print(f"[yellow]example job not submitted: {response.status_code} {response.text}[/yellow]")
+        return
+    console.print(f"submitted example job {spec['name']!r} (job {response.json()['id']})")
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
+    """SIGTERM every child (the worker checkpoints and requeues its run), then SIGKILL stragglers."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        remaining = max(0.1, deadline - time.monotonic())
+        try:
+            proc.wait(timeout=remaining)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def up(
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="state directory (default: $DYKAF_DATA_DIR or ./.lab)")
+    ] = None,
+    example: Annotated[Path | None, typer.Option(help="job submitted on first start")] = None,
+    no_example: Annotated[bool, typer.Option("--no-example", help="do not submit the example job")] = False,
+) -> None:
+    """Embedded mode: SQLite + SQLAlchemy broker + API + one worker, started and stopped together."""
+    from server.db import migrate as m
+
+    settings = _settings(data_dir=data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    m.upgrade(settings.database_url)
+    token = _ensure_local_key(settings)
+    env = {**os.environ, **settings.env()}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    logs = settings.data_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    base = f"http://{host}:{port}"
+    procs: list[subprocess.Popen[bytes]] = []
+    handles = [open(logs / "api.log", "ab"), open(logs / "worker.log", "ab")]  # noqa: SIM115
+    interrupted = False
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal interrupted
+        interrupted = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "--factory",
+                    "server.main:create_app",
+                    "--host",
+                    host,
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "warning",
+                ],
+                env=env,
+                stdout=handles[0],
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=ROOT,
+            )
+        )
+        procs.append(
+            subprocess.Popen(
+                celery_worker_argv("gpu,cpu", "embedded@%h", "INFO"),
+                env=env,
+                stdout=handles[1],
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=ROOT,
+            )
+        )
+        _wait_ready(base, procs[0])
+        chosen = example or EXAMPLE
+        if not no_example and chosen.exists():
+            _submit_example(base, token, chosen)
+        out.print(f"dykaf-lab is up: dashboard {base}/  (API docs {base}/docs)")
+        out.print(f"  data: {settings.data_dir.resolve()}  logs: {logs.resolve()}")
+        out.print(f"  API key for the CLI: {settings.data_dir / 'api_key'}")
+        out.print("  Ctrl-C stops everything")
+        while True:
+            for proc, what in zip(procs, ("API", "worker"), strict=True):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the {what} process exited with code {proc.returncode}; see {logs}")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        console.print("stopping…")
+    except RuntimeError as exc:
+        console.print(f"[red]{exc}[/red]")
+        _stop(procs)
+        raise typer.Exit(1) from None
+    finally:
+        _stop(procs)
+        for handle in handles:
+            handle.close()
+        signal.signal(signal.SIGTERM, previous)
+    console.print("stopped")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the service commands to the ``dykaf-lab`` Typer app (called at the end of worker/cli.py)."""
+    app.command()(up)
+    app.command()(api)
+    app.command()(worker)
+    app.command()(migrate)
+    app.command()(submit)
+    app.command()(status)
+    app.command()(watch)
+    app.command()(cancel)
+    app.command()(download)
+    app.add_typer(keys_app, name="keys")
