@@ -1,0 +1,261 @@
+"""One command that proves the product on a CUDA machine, in a few minutes.
+
+    python bench/gpu_check.py --out results/            # on a CUDA machine
+    python bench/gpu_check.py --out /tmp/x --dry-run    # same code paths on the CPU, tiny sizes
+
+It prints the device, driver, torch and CUDA versions; runs the test suite's CUDA-marked tests;
+times one optimizer step of adamw, soap, dykaf, dykaf-rank1 and muon on GPT-2-small layer shapes
+(CUDA events, median of several refresh windows) with the FLOP floor of DyKAF's extra work; trains
+the embedded pre-training task for a fixed number of steps (bf16 autocast on CUDA) for adamw, soap
+and dykaf through the real worker code path; and writes one JSON and one Markdown report to --out.
+
+It needs only what a CUDA machine with PyTorch has: sections whose packages are missing are skipped
+with a line saying so (``bench/gpu_check.sh`` installs carried wheels first when there are any).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+TRAIN_OPTIMIZERS = ("adamw", "soap", "dykaf")
+STEP_OPTIMIZERS = ("adamw", "soap", "dykaf", "dykaf-rank1", "muon")
+
+
+def missing(*modules: str) -> list[str]:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def environment() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "torch_cuda": torch.version.cuda,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            device=props.name,
+            memory_gb=round(props.total_memory / 2**30, 1),
+            sm_count=props.multi_processor_count,
+        )
+        try:
+            smi = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            info["driver"] = smi.stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            info["driver"] = "unknown (nvidia-smi not found)"
+    else:
+        info["device"] = "cpu"
+    return info
+
+
+def cuda_tests(dry_run: bool) -> dict[str, Any]:
+    """Run the suite's CUDA-marked tests (on CPU they all skip; the dry run checks the plumbing)."""
+    if missing("pytest"):
+        return {"skipped": "pytest is not installed"}
+    files = [str(p) for p in sorted((ROOT / "tests").glob("test_*.py")) if "cuda" in p.read_text()]
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "-rs", *files]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    tail = proc.stdout.strip().splitlines()[-1:] or [proc.stderr.strip()[-300:]]
+    print(proc.stdout[-3000:], proc.stderr[-2000:], sep="\n")
+    return {
+        "exit_code": proc.returncode,
+        "summary": tail[0],
+        "seconds": round(time.perf_counter() - started, 1),
+        "files": [Path(f).name for f in files],
+        "dry_run": dry_run,
+    }
+
+
+def optimizer_steps(device: str, dry_run: bool) -> dict[str, Any]:
+    absent = [m for m in missing("pytorch_optimizer") if m]
+    import optimizer_step
+
+    optimizers = tuple(n for n in STEP_OPTIMIZERS if not (absent and n == "shampoo"))
+    widths = [16] if dry_run else None
+    result = optimizer_step.run(device, widths, optimizers)
+    print(optimizer_step.markdown(result))
+    return result
+
+
+def training(device: str, dry_run: bool) -> dict[str, Any]:
+    """Train the embedded task through ``worker.training.runner.execute_run`` (no service needed)."""
+    absent = missing("pydantic", "yaml")
+    if absent:
+        return {"skipped": f"worker code path needs {', '.join(absent)}; carry wheels (bench/gpu_check.sh)"}
+    from worker.spec import JobSpec
+    from worker.training.runner import execute_run
+    from worker.training.sinks import MemorySink
+
+    if dry_run:
+        task = {
+            "n_layer": 1,
+            "n_head": 2,
+            "d_model": 32,
+            "context": 32,
+            "batch_size": 4,
+            "steps": 6,
+            "warmup_steps": 1,
+            "eval_every": 3,
+            "eval_batches": 1,
+            "log_every": 1,
+        }
+    else:
+        task = {
+            "n_layer": 6,
+            "n_head": 6,
+            "d_model": 384,
+            "context": 256,
+            "batch_size": 32,
+            "steps": 300,
+            "warmup_steps": 30,
+            "eval_every": 100,
+            "eval_batches": 8,
+            "log_every": 10,
+        }
+    job = JobSpec.model_validate(
+        {
+            "name": "gpu-check",
+            "device": device,
+            "seeds": [0],
+            "task": {"kind": "pretrain", "corpus": {"name": "pydoc"}, "tokenizer": {"kind": "byte"}, **task},
+            "optimizers": [{"name": name, "hyperparameters": {"lr": 3e-3}} for name in TRAIN_OPTIMIZERS],
+        }
+    )
+    rows = []
+    for run in job.expand():
+        sink = MemorySink()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        result = execute_run(run, sink, device=device)
+        seconds = time.perf_counter() - started
+        summary = result.summary
+        rows.append(
+            {
+                "optimizer": run.optimizer,
+                "status": result.status,
+                "reason": result.reason,
+                "steps": result.final_step,
+                "seconds": round(seconds, 2),
+                "final_val_loss": summary.get("final_val_loss"),
+                "tokens_per_s": summary.get("tokens_per_s"),
+                "peak_memory_mb": summary.get("peak_memory_mb"),
+                "step_time_ms": summary.get("step_time_ms"),
+                "optimizer_ms": summary.get("optimizer_ms"),
+            }
+        )
+        print(rows[-1], flush=True)
+    return {"task": task, "autocast": "bf16" if device == "cuda" else "none", "runs": rows}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    lines = [
+        f"# GPU check — {env.get('device')}",
+        "",
+        f"torch {env['torch']}, CUDA {env.get('torch_cuda')}, driver {env.get('driver', '-')}, "
+        f"python {env['python']}",
+        "",
+    ]
+    tests = report["cuda_tests"]
+    lines += ["## CUDA tests", "", f"`{tests.get('summary', tests.get('skipped'))}`", ""]
+    steps = report["optimizer_step"]
+    if "rows" in steps:
+        import optimizer_step
+
+        lines += ["## One optimizer step", "", optimizer_step.markdown(steps), ""]
+    train = report["training"]
+    lines += ["## Training (embedded pre-training task)", ""]
+    if "runs" in train:
+        keys = [
+            "optimizer",
+            "status",
+            "steps",
+            "seconds",
+            "final_val_loss",
+            "tokens_per_s",
+            "peak_memory_mb",
+            "step_time_ms",
+            "optimizer_ms",
+        ]
+        lines += [
+            f"Task: {train['task']}; autocast: {train['autocast']}",
+            "",
+            "| " + " | ".join(keys) + " |",
+            "|" + "---|" * len(keys),
+        ]
+        lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in train["runs"]]
+    else:
+        lines.append(train.get("skipped", ""))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json and gpu_check.md")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: checks the script itself")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "steps", "training"])
+    args = parser.parse_args()
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --dry-run to check the script on the CPU", file=sys.stderr)
+        return 2
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    report: dict[str, Any] = {"environment": environment()}
+    print(json.dumps(report["environment"], indent=2), flush=True)
+    sections = {
+        "tests": ("cuda_tests", cuda_tests),
+        "steps": ("optimizer_step", optimizer_steps),
+        "training": ("training", training),
+    }
+    for key, (name, fn) in sections.items():
+        if key in args.skip:
+            report[name] = {"skipped": "--skip"}
+            continue
+        started = time.perf_counter()
+        try:
+            report[name] = fn(device, args.dry_run) if key != "tests" else fn(args.dry_run)
+        except Exception as exc:  # one broken section must not lose the others' figures
+            report[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"section {key} failed: {exc!r}", file=sys.stderr)
+        print(f"== {key} took {time.perf_counter() - started:.1f}s", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+    (args.out / "gpu_check.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
