@@ -1,0 +1,33 @@
+"""The GPU check script runs end to end on the CPU in dry-run mode (so it works before a GPU is lent)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(tmp_path), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["environment"]["torch"]
+    assert "summary" in report["cuda_tests"], report["cuda_tests"]
+    shapes = {row["shape"] for row in report["optimizer_step"]["rows"]}
+    optimizers = {row["optimizer"] for row in report["optimizer_step"]["rows"]}
+    assert shapes == {"16x16", "16x48", "16x64", "64x16"}
+    assert optimizers == {"adamw", "soap", "dykaf", "dykaf-rank1", "muon"}
+    runs = report["training"]["runs"]
+    assert [r["optimizer"] for r in runs] == ["adamw", "soap", "dykaf"]
+    assert all(r["status"] == "succeeded" and r["final_val_loss"] > 0 for r in runs)
+    markdown = (tmp_path / "gpu_check.md").read_text()
+    assert "## One optimizer step" in markdown and "| dykaf |" in markdown
