@@ -14,6 +14,8 @@ from worker.lm.data import WindowBatches, validation_batches
 from worker.lm.tokenization import ByteTokenizer, encode_documents, train_bpe
 from worker.spec import CorpusSpec
 
+pytestmark = pytest.mark.usefixtures("data_roots")  # local paths confined to tmp_path
+
 
 def test_pydoc_corpus_split_is_deterministic_and_disjoint() -> None:
     spec = CorpusSpec(name="pydoc", max_chars=300_000)
@@ -33,7 +35,7 @@ def test_stdlib_code_corpus_is_python_source() -> None:
     assert any("def " in d for d in docs)
 
 
-def test_few_documents_split_inside_each(tmp_path: Path, data_roots: Path) -> None:  # noqa: F811
+def test_few_documents_split_inside_each(tmp_path: Path) -> None:
     path = tmp_path / "book.txt"
     path.write_text("".join(f"line {i}\n" for i in range(1000)), encoding="utf-8")
     train, val = split_documents(load_documents(CorpusSpec(name="file", path=str(path))), 0.2)
@@ -43,7 +45,7 @@ def test_few_documents_split_inside_each(tmp_path: Path, data_roots: Path) -> No
     assert 0.15 < len(val[0]) / (len(train[0]) + len(val[0])) < 0.25
 
 
-def test_jsonl_and_parquet_files(tmp_path: Path, data_roots: Path) -> None:  # noqa: F811
+def test_jsonl_and_parquet_files(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -57,7 +59,7 @@ def test_jsonl_and_parquet_files(tmp_path: Path, data_roots: Path) -> None:  # n
         load_documents(CorpusSpec(name="file", path=str(tmp_path / "d.jsonl")))
 
 
-def test_hf_dataset_from_local_directory(tmp_path: Path, data_roots: Path) -> None:  # noqa: F811
+def test_hf_dataset_from_local_directory(tmp_path: Path) -> None:
     folder = tmp_path / "ds"
     folder.mkdir()
     texts = [f"hf text {i}" for i in range(12)]

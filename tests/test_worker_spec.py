@@ -12,6 +12,8 @@ from tests.worker_support import data_roots, tiny_job  # noqa: F401  (fixture)
 from worker.paths import confine_path
 from worker.spec import MAX_RUNS_PER_JOB, MAX_STEPS, JobSpec, format_validation_error, task_schema
 
+pytestmark = pytest.mark.usefixtures("data_roots")  # local paths confined to tmp_path
+
 
 def _errors(data: dict) -> str:
     with pytest.raises(ValidationError) as info:
@@ -108,7 +110,7 @@ def test_registry_checks_names_and_hyperparameters() -> None:
     assert {"lr", "weight_decay"} <= set(run.hyperparameters)
 
 
-def test_paths_outside_data_roots_are_rejected(tmp_path: Path, data_roots: Path) -> None:  # noqa: F811
+def test_paths_outside_data_roots_are_rejected(tmp_path: Path) -> None:
     inside = tmp_path / "corpus.txt"
     inside.write_text("hello", encoding="utf-8")
     assert confine_path(str(inside)) == inside.resolve()

@@ -50,13 +50,23 @@ def _pretrain_data(corpus_json: str, tokenizer_json: str) -> tuple[TextTokenizer
     return tokenizer, encode_documents(tokenizer, train_docs), encode_documents(tokenizer, val_docs)
 
 
-@functools.lru_cache(maxsize=2)
+_FINETUNE_CACHE: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _finetune_tokens(
-    corpus_json: str, tokenizer_key: str, tokenizer: Any
+    corpus: CorpusSpec, model_ref: str, tokenizer: TextTokenizer
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    corpus = CorpusSpec.model_validate_json(corpus_json)
-    train_docs, val_docs = split_documents(load_documents(corpus), corpus.val_fraction)
-    return encode_documents(tokenizer, train_docs), encode_documents(tokenizer, val_docs)
+    """The corpus in the pretrained model's vocabulary, memoised per (corpus, model reference)."""
+    key = (corpus.model_dump_json(), model_ref)
+    if key not in _FINETUNE_CACHE:
+        train_docs, val_docs = split_documents(load_documents(corpus), corpus.val_fraction)
+        if len(_FINETUNE_CACHE) >= 2:
+            _FINETUNE_CACHE.clear()
+        _FINETUNE_CACHE[key] = (
+            encode_documents(tokenizer, train_docs),
+            encode_documents(tokenizer, val_docs),
+        )
+    return _FINETUNE_CACHE[key]
 
 
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
