@@ -42,20 +42,19 @@ def load_job_file(path: Path) -> Any:
 
     from worker.spec import format_validation_error, parse_job
 
-    err = Console(stderr=True)
+    # Plain echo, not rich: error lines must not be re-wrapped, users grep and copy them.
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        err.print(f"[red]{path}: not valid YAML[/red]\n{exc}")
+        typer.echo(f"{path}: not valid YAML\n{exc}", err=True)
         raise typer.Exit(2) from None
     if not isinstance(data, dict):
-        err.print(f"[red]{path}: expected a mapping with at least 'optimizers'[/red]")
+        typer.echo(f"{path}: expected a mapping with at least 'optimizers'", err=True)
         raise typer.Exit(2)
     try:
         return parse_job(data)
     except ValidationError as exc:
-        err.print(f"[red]{path}: invalid job file[/red]")
-        err.print(format_validation_error(exc), markup=False, highlight=False)
+        typer.echo(f"{path}: invalid job file\n{format_validation_error(exc)}", err=True)
         raise typer.Exit(2) from None
 
 
