@@ -30,19 +30,15 @@ WEB_DIR = Path(__file__).resolve().parents[1] / "web"
 
 
 def mount_web(app: FastAPI) -> None:
-    """Mount point for the dashboard (a later issue): ``web/static`` at ``/static`` when present.
+    """The dashboard (``server.web``): pages at ``/``, ``/new``, ``/jobs/{id}`` and ``/static/...``
+    from ``WEB_DIR`` (``web/templates``, ``web/static``); ``/jobs`` leads to the job list."""
+    from server import web
 
-    Templates will live in ``web/templates``; until the dashboard exists ``/`` points at the API docs.
-    """
-    static = WEB_DIR / "static"
-    if static.is_dir():
-        from fastapi.staticfiles import StaticFiles
+    web.install(app, WEB_DIR)
 
-        app.mount("/static", StaticFiles(directory=static), name="static")
-
-    @app.get("/", include_in_schema=False)
-    def root() -> RedirectResponse:
-        return RedirectResponse("/docs")
+    @app.get("/jobs", include_in_schema=False)
+    def jobs_index() -> RedirectResponse:
+        return RedirectResponse("/")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

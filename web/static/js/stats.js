@@ -1,0 +1,296 @@
+// Pure numeric helpers: smoothing, statistics, the per-optimizer summary, run-count preview and
+// client-side checks against the registry's hyperparameter schema. No DOM here (unit-tested).
+
+const finite = (v) => typeof v === 'number' && Number.isFinite(v);
+
+/**
+ * TensorBoard-style exponential moving average with bias correction; `weight` in [0, 1).
+ * Missing values (null/NaN) stay missing and do not advance the average.
+ */
+export function ema(values, weight) {
+  if (!(weight > 0)) return values.slice();
+  const out = new Array(values.length);
+  let last = 0;
+  let k = 0;
+  for (let i = 0; i < values.length; i += 1) {
+    const v = values[i];
+    if (!finite(v)) {
+      out[i] = null;
+      continue;
+    }
+    k += 1;
+    last = last * weight + (1 - weight) * v;
+    out[i] = last / (1 - weight ** k);
+  }
+  return out;
+}
+
+/** `{n, mean, std}` of the finite values (sample std; NaN when n < 2). */
+export function describe(values) {
+  const xs = values.filter(finite);
+  const n = xs.length;
+  if (n === 0) return { n: 0, mean: NaN, std: NaN };
+  const mean = xs.reduce((a, b) => a + b, 0) / n;
+  if (n < 2) return { n, mean, std: NaN };
+  const variance = xs.reduce((a, b) => a + (b - mean) ** 2, 0) / (n - 1);
+  return { n, mean, std: Math.sqrt(variance) };
+}
+
+/** Piecewise-linear y(x) for sorted `xs`; clamps outside the range; null when there is no data. */
+export function interpolator(xs, ys) {
+  const px = [];
+  const py = [];
+  for (let i = 0; i < xs.length; i += 1) {
+    if (finite(xs[i]) && finite(ys[i])) {
+      px.push(xs[i]);
+      py.push(ys[i]);
+    }
+  }
+  if (px.length === 0) return null;
+  return (x) => {
+    if (x <= px[0]) return py[0];
+    if (x >= px[px.length - 1]) return py[py.length - 1];
+    let lo = 0;
+    let hi = px.length - 1;
+    while (hi - lo > 1) {
+      const mid = (lo + hi) >> 1;
+      if (px[mid] <= x) lo = mid;
+      else hi = mid;
+    }
+    const t = (x - px[lo]) / (px[hi] - px[lo] || 1);
+    return py[lo] + t * (py[hi] - py[lo]);
+  };
+}
+
+/** Tokens consumed per optimizer step for a task spec. */
+export function tokensPerStep(task) {
+  if (!task) return null;
+  const b = Number(task.batch_size) || 0;
+  const c = Number(task.context) || 0;
+  const a = Number(task.grad_accum) || 1;
+  return b * c * a || null;
+}
+
+/** Number of runs a job spec expands to (mirror of worker.spec.JobSpec.run_count). */
+export function runCount(spec) {
+  const seeds = (spec.seeds || []).length;
+  const points = (spec.optimizers || []).reduce((acc, opt) => acc + sweepPoints(opt).length, 0);
+  if (spec.sweep_selection === 'first_seed') return points + (spec.optimizers || []).length * Math.max(0, seeds - 1);
+  return points * seeds;
+}
+
+/** Every combination of an optimizer's sweep values (keys sorted, like the server). */
+export function sweepPoints(opt) {
+  const sweep = opt.sweep || {};
+  const keys = Object.keys(sweep).sort();
+  if (keys.length === 0) return [{}];
+  let points = [{}];
+  for (const key of keys) {
+    const next = [];
+    for (const p of points) for (const v of sweep[key]) next.push({ ...p, [key]: v });
+    points = next;
+  }
+  return points;
+}
+
+function formatValue(v) {
+  if (typeof v === 'number' && !Number.isInteger(v)) return String(Number(v.toPrecision(6)));
+  return String(v);
+}
+
+/** Run labels the job will create, e.g. "adamw[lr=0.001]" (mirror of JobSpec._run). */
+export function runLabels(spec) {
+  const out = [];
+  const seeds = spec.seeds || [];
+  const stageSeeds = spec.sweep_selection === 'first_seed' ? seeds.slice(0, 1) : seeds;
+  for (const opt of spec.optimizers || []) {
+    const display = opt.label || opt.name;
+    for (const point of sweepPoints(opt)) {
+      const keys = Object.keys(point).sort();
+      const suffix = keys.map((k) => `${k}=${formatValue(point[k])}`).join(',');
+      const label = suffix ? `${display}[${suffix}]` : display;
+      for (const seed of stageSeeds) out.push(`${label} · seed ${seed}`);
+    }
+    if (spec.sweep_selection === 'first_seed') {
+      for (const seed of seeds.slice(1)) out.push(`${display}[best point] · seed ${seed}`);
+    }
+  }
+  return out;
+}
+
+/**
+ * Check one value against a schema entry. Accepts both the registry's snake_case bounds
+ * (`exclusive_minimum`) and JSON Schema's camelCase ones (`exclusiveMinimum`).
+ * Returns an error message or null.
+ */
+export function checkValue(schema, value) {
+  if (value === null || value === undefined) {
+    return schema.nullable || schema.optional ? null : 'a value is required';
+  }
+  const type = schema.type;
+  if (type === 'boolean') return typeof value === 'boolean' ? null : 'must be true or false';
+  if (type === 'string') {
+    if (schema.enum && !schema.enum.includes(value)) return `must be one of ${schema.enum.join(', ')}`;
+    return null;
+  }
+  if (type === 'number' || type === 'integer') {
+    if (typeof value !== 'number' || !Number.isFinite(value)) return 'must be a finite number';
+    if (type === 'integer' && !Number.isInteger(value)) return 'must be a whole number';
+    const min = schema.minimum;
+    const max = schema.maximum;
+    const xmin = schema.exclusive_minimum ?? schema.exclusiveMinimum;
+    const xmax = schema.exclusive_maximum ?? schema.exclusiveMaximum;
+    const parts = [];
+    if (finite(min)) parts.push(`≥ ${min}`);
+    if (finite(xmin)) parts.push(`> ${xmin}`);
+    if (finite(max)) parts.push(`≤ ${max}`);
+    if (finite(xmax)) parts.push(`< ${xmax}`);
+    const ok = (!finite(min) || value >= min) && (!finite(xmin) || value > xmin)
+      && (!finite(max) || value <= max) && (!finite(xmax) || value < xmax);
+    return ok ? null : `must be ${parts.join(' and ')}`;
+  }
+  return null;
+}
+
+/** A short range hint such as "(0, 10] · log" for a schema entry. */
+export function rangeHint(schema) {
+  const min = schema.minimum;
+  const max = schema.maximum;
+  const xmin = schema.exclusive_minimum ?? schema.exclusiveMinimum;
+  const xmax = schema.exclusive_maximum ?? schema.exclusiveMaximum;
+  if (![min, max, xmin, xmax].some(finite)) return schema.log_scale ? 'log scale' : '';
+  const left = finite(min) ? `[${min}` : finite(xmin) ? `(${xmin}` : '(−∞';
+  const right = finite(max) ? `${max}]` : finite(xmax) ? `${xmax})` : '∞)';
+  return `${left}, ${right}${schema.log_scale ? ' · log scale' : ''}`;
+}
+
+/**
+ * Parse a number typed by a person ("3e-4", "0.001"); '' gives undefined, junk gives NaN.
+ */
+export function parseNumber(text) {
+  const t = String(text ?? '').trim();
+  if (t === '') return undefined;
+  if (!/^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$/.test(t)) return NaN;
+  return Number(t);
+}
+
+/** "0, 1, 2" → [0, 1, 2]; returns {values, error}. */
+export function parseList(text, type = 'number') {
+  const parts = String(text ?? '').split(/[,\s]+/).map((p) => p.trim()).filter(Boolean);
+  const values = [];
+  for (const part of parts) {
+    if (type === 'string') {
+      values.push(part);
+      continue;
+    }
+    if (type === 'boolean') {
+      if (!['true', 'false'].includes(part.toLowerCase())) return { values, error: `"${part}" is not true/false` };
+      values.push(part.toLowerCase() === 'true');
+      continue;
+    }
+    const v = parseNumber(part);
+    if (!Number.isFinite(v)) return { values, error: `"${part}" is not a number` };
+    if (type === 'integer' && !Number.isInteger(v)) return { values, error: `"${part}" is not a whole number` };
+    values.push(v);
+  }
+  return { values, error: null };
+}
+
+// ---------------------------------------------------------------- per-optimizer summary
+
+const TERMINAL = new Set(['succeeded', 'failed', 'diverged', 'cancelled']);
+
+/** Summary columns: key, header, which direction is better, and whether it needs a target. */
+export const SUMMARY_COLUMNS = [
+  { key: 'finalVal', title: 'Final val loss', better: 'min', kind: 'stat' },
+  { key: 'bestVal', title: 'Best val loss', better: 'min', kind: 'stat' },
+  { key: 'stepsToTarget', title: 'Steps to target', better: 'min', kind: 'stat', target: true, digits: 0 },
+  { key: 'timeToTarget', title: 'Seconds to target', better: 'min', kind: 'stat', target: true, digits: 1 },
+  { key: 'speedupSteps', title: 'Speed-up vs AdamW (steps)', better: 'max', kind: 'ratio', target: true },
+  { key: 'speedupTime', title: 'Speed-up vs AdamW (time)', better: 'max', kind: 'ratio', target: true },
+  { key: 'stepTimeMs', title: 'Step time (ms)', better: 'min', kind: 'stat', digits: 1 },
+  { key: 'optShare', title: 'Optimizer time share', better: 'min', kind: 'percent' },
+  { key: 'peakMemoryMb', title: 'Peak memory (MB)', better: 'min', kind: 'stat', digits: 0 },
+  { key: 'tokensPerS', title: 'Tokens/s', better: 'max', kind: 'stat', digits: 0 },
+  { key: 'diverged', title: 'Runs diverged', better: 'min', kind: 'count' },
+];
+
+function pick(run, key) {
+  const v = run.summary ? run.summary[key] : undefined;
+  return finite(v) ? v : NaN;
+}
+
+/**
+ * One row per run label (an optimizer config; sweep points are separate labels), in run order.
+ * Statistics are across seeds over finished runs; steps/time to target over the seeds that
+ * reached it (`reached` counts them). Speed-ups compare mean steps (time) to target with the
+ * AdamW label that reached the target fastest.
+ */
+export function summarize(runs, { targetLoss = null } = {}) {
+  const groups = new Map();
+  for (const run of runs) {
+    if (!groups.has(run.label)) groups.set(run.label, { label: run.label, optimizer: run.optimizer, runs: [] });
+    groups.get(run.label).runs.push(run);
+  }
+  const rows = [];
+  for (const g of groups.values()) {
+    const ended = g.runs.filter((r) => TERMINAL.has(r.status));
+    const withSummary = ended.filter((r) => r.summary);
+    const reached = withSummary.filter((r) => finite(r.summary.steps_to_target));
+    const shares = withSummary.map((r) => pick(r, 'optimizer_ms') / pick(r, 'step_time_ms'));
+    rows.push({
+      label: g.label,
+      optimizer: g.optimizer,
+      total: g.runs.length,
+      ended: ended.length,
+      succeeded: ended.filter((r) => r.status === 'succeeded').length,
+      finalVal: describe(withSummary.map((r) => pick(r, 'final_val_loss'))),
+      bestVal: describe(withSummary.map((r) => pick(r, 'best_val_loss'))),
+      stepsToTarget: describe(reached.map((r) => pick(r, 'steps_to_target'))),
+      timeToTarget: describe(reached.map((r) => pick(r, 'time_to_target_s'))),
+      reached: reached.length,
+      stepTimeMs: describe(withSummary.map((r) => pick(r, 'step_time_ms'))),
+      optShare: describe(shares).mean,
+      peakMemoryMb: describe(withSummary.map((r) => pick(r, 'peak_memory_mb'))),
+      tokensPerS: describe(withSummary.map((r) => pick(r, 'tokens_per_s'))),
+      diverged: ended.filter((r) => r.status === 'diverged').length,
+      speedupSteps: NaN,
+      speedupTime: NaN,
+    });
+  }
+  if (targetLoss !== null && targetLoss !== undefined) {
+    const baselines = rows.filter((r) => r.optimizer === 'adamw' && r.stepsToTarget.n > 0);
+    baselines.sort((a, b) => a.stepsToTarget.mean - b.stepsToTarget.mean);
+    const base = baselines[0];
+    if (base) {
+      for (const row of rows) {
+        if (row.stepsToTarget.n > 0) row.speedupSteps = base.stepsToTarget.mean / row.stepsToTarget.mean;
+        if (row.timeToTarget.n > 0 && base.timeToTarget.n > 0) row.speedupTime = base.timeToTarget.mean / row.timeToTarget.mean;
+      }
+      for (const row of rows) row.baseline = row === base;
+    }
+  }
+  return rows;
+}
+
+/** The value compared for "best in column". */
+export function columnValue(row, column) {
+  const v = row[column.key];
+  if (column.kind === 'stat') return v && v.n > 0 ? v.mean : NaN;
+  if (column.kind === 'count') return row.ended > 0 ? v : NaN;
+  return finite(v) ? v : NaN;
+}
+
+/** For each column key, the set of labels holding the best value (ties all marked; needs ≥ 2 rows with values). */
+export function bestByColumn(rows, columns = SUMMARY_COLUMNS) {
+  const out = {};
+  for (const column of columns) {
+    const values = rows.map((r) => [r.label, columnValue(r, column)]).filter(([, v]) => finite(v));
+    out[column.key] = new Set();
+    if (values.length < 2) continue;
+    const best = column.better === 'max' ? Math.max(...values.map(([, v]) => v)) : Math.min(...values.map(([, v]) => v));
+    if (values.every(([, v]) => v === best)) continue; // nothing to distinguish
+    for (const [label, v] of values) if (v === best) out[column.key].add(label);
+  }
+  return out;
+}
