@@ -26,7 +26,7 @@ esac
 
 # Only the processes that write state need the data directory to be writable.
 if [ "${1:-}" = "dykaf-lab" ] && { [ "${2:-}" = "worker" ] || [ "${2:-}" = "api" ]; }; then
-    probe="$data_dir/checkpoints/.write-test-$(hostname)-$$"
+    probe="$data_dir/checkpoints/.write-test-$$"
     if ! ( : > "$probe" ) 2>/dev/null; then
         echo "entrypoint: $data_dir/checkpoints is not writable by uid $(id -u) gid $(id -g);" \
              "fix the owner of the shared directory or rebuild the image with --build-arg UID=/GID=" >&2
