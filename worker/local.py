@@ -192,8 +192,12 @@ def run_job(
     device: str | None = None,
     show_progress: bool = True,
     console: Any | None = None,
+    checkpoints: bool = True,
 ) -> JobOutcome:
-    """Run every run of ``job`` sequentially and write the CSVs and the plot into ``out_dir``."""
+    """Run every run of ``job`` sequentially and write the CSVs and the plot into ``out_dir``.
+
+    ``checkpoints=False`` skips checkpoint files (and the ``model.pt`` exports) entirely.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -216,7 +220,7 @@ def run_job(
 
     def run_all(specs: list[RunSpec]) -> None:
         for spec in specs:
-            records.append(_run_one(spec, out, device, progress))
+            records.append(_run_one(spec, out, device, progress, checkpoints))
 
     with progress:
         run_all(job.expand())
@@ -249,7 +253,7 @@ def _nan_inf(value: float) -> float:
     return value if math.isfinite(value) else math.inf
 
 
-def _run_one(spec: RunSpec, out: Path, device: str | None, progress: Any) -> RunRecord:
+def _run_one(spec: RunSpec, out: Path, device: str | None, progress: Any, checkpoints: bool) -> RunRecord:
     static = {c: getattr(spec, c) for c in RUN_COLUMNS}
     fisher_path = out / "fisher.csv" if spec.task.fisher_every > 0 else None
     csv_sink = CsvSink(out / "steps.csv", fisher_path=fisher_path, static=static)
@@ -267,7 +271,13 @@ def _run_one(spec: RunSpec, out: Path, device: str | None, progress: Any) -> Run
 
     sink = MultiSink(csv_sink, memory)
     try:
-        result = execute_run(spec, sink, checkpoint_dir=checkpoint_dir, device=device, progress=on_step)
+        result = execute_run(
+            spec,
+            sink,
+            checkpoint_dir=checkpoint_dir if checkpoints else None,
+            device=device,
+            progress=on_step,
+        )
     finally:
         csv_sink.close()
     status = result.status if result.status == "succeeded" else f"{result.status}: {result.reason}"

@@ -198,7 +198,9 @@ class TaskSpec(StrictModel):
 
 
 def _scalar(value: Any) -> Any:
-    """Hyperparameter values are finite numbers, booleans or short strings; nothing nested."""
+    """Hyperparameter values are finite numbers, booleans, short strings or null; nothing nested."""
+    if value is None:
+        return value
     if isinstance(value, bool | str):
         if isinstance(value, str) and len(value) > 200:
             raise ValueError("string values are limited to 200 characters")
@@ -207,11 +209,11 @@ def _scalar(value: Any) -> Any:
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
-    raise ValueError(f"must be a number, boolean or string, got {type(value).__name__}")
+    raise ValueError(f"must be a number, boolean, string or null, got {type(value).__name__}")
 
 
 HyperValue = Annotated[
-    Any, AfterValidator(_scalar), Field(json_schema_extra={"type": ["number", "boolean", "string"]})
+    Any, AfterValidator(_scalar), Field(json_schema_extra={"type": ["number", "boolean", "string", "null"]})
 ]
 
 

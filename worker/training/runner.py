@@ -216,8 +216,10 @@ class _Run:
         return self.tracker.wall_offset + time.perf_counter() - self.started
 
     def save(self) -> None:
+        """Checkpoint; the sink is flushed first so no checkpoint is ever ahead of stored metrics."""
         if self.checkpoint_dir is None:
             return
+        self.sink.flush()
         payload = {
             "fingerprint": spec_fingerprint(self.spec),
             "step": self.step,
@@ -350,7 +352,6 @@ class _Run:
         while self.step < t.steps:
             if self.should_cancel():
                 self.save()
-                self.sink.flush()
                 return self.result("cancelled", f"cancelled before step {self.step + 1}")
             self.step += 1
             is_eval = self.step % t.eval_every == 0 or self.step == t.steps

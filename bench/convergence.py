@@ -1,0 +1,184 @@
+"""Convergence benchmark: DyKAF vs SOAP vs AdamW vs Muon on the embedded pre-training task.
+
+Protocol (fixed before looking at any result, the same for every optimizer):
+- task: byte-level GPT (2 layers, width 128, 4 heads, context 64) on the Python documentation
+  topics, cosine schedule with warmup, gradient clipping at 1.0, CPU;
+- tuning: 3 learning rates per optimizer on seed 0 (equal budget), the one with the lowest final
+  validation loss is selected, then seeds 1 and 2 run at that point (``sweep_selection: first_seed``);
+- every other hyperparameter is the registry default;
+- report: final and best validation loss (mean ± std over the 3 seeds at the selected lr), steps and
+  training seconds to reach a target loss, step time split, peak memory.
+- the target loss is defined without favouring anyone: the highest (worst) mean final validation
+  loss among the selected configurations, i.e. the level every optimizer reaches; steps-to-target
+  then says who gets there first.
+
+Run (about 10-15 minutes on 2 CPU cores):
+    nice .venv/bin/python bench/convergence.py --out bench/results/convergence
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from worker.local import JobOutcome, RunRecord, run_job  # noqa: E402
+from worker.spec import JobSpec  # noqa: E402
+
+SWEEPS: dict[str, list[float]] = {
+    "adamw": [1e-3, 3e-3, 1e-2],
+    "soap": [1e-3, 3e-3, 1e-2],
+    "dykaf": [1e-3, 3e-3, 1e-2],
+    "muon": [0.01, 0.02, 0.05],
+}
+
+
+def build_job(steps: int, device: str) -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "name": "convergence",
+            "device": device,
+            "seeds": [0, 1, 2],
+            "sweep_selection": "first_seed",
+            "task": {
+                "kind": "pretrain",
+                "n_layer": 2,
+                "n_head": 4,
+                "d_model": 128,
+                "context": 64,
+                "batch_size": 8,
+                "steps": steps,
+                "warmup_steps": max(1, steps // 10),
+                "schedule": "cosine",
+                "min_lr_ratio": 0.1,
+                "grad_clip": 1.0,
+                "eval_every": max(1, steps // 10),
+                "eval_batches": 4,
+                "log_every": max(1, steps // 40),
+                "corpus": {"name": "pydoc"},
+                "tokenizer": {"kind": "byte"},
+            },
+            "optimizers": [{"name": name, "sweep": {"lr": lrs}} for name, lrs in SWEEPS.items()],
+        }
+    )
+
+
+def first_reach(record: RunRecord, target: float) -> tuple[float, float]:
+    """(step, training seconds) of the first evaluation at or below ``target``; NaN if never."""
+    for step, metrics, _ in record.curves.records:
+        if "val_loss" in metrics and metrics["val_loss"] <= target:
+            return float(step), float(metrics.get("train_time", math.nan))
+    return math.nan, math.nan
+
+
+def _ms(values: list[float], digits: int = 3) -> str:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "–"
+    std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return f"{statistics.fmean(finite):.{digits}f} ± {std:.{digits}f}"
+
+
+def report(outcome: JobOutcome, job: JobSpec, command: str, elapsed: float) -> str:
+    selected = outcome.selected
+    chosen = {group: [r for r in outcome.runs if r.spec.label == label] for group, label in selected.items()}
+    finals = {
+        g: statistics.fmean(r.result.summary.get("final_val_loss", math.nan) for r in runs)
+        for g, runs in chosen.items()
+    }
+    target = max(v for v in finals.values() if math.isfinite(v))
+    lines = [
+        "# Convergence benchmark: DyKAF vs SOAP vs AdamW vs Muon",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()} CPU, {platform.python_version()} Python; total wall time "
+        f"{elapsed / 60:.1f} min (2 cores shared with other jobs, so absolute times are noisy).",
+        "",
+        "Task: byte-level GPT, 2 layers, width 128, 4 heads, context 64, batch 8 sequences, "
+        f"{job.task.steps} steps, warmup {job.task.warmup_steps}, cosine to 0.1, clip 1.0; corpus: Python "
+        "documentation topics (`pydoc_data`), content-hash 90/10 split; validation on 32 fixed windows "
+        f"every {job.task.eval_every} steps. Same batches and initial weights per seed for every optimizer.",
+        "",
+        "Tuning: 3 learning rates per optimizer on seed 0 (equal budget), best final validation loss "
+        "selected, then seeds 1 and 2 at that lr. Other hyperparameters: registry defaults.",
+        "",
+        "## Learning-rate sweep (seed 0, final validation loss)",
+        "",
+        "| optimizer | " + " | ".join("lr" for _ in range(3)) + " | selected |",
+        "|---|---|---|---|---|",
+    ]
+    for group in selected:
+        cells = []
+        for record in (r for r in outcome.runs if r.spec.group == group and r.spec.seed == job.seeds[0]):
+            value = record.result.summary.get("final_val_loss", math.nan)
+            shown = f"{value:.3f}" if record.result.status == "succeeded" else record.result.status
+            cells.append(f"{record.spec.sweep_point['lr']:g}: {shown}")
+        lines.append(f"| {group} | " + " | ".join(cells) + f" | {selected[group]} |")
+    lines += [
+        "",
+        f"## Selected configurations, 3 seeds (target loss {target:.3f} = worst selected mean final loss)",
+        "",
+        "| optimizer | final val loss | best val loss | steps to target | train s to target "
+        "| step ms | optimizer ms | peak MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    order = sorted(chosen, key=lambda g: finals[g])
+    for group in order:
+        runs = chosen[group]
+        s = [r.result.summary for r in runs]
+        reach = [first_reach(r, target) for r in runs]
+        reached = sum(math.isfinite(step) for step, _ in reach)
+        lines.append(
+            f"| {selected[group]} | {_ms([x.get('final_val_loss', math.nan) for x in s])} "
+            f"| {_ms([x.get('best_val_loss', math.nan) for x in s])} "
+            f"| {_ms([step for step, _ in reach], 0)} ({reached}/{len(runs)}) "
+            f"| {_ms([sec for _, sec in reach], 1)} "
+            f"| {_ms([x.get('step_time_ms', math.nan) for x in s], 0)} "
+            f"| {_ms([x.get('optimizer_ms', math.nan) for x in s], 0)} "
+            f"| {max(x.get('peak_memory_mb', math.nan) for x in s):.0f} |"
+        )
+    statuses = [
+        f"{r.spec.run_key}: {r.result.status}" for r in outcome.runs if r.result.status != "succeeded"
+    ]
+    lines += [
+        "",
+        "Runs that did not succeed: " + (", ".join(statuses) if statuses else "none") + ".",
+        "",
+        "Per-step metrics: `steps.csv`, per-run summaries: `runs.csv`, aggregated: `summary.csv`, curves: "
+        "`curves.png` in the output directory.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "convergence")
+    parser.add_argument("--report", type=Path, default=ROOT / "bench" / "results" / "convergence.md")
+    args = parser.parse_args(argv)
+    job = build_job(args.steps, args.device)
+    started = time.perf_counter()
+    outcome = run_job(job, args.out, show_progress=sys.stderr.isatty(), checkpoints=False)
+    elapsed = time.perf_counter() - started
+    command = "nice .venv/bin/python bench/convergence.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    text = report(outcome, job, command.strip(), elapsed)
+    args.report.write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
