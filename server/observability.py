@@ -53,6 +53,19 @@ def metrics_payload(database_url: str) -> bytes:
     return generate_latest(REGISTRY) + generate_latest(registry)
 
 
+def route_template(scope: Scope) -> str:
+    """``/api/v1/jobs/{job_id}/metrics`` for ``/api/v1/jobs/7/metrics``: label values stay bounded.
+
+    Built from the matched path parameters (public ASGI scope data) rather than router internals;
+    unmatched paths (404s) share one label so scanners cannot blow up the series count.
+    """
+    if scope.get("route") is None:
+        return "unmatched"
+    params = {str(v): k for k, v in (scope.get("path_params") or {}).items()}
+    segments = [f"{{{params[seg]}}}" if seg in params else seg for seg in scope["path"].split("/")]
+    return "/".join(segments)
+
+
 class PrometheusMiddleware:
     """Counts and times requests by route template (``/api/v1/jobs/{job_id}``), not raw path."""
 
@@ -69,14 +82,10 @@ class PrometheusMiddleware:
         async def wrapped(message: Any) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-                route = scope.get("route")
-                path = getattr(route, "path", None) or "unmatched"
-                LATENCY.labels(scope["method"], path).observe(time.perf_counter() - start)
+                LATENCY.labels(scope["method"], route_template(scope)).observe(time.perf_counter() - start)
             await send(message)
 
         try:
             await self.app(scope, receive, wrapped)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            REQUESTS.labels(scope["method"], path, str(status["code"])).inc()
+            REQUESTS.labels(scope["method"], route_template(scope), str(status["code"])).inc()

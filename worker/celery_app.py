@@ -21,6 +21,9 @@ from server.core.config import Settings
 log = logging.getLogger(__name__)
 
 TASK_NAME = "dykaf.execute_run"
+# A publish gives up after about a second: the run stays queued without a task id and the
+# reconciler publishes it later, so an API request never hangs on a dead broker.
+PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.3, "interval_max": 0.5}
 QUEUES = ("gpu", "cpu")
 
 
@@ -78,7 +81,9 @@ def producer_app(settings: Settings) -> Celery:
 
 def enqueue_run(settings: Settings, run_id: int, queue: str) -> str:
     """Publish the task for one run; returns the Celery task id."""
-    result = producer_app(settings).send_task(TASK_NAME, args=[run_id], queue=queue)
+    result = producer_app(settings).send_task(
+        TASK_NAME, args=[run_id], queue=queue, retry=True, retry_policy=PUBLISH_RETRY
+    )
     return str(result.id)
 
 

@@ -23,6 +23,7 @@ import time
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
@@ -237,6 +238,14 @@ def device_label(spec_device: str, worker_device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _latest_checkpoint_step(directory: Path) -> int | None:
+    """Step of the newest checkpoint a new attempt will resume from (None: starts from scratch)."""
+    from worker.training.checkpoint import list_checkpoints
+
+    found = list_checkpoints(directory)
+    return found[-1][0] if found else None
+
+
 def _finite_summary(summary: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """JSON (and PostgreSQL's JSONB) has no NaN/inf: store them as null."""
     if summary is None:
@@ -283,6 +292,14 @@ def execute_claimed(claim: runs_crud.Claim, settings: Settings, *, device: str |
     heartbeat = Heartbeat(settings, claim, sink)
     heartbeat.start()
     checkpoint_dir = settings.checkpoint_root / str(claim.run_id)
+    resumed_from = _latest_checkpoint_step(checkpoint_dir)
+    if resumed_from is not None:
+        log.info(
+            "run %s attempt %d resumes from the checkpoint of step %d",
+            claim.run_id,
+            claim.attempt,
+            resumed_from,
+        )
     started = time.monotonic()
 
     def should_cancel() -> bool:
@@ -309,6 +326,8 @@ def execute_claimed(claim: runs_crud.Claim, settings: Settings, *, device: str |
         sink.close()
         status, reason = result.status, result.reason
         final_step, summary = result.final_step, _finite_summary(result.summary)
+        if summary is not None and resumed_from is not None:
+            summary["resumed_from_step"] = float(resumed_from)
     except Exception as exc:
         error = traceback.format_exc()
         reason = f"{type(exc).__name__}: {exc}"[:2000]
