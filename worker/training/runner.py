@@ -223,6 +223,8 @@ class _Run:
         payload = {
             "fingerprint": spec_fingerprint(self.spec),
             "step": self.step,
+            # Micro-batches consumed; batches are a pure function of (seed, position), see lm.data.
+            "data_position": self.step * self.task_spec.grad_accum,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -245,6 +247,11 @@ class _Run:
         _set_rng_state(payload["rng"], self.device)
         self.tracker.load(payload["tracker"])
         self.step = int(payload["step"])
+        if (
+            payload.get("data_position", self.step * self.task_spec.grad_accum)
+            != self.step * self.task_spec.grad_accum
+        ):
+            raise ValueError(f"checkpoint {path} has an inconsistent data position")
         log.info("resumed %s from %s (step %d)", self.spec.run_key, path.name, self.step)
         return True
 
