@@ -21,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
+import jinja2
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
@@ -104,7 +105,12 @@ class AssetStore:
 
 
 def media_type(path: Path) -> str:
-    known = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".json": "application/json"}
+    known = {
+        ".js": "text/javascript",
+        ".css": "text/css",
+        ".svg": "image/svg+xml",
+        ".json": "application/json",
+    }
     media = known.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return f"{media}; charset=utf-8" if media.startswith("text/") else media
 
@@ -126,7 +132,10 @@ def _security_headers() -> dict[str, str]:
 def create_web_router(web_dir: Path = WEB_DIR) -> APIRouter:
     """Pages at ``/``, ``/new``, ``/jobs/{id}``; assets at ``/static/...``; ``/api/v1/ui/job-specs``."""
     store = _store(Path(web_dir) / "static")
-    templates = Jinja2Templates(directory=str(Path(web_dir) / "templates"), autoescape=True)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(Path(web_dir) / "templates")), autoescape=True
+    )
+    templates = Jinja2Templates(env=env)
     templates.env.globals["static"] = store.url
     router = APIRouter(include_in_schema=False)
 

@@ -5,11 +5,11 @@ import { ema } from './stats.js';
 export const PALETTE = ['#0072B2', '#E69F00', '#009E73', '#D55E00', '#CC79A7', '#56B4E9', '#8C564B', '#332288', '#999933', '#882255', '#44AA99', '#555555'];
 
 export const METHOD_STYLE = {
-  optimal: { name: 'optimal Kronecker (floor)', color: '#222222', dash: 'dash' },
-  own: { name: 'own preconditioner', color: '#D55E00', dash: 'solid' },
-  dykaf: { name: 'DyKAF (shadow)', color: '#0072B2', dash: 'solid' },
-  dykaf_seq: { name: 'DyKAF sequential (shadow)', color: '#56B4E9', dash: 'dot' },
-  soap_shampoo: { name: 'SOAP/Shampoo EMA (shadow)', color: '#E69F00', dash: 'solid' },
+  optimal: { name: 'optimal (floor)', color: '#222222', dash: 'dash' },
+  own: { name: 'own', color: '#D55E00', dash: 'solid' },
+  dykaf: { name: 'DyKAF', color: '#0072B2', dash: 'solid' },
+  dykaf_seq: { name: 'DyKAF-seq', color: '#56B4E9', dash: 'dot' },
+  soap_shampoo: { name: 'SOAP/Shampoo', color: '#E69F00', dash: 'solid' },
 };
 const METHOD_ORDER = ['optimal', 'own', 'dykaf', 'dykaf_seq', 'soap_shampoo'];
 
@@ -165,7 +165,7 @@ export function fisherMethodTraces(means, { layer, metric, label }) {
   found.sort((a, b) => rank(a.method) - rank(b.method));
   return found.map((m) => {
     const style = METHOD_STYLE[m.method] || { name: m.method, color: '#777777', dash: 'solid' };
-    const name = m.method === 'own' ? `own (${plotlyText(label)})` : plotlyText(style.name);
+    const name = plotlyText(style.name);
     return {
       type: 'scatter',
       mode: m.step.length <= 40 ? 'lines+markers' : 'lines',
@@ -213,13 +213,15 @@ export function targetShapes(target, logY) {
   };
 }
 
-export function baseLayout({ title, xTitle, yTitle, logY = false, uirevision = 'keep', empty = null, height }) {
+export function baseLayout({ title, xTitle, yTitle, logY = false, uirevision = 'keep', empty = null, height, compact = false }) {
   const layout = {
-    title: { text: plotlyText(title), font: { size: 14 }, x: 0.01, xanchor: 'left' },
-    margin: { l: 58, r: 14, t: 34, b: 44 },
+    title: { text: plotlyText(title), font: { size: compact ? 13 : 14 }, x: 0.01, xanchor: 'left' },
+    margin: { l: 58, r: 14, t: 34, b: compact ? 30 : 44 },
     xaxis: { title: { text: plotlyText(xTitle), font: { size: 11 } }, zeroline: false, automargin: true },
     yaxis: { title: { text: plotlyText(yTitle), font: { size: 11 } }, type: logY ? 'log' : 'linear', zeroline: false, automargin: true },
-    legend: { orientation: 'h', y: -0.22, font: { size: 11 } },
+    legend: compact
+      ? { orientation: 'h', x: 0, y: -0.16, yanchor: 'top', font: { size: 10 } }
+      : { orientation: 'h', y: -0.22, font: { size: 11 } },
     hovermode: 'closest',
     uirevision,
     paper_bgcolor: '#ffffff',

@@ -16,7 +16,7 @@ export function initKeyBox() {
   const show = () => {
     const has = Boolean(getKey());
     input.value = '';
-    input.placeholder = has ? 'key saved ✓ (paste to replace)' : 'dykaf_…';
+    input.placeholder = has ? 'saved ✓ (paste to replace)' : 'dykaf_…';
     stateEl.textContent = '';
     form.dataset.hasKey = has ? '1' : '0';
   };

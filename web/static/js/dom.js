@@ -1,5 +1,5 @@
 // Tiny DOM helpers. Every piece of data reaches the page as a text node or an attribute value,
-// never as HTML: there is no innerHTML anywhere in the dashboard.
+// never as parsed HTML markup (no HTML-string sinks anywhere in the dashboard).
 
 /**
  * Create an element. `props`: class, text, dataset (object), on<event> (listener), attributes.

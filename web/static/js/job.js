@@ -166,16 +166,20 @@ function renderRuns(job) {
     h('tbody', {}, rows)));
 }
 
-function cellText(row, column) {
+function cellContent(row, column) {
   const v = row[column.key];
   switch (column.kind) {
     case 'stat': {
       const text = meanStd(v, column.digits ?? 3);
-      if (column.target && row.total) return v.n ? `${text} (${row.reached}/${row.ended} reached)` : (row.ended ? `not reached (0/${row.ended})` : '–');
-      return text;
+      if (!column.target) return text;
+      if (!row.ended) return '–';
+      if (!v.n) return ['not reached', h('div', { class: 'muted small', text: `0/${row.ended} seeds` })];
+      return [text, h('div', { class: 'muted small', text: `${row.reached}/${row.ended} seeds reached` })];
     }
     case 'ratio':
-      return row.baseline && column.key === 'speedupSteps' ? `${speedup(v)} (baseline)` : speedup(v);
+      return row.baseline && column.key === 'speedupSteps'
+        ? [speedup(v), h('div', { class: 'muted small', text: 'baseline' })]
+        : speedup(v);
     case 'percent':
       return percent(v, 1);
     case 'count':
@@ -201,7 +205,7 @@ function renderSummary(job) {
       h('td', {}, h('span', { class: 'swatch', style: { color: state.colors.get(row.label) }, text: '■ ' }), h('span', { text: row.label }),
         row.label !== row.optimizer ? h('div', { class: 'muted small', text: row.optimizer }) : null),
       h('td', { class: 'num', text: `${row.ended}/${row.total}` }),
-      columns.map((c) => h('td', { class: `num${best[c.key].has(row.label) ? ' best' : ''}`, dataset: { col: c.key }, text: cellText(row, c) }))))));
+      columns.map((c) => h('td', { class: `num${best[c.key].has(row.label) ? ' best' : ''}`, dataset: { col: c.key } }, cellContent(row, c)))))));
   const pending = rows.some((r) => r.ended < r.total);
   fill($('#summary-wrap'), table,
     pending ? h('p', { class: 'muted small', text: 'Runs still in progress are not counted yet; the table fills in as they finish.' }) : null);
@@ -283,11 +287,11 @@ async function renderFisher() {
       : fisherMethodTraces(state.fisher, { layer, metric, label });
     const titles = {
       kron_rel_err: `kron_rel_err — ${label}`,
-      precond_rel_err: 'precond_rel_err — own preconditioners',
+      precond_rel_err: 'precond_rel_err — each optimizer\'s own',
       diag_mass: `diag_mass — ${label}`,
     };
     const empty = traces.length ? null : (metric === 'precond_rel_err' ? 'No optimizer here exposes its preconditioner' : 'No values for this layer');
-    draws.push(draw(el, traces, baseLayout({ title: titles[metric], xTitle: 'step', yTitle: metric, empty, uirevision: label, height: 250 })));
+    draws.push(draw(el, traces, baseLayout({ title: titles[metric], xTitle: '', yTitle: metric, empty, uirevision: label, height: 290, compact: true })));
   }
   await Promise.all(draws);
 }

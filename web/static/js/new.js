@@ -36,6 +36,11 @@ function nullableInner(schema) {
   return rest.length === 1 && rest.length < schema.anyOf.length ? rest[0] : null;
 }
 
+/** Schema descriptions come from Python docstrings: drop reStructuredText double backquotes. */
+function clean(text) {
+  return text ? String(text).replace(/``/g, '') : text;
+}
+
 function humanize(key) {
   return key.replace(/_/g, ' ');
 }
@@ -82,7 +87,7 @@ function scalarField({ key, schema, loc, value, title, optional = false, hint })
   const container = h('div', { class: `field${kind === 'boolean' ? ' checkbox' : ''}` },
     kind === 'boolean' ? [input, h('label', { for: id, text: title || humanize(key) })] : [h('label', { for: id, text: title || humanize(key) }), input],
     range ? h('span', { class: 'range', text: range }) : null,
-    hint || schema.description || schema.help ? h('span', { class: 'hint', text: hint || schema.description || schema.help }) : null,
+    hint || schema.description || schema.help ? h('span', { class: 'hint', text: clean(hint || schema.description || schema.help) }) : null,
     error);
 
   const set = (v) => {
@@ -215,7 +220,7 @@ function objectFields(schema, defs, path, values, groups = null) {
   for (const [key, , sub, optional] of nested) {
     const loc = [...path, key];
     const subValues = values ? values[key] : undefined;
-    const legend = h('legend', { text: sub.title ? `${humanize(key)} — ${sub.description || sub.title}` : humanize(key) });
+    const legend = h('legend', { text: sub.description ? `${humanize(key)} — ${clean(sub.description)}` : humanize(key) });
     const body = h('div', {}, objectFields(sub, defs, loc, subValues || undefined));
     const fs = h('fieldset', { dataset: { loc: loc.join('.'), group: '1' } }, legend);
     if (optional) {
