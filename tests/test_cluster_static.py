@@ -10,7 +10,6 @@ the Dockerfile copies.
 
 from __future__ import annotations
 
-import fnmatch
 import http.server
 import os
 import re
@@ -753,7 +752,8 @@ def test_healthcheck_script(http_port: int) -> None:
 
     def probe(url: str) -> int:
         env = {**os.environ, "HEALTHCHECK_URL": url}
-        return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, timeout=30).returncode
+        done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, timeout=30)
+        return done.returncode
 
     assert probe(f"http://127.0.0.1:{http_port}/healthz") == 0
     assert probe(f"http://127.0.0.1:{http_port}/other") == 1
@@ -781,5 +781,6 @@ def test_cluster_doc_covers_the_operations() -> None:
         assert needed in doc, f"docs/cluster.md does not mention {needed}"
     # The service names the doc uses exist (worker-gpuN: the doc's example of adding a GPU).
     services = set(yaml.safe_load(COMPOSE.read_text())["services"])
-    named = set(re.findall(r"`(?:docker compose [^`]*?)((?:worker|api|migrate|postgres|redis|flower)[\w-]*)", doc))
+    service_ref = r"`docker compose [^`]*?\b((?:worker|api|migrate|postgres|redis|flower)[\w-]*)"
+    named = set(re.findall(service_ref, doc))
     assert {n for n in named if not re.fullmatch(r"worker-gpu\d+", n)} <= services, named
