@@ -62,7 +62,7 @@ class FisherMonitor:
         max_layers: int = DEFAULT_MAX_LAYERS,
         methods: Iterable[str] = SHADOW_METHODS,
         tol: float | None = None,
-        max_iter: int = 200,
+        max_iter: int = 100,
     ) -> None:
         self.model = model
         self.optimizer = optimizer

@@ -16,7 +16,13 @@ from torch import Tensor
 from dykaf.fisher import rows as names
 from dykaf.fisher.rows import FisherRow
 from dykaf.fisher.shadow import SHADOW_RULES, ShadowFactors
-from dykaf.fisher.weighted_fisher import WeightedFisher, relative_error, spectral, window_weights
+from dykaf.fisher.weighted_fisher import (
+    WeightedFisher,
+    full_precision,
+    relative_error,
+    spectral,
+    window_weights,
+)
 
 DEFAULT_WINDOW = 32
 DEFAULT_BETA = 0.95
@@ -58,8 +64,7 @@ class LayerProbe:
         beta: float = DEFAULT_BETA,
         methods: Iterable[str] = names.SHADOW_METHODS,
         tol: float | None = None,
-        max_iter: int = 200,
-        warm_start: bool = True,
+        max_iter: int = 100,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be ≥ 1, got {window}")
@@ -76,14 +81,12 @@ class LayerProbe:
         self.dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         self.tol = tol
         self.max_iter = max_iter
-        self.warm_start = warm_start
         self.shadows = {m: ShadowFactors(SHADOW_RULES[m]) for m in methods}
         self.ring: Tensor | None = None
         self.head = 0  # next slot to write
         self.count = 0  # filled slots
         self.observed = 0  # gradients seen in total
         self.last_power_iterations = 0
-        self._warm_right: Tensor | None = None
 
     # ------------------------------------------------------------------ per step
     @torch.no_grad()
@@ -118,6 +121,10 @@ class LayerProbe:
     @torch.no_grad()
     def metrics(self, own: OwnState | None = None) -> list[tuple[str, str, float]]:
         """``(method, metric, value)`` triples; undefined values (zero Fisher, no factors) are left out."""
+        with full_precision():
+            return self._metrics(own)
+
+    def _metrics(self, own: OwnState | None) -> list[tuple[str, str, float]]:
         fisher = self.fisher()
         latest = self.latest_grad()
         if fisher is None or latest is None:
@@ -141,9 +148,7 @@ class LayerProbe:
 
     def _optimal_metrics(self, fisher: WeightedFisher) -> list[tuple[str, str, float]]:
         """Floor: the best Kronecker product of H, and how diagonal H is in its eigenbasis."""
-        warm = self._warm_right if self.warm_start else None
-        opt = fisher.optimal_kronecker(tol=self.tol, max_iter=self.max_iter, init_right=warm)
-        self._warm_right = opt.right
+        opt = fisher.optimal_kronecker(tol=self.tol, max_iter=self.max_iter)
         self.last_power_iterations = opt.iterations
         rows, cols = self.shape
         _, mass = fisher.spectral_metrics(
