@@ -12,7 +12,7 @@ Protocol (fixed before looking at any result, the same for every optimizer):
   loss among the selected configurations, i.e. the level every optimizer reaches; steps-to-target
   then says who gets there first.
 
-Run (about 10-15 minutes on 2 CPU cores):
+Run (about 15 minutes on 2 idle CPU cores; much longer when they are shared):
     nice .venv/bin/python bench/convergence.py --out bench/results/convergence
 """
 
@@ -70,6 +70,12 @@ def build_job(steps: int, device: str) -> JobSpec:
     )
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def first_reach(record: RunRecord, target: float) -> tuple[float, float]:
     """(step, training seconds) of the first evaluation at or below ``target``; NaN if never."""
     for step, metrics, _ in record.curves.records:
@@ -99,7 +105,8 @@ def report(outcome: JobOutcome, job: JobSpec, command: str, elapsed: float) -> s
         "",
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()} CPU, {platform.python_version()} Python; total wall time "
-        f"{elapsed / 60:.1f} min (2 cores shared with other jobs, so absolute times are noisy).",
+        f"{elapsed / 60:.1f} min, {torch_threads()} torch thread(s) (2 cores shared with other jobs, so "
+        "absolute times are noisy; compare times within one table only).",
         "",
         "Task: byte-level GPT, 2 layers, width 128, 4 heads, context 64, batch 8 sequences, "
         f"{job.task.steps} steps, warmup {job.task.warmup_steps}, cosine to 0.1, clip 1.0; corpus: Python "
@@ -166,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "convergence")
     parser.add_argument("--report", type=Path, default=ROOT / "bench" / "results" / "convergence.md")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 is far faster on a shared, busy CPU)"
+    )
     args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     job = build_job(args.steps, args.device)
     started = time.perf_counter()
     outcome = run_job(job, args.out, show_progress=sys.stderr.isatty(), checkpoints=False)
