@@ -235,11 +235,12 @@ def run_job(
             }
             run_all(job.expand_selected(chosen))
         elif any(len(opt.sweep_points()) > 1 for opt in job.optimizers):
-            # Every point ran on every seed: select by the mean over seeds.
+            # Every point ran on every seed: select by the mean over seeds; a point that diverged or
+            # failed on any seed is not eligible (its mean would hide the failure).
             rows = summarize(records)
             for group in selected:
                 pool = [row for row in rows if row["group"] == group]
-                best = min(pool, key=lambda row: _nan_inf(row["final_val_loss_mean"]))
+                best = min(pool, key=_row_score)
                 selected[group] = best["label"]
 
     summary = summarize(records, selected)
@@ -249,8 +250,9 @@ def run_job(
     return JobOutcome(out_dir=out, runs=records, summary=summary, selected=selected)
 
 
-def _nan_inf(value: float) -> float:
-    return value if math.isfinite(value) else math.inf
+def _row_score(row: dict[str, Any]) -> float:
+    value = row["final_val_loss_mean"]
+    return value if row["succeeded"] == row["seeds"] and math.isfinite(value) else math.inf
 
 
 def _run_one(spec: RunSpec, out: Path, device: str | None, progress: Any, checkpoints: bool) -> RunRecord:
