@@ -101,7 +101,7 @@ def redis_prefix(redis_server: str) -> Iterator[str]:
 # --- settings ----------------------------------------------------------------------------------
 FAST = {
     "heartbeat_s": 0.25,
-    "stale_after_s": 4.0,
+    "stale_after_s": 6.0,
     "reconcile_every_s": 0.5,
     "flush_every_s": 0.25,
     "reconcile": False,

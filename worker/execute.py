@@ -206,7 +206,12 @@ class Heartbeat(threading.Thread):
         step = self.progress_step if self.progress_step is not None else self.sink.last_step
         with session_scope(self.settings.database_url) as session:
             owned, cancel = runs_crud.heartbeat(session, self.claim.run_id, self.claim.attempt, step)
-        if not owned:
+        if not owned and not self.lost.is_set():
+            log.warning(
+                "run %s attempt %d is no longer ours (requeued or ended elsewhere)",
+                self.claim.run_id,
+                self.claim.attempt,
+            )
             self.lost.set()
         if cancel:
             self.cancel.set()
@@ -261,13 +266,18 @@ def _finite_summary(summary: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 def run_task(run_id: int, settings: Settings, *, task_id: str | None = None) -> str:
     """Entry point of the Celery task; returns what happened (for logs and tests)."""
-    stale_before = utcnow() - timedelta(seconds=settings.stale_after_s)
+    # Heavy imports (torch, the model code) happen before the claim: between the claim and the
+    # first heartbeat there must be nothing slow, or a loaded machine makes the run look orphaned.
+    import worker.spec
+    import worker.training.runner  # noqa: F401
+
     with session_scope(settings.database_url) as session:
         from server.db.models import Run
 
         row = session.get(Run, run_id)
         spec_device = (row.spec or {}).get("device", "auto") if row is not None else "auto"
     device = device_label(spec_device, settings.worker_device)
+    stale_before = utcnow() - timedelta(seconds=settings.stale_after_s)
     with session_scope(settings.database_url) as session:
         claim = runs_crud.claim_run(
             session, run_id, worker=worker_name(), device=device, stale_before=stale_before
