@@ -223,6 +223,7 @@ export function baseLayout({ title, xTitle, yTitle, logY = false, uirevision = '
       ? { orientation: 'h', x: 0, y: -0.16, yanchor: 'top', font: { size: 10 } }
       : { orientation: 'h', y: -0.22, font: { size: 11 } },
     hovermode: 'closest',
+    showlegend: !empty,
     uirevision,
     paper_bgcolor: '#ffffff',
     plot_bgcolor: '#ffffff',

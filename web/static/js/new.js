@@ -296,9 +296,13 @@ function addCard(name, values = {}) {
     const record = register(scalarField({ key: hp, schema: hs, loc: loc('hyperparameters', hp), value: hp in hyper ? hyper[hp] : hs.default }));
     card.records.push(record);
     // Sweep values for this hyperparameter (a grid over all swept hyperparameters).
-    const sweepInput = h('input', { type: 'text', class: 'sweep', placeholder: 'sweep: values, comma-separated', 'aria-label': `${hp} sweep values` });
+    const sweepId = nextId('sweep');
+    const sweepInput = h('input', {
+      id: sweepId, type: 'text', class: 'sweep', placeholder: 'sweep: values, comma-separated',
+      'aria-label': `${hp} sweep values`, 'aria-describedby': `${sweepId}-error`,
+    });
     if (sweep[hp]) sweepInput.value = sweep[hp].join(', ');
-    const sweepError = h('div', { class: 'field-error' });
+    const sweepError = h('div', { class: 'field-error', id: `${sweepId}-error`, 'aria-live': 'polite' });
     const sweepRecord = {
       key: hp, loc: loc('sweep', hp), input: sweepInput, error: sweepError, container: null, kind: 'sweep',
       read: () => {

@@ -93,8 +93,24 @@ export function sweepPoints(opt) {
   return points;
 }
 
+/** Python's `f"{v:g}"` (6 significant digits), so preview labels match the server's run labels. */
+export function formatG(v) {
+  if (v === 0) return Object.is(v, -0) ? '-0' : '0';
+  if (!Number.isFinite(v)) return Number.isNaN(v) ? 'nan' : (v > 0 ? 'inf' : '-inf');
+  const [mantissa, expText] = v.toExponential(5).split('e');
+  const exp = Number(expText);
+  const strip = (t) => (t.includes('.') ? t.replace(/0+$/, '').replace(/\.$/, '') : t);
+  if (exp < -4 || exp >= 6) {
+    const sign = exp < 0 ? '-' : '+';
+    return `${strip(mantissa)}e${sign}${String(Math.abs(exp)).padStart(2, '0')}`;
+  }
+  return strip(v.toFixed(Math.max(0, 5 - exp)));
+}
+
 function formatValue(v) {
-  if (typeof v === 'number' && !Number.isInteger(v)) return String(Number(v.toPrecision(6)));
+  // The server formats floats with :g and ints/bools/strings with str() (True/False for booleans).
+  if (typeof v === 'boolean') return v ? 'True' : 'False';
+  if (typeof v === 'number' && !Number.isInteger(v)) return formatG(v);
   return String(v);
 }
 

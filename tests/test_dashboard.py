@@ -1,0 +1,575 @@
+"""The dashboard in a real browser: Debian's Chromium (Playwright) against a real uvicorn server and
+a real Celery worker (embedded mode: SQLite + the SQLAlchemy broker).
+
+Covered: the JS units against their Python counterparts; validation messages from the browser's
+own checks and from the API's 422; a job created from the form runs to ``succeeded`` while its
+page updates live, with the expected number of traces in the loss and Fisher charts; the three CSV
+downloads; cancelling a running job from the job list and deleting it from its page; a hostile job
+name stays text; the job list reconnects after the server restarts.
+
+Without /usr/bin/chromium the tests skip (and fail under ``DYKAF_REQUIRE_SERVICES=1``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, update
+
+from server.core.config import Settings
+from server.csv_export import FISHER_HEADER, METRICS_HEADER, SUMMARY_FIXED
+from server.db import migrate
+from server.db.models import FisherValue, Job, MetricPoint, Run
+from server.crud.metrics import insert_metrics
+from server.db.session import dispose_engines, get_engine, session_scope
+from tests.browser_support import (
+    ServerProcess,
+    create_api_key,
+    launch_chromium,
+    plotly_traces,
+    require_chromium,
+)
+from tests.conftest import FAST, WorkerProcess, tiny_job
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = ROOT / "docs" / "screenshots" / "job.png"
+TERMINAL = {"succeeded", "failed", "diverged", "cancelled"}
+XSS_NAME = "<img src=x onerror=window.__xss=1>"
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    server: ServerProcess
+    worker: WorkerProcess
+    key: str
+    root: Path
+
+    def api(self, method: str, path: str, body: Any = None, auth: bool = True) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if auth:
+            headers["Authorization"] = f"Bearer {self.key}"
+        req = urllib.request.Request(f"{self.server.url}/api/v1{path}", data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                raw = r.read()
+                return r.status, (json.loads(raw) if raw else None)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def get(self, path: str) -> Any:
+        status, body = self.api("GET", path, auth=False)
+        assert status == 200, (path, status, body)
+        return body
+
+    def wait_job(self, job_id: int, ok: Any, timeout: float = 150.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        job: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            job = self.get(f"/jobs/{job_id}")
+            if ok(job):
+                return job
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id}: condition not met in {timeout}s; last {job}\n{self.worker.log()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    return require_chromium()
+
+
+@pytest.fixture(scope="module")
+def stack(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("dashboard")
+    settings = Settings(data_dir=root / "lab", **FAST)
+    migrate.upgrade(settings.database_url)
+    key = create_api_key(settings.database_url)
+    server = ServerProcess(settings, root / "server.log").start()
+    worker = WorkerProcess(settings, root / "worker.log", "dash")
+    try:
+        yield Stack(settings, server, worker, key, root)
+    finally:
+        worker.stop()
+        server.stop()
+        dispose_engines()
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: str) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = launch_chromium(p)
+        yield b
+        b.close()
+
+
+def open_context(browser: Any, base_url: str, key: str | None) -> Any:
+    context = browser.new_context(
+        base_url=base_url, viewport={"width": 1366, "height": 900}, accept_downloads=True
+    )
+    if key:
+        context.add_init_script(f"localStorage.setItem('dykaf.apiKey', {json.dumps(key)})")
+    return context
+
+
+@pytest.fixture
+def page(browser: Any, stack: Stack) -> Iterator[Any]:
+    context = open_context(browser, stack.server.url, stack.key)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.set_default_timeout(20_000)
+    yield page
+    context.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
+# ---------------------------------------------------------------------------------------- units
+def test_js_units_match_python(page: Any, stack: Stack) -> None:
+    """stats.js (run count and labels, %g, range checks, EMA, summary) against the Python side."""
+    from dykaf.registry import all_schemas, optimizer_schema, validate_hyperparameters
+    from worker.spec import JobSpec
+
+    page.goto("/")
+    stats = "const m = await import('/static/js/stats.js');"
+
+    specs = [
+        tiny_job(seeds=(0, 1, 2)),
+        {**tiny_job(seeds=(0, 1)), "sweep_selection": "first_seed"},
+        {
+            **tiny_job(seeds=(5,)),
+            "optimizers": [
+                {"name": "adamw", "sweep": {"lr": [1e-5, 3e-4, 0.001], "beta2": [0.95, 0.999]}},
+                {"name": "dykaf", "label": "DyKAF fast", "sweep": {"precondition_1d": [True, False]}},
+                {"name": "muon", "sweep": {"lr": [0.02, 0.0125], "nesterov": [True]}},
+            ],
+        },
+    ]
+    for spec in specs:
+        js = page.evaluate(f"async (spec) => {{ {stats} return [m.runCount(spec), m.runLabels(spec)]; }}", spec)
+        parsed = JobSpec.model_validate(spec)
+        assert js[0] == parsed.run_count()
+        if parsed.sweep_selection == "all_seeds":
+            assert js[1] == [f"{r.label} · seed {r.seed}" for r in parsed.expand()]
+
+    values = [1e-5, 3e-4, 0.1 + 0.2, 123456.7, 1234567.0, -0.00012345678, 2.5, 1e21, 0.5]
+    got = page.evaluate(f"async (vs) => {{ {stats} return vs.map(m.formatG); }}", values)
+    assert got == [f"{v:g}" for v in values]
+
+    # Client-side range checks agree with the registry for every numeric hyperparameter.
+    cases = []
+    for schema in all_schemas():
+        for hp, entry in schema["hyperparameters"].items():
+            if entry["type"] not in ("number", "integer"):
+                continue
+            probes = {-1.0, 0.0, 0.5, 1.0, 2.5, 1e9}
+            for bound in ("minimum", "maximum", "exclusive_minimum", "exclusive_maximum"):
+                if bound in entry:
+                    probes |= {entry[bound], entry[bound] + 1e-9, entry[bound] - 1e-9}
+            cases += [(schema["name"], hp, v) for v in sorted(probes)]
+    verdicts = page.evaluate(
+        f"""async (cases) => {{ {stats}
+            const schemas = await (await fetch('/api/v1/optimizers')).json();
+            const by = Object.fromEntries(schemas.map((s) => [s.name, s.hyperparameters]));
+            return cases.map(([o, hp, v]) => m.checkValue(by[o][hp], v) === null);
+        }}""",
+        cases,
+    )
+    for (name, hp, value), ok_js in zip(cases, verdicts, strict=True):
+        try:
+            validate_hyperparameters(name, {hp: value})
+            ok_py = True
+        except ValueError:
+            ok_py = False
+        assert ok_js == ok_py, (name, hp, value, optimizer_schema(name)["hyperparameters"][hp])
+
+    # Bias-corrected EMA (TensorBoard's smoothing) with a missing value.
+    series = [1.0, 2.0, None, 4.0, 3.0]
+    weight = 0.6
+    expected: list[float | None] = []
+    last, k = 0.0, 0
+    for v in series:
+        if v is None:
+            expected.append(None)
+            continue
+        k += 1
+        last = last * weight + (1 - weight) * v
+        expected.append(last / (1 - weight**k))
+    got_ema = page.evaluate(f"async ([s, w]) => {{ {stats} return m.ema(s, w); }}", [series, weight])
+    assert [None if a is None else round(a, 12) for a in got_ema] == [
+        None if b is None else round(b, 12) for b in expected
+    ]
+
+    # Summary: mean ± sample std across seeds, target reached counts, speed-up vs AdamW, best marks.
+    def run(label: str, opt: str, status: str, **summary: float) -> dict[str, Any]:
+        return {"label": label, "optimizer": opt, "status": status, "summary": summary or None}
+
+    runs = [
+        run("adamw", "adamw", "succeeded", final_val_loss=3.0, best_val_loss=2.9, steps_to_target=100,
+            time_to_target_s=10, step_time_ms=10, optimizer_ms=2, peak_memory_mb=100, tokens_per_s=1000),
+        run("adamw", "adamw", "succeeded", final_val_loss=3.2, best_val_loss=3.1, steps_to_target=120,
+            time_to_target_s=12, step_time_ms=12, optimizer_ms=2, peak_memory_mb=100, tokens_per_s=900),
+        run("dykaf", "dykaf", "succeeded", final_val_loss=2.8, best_val_loss=2.7, steps_to_target=50,
+            time_to_target_s=8, step_time_ms=16, optimizer_ms=8, peak_memory_mb=140, tokens_per_s=700),
+        run("dykaf", "dykaf", "diverged"),
+        run("dykaf", "dykaf", "running"),
+    ]
+    rows, best = page.evaluate(
+        f"""async (runs) => {{ {stats}
+            const rows = m.summarize(runs, {{ targetLoss: 3.5 }});
+            const best = m.bestByColumn(rows);
+            return [rows, Object.fromEntries(Object.entries(best).map(([k, v]) => [k, [...v]]))];
+        }}""",
+        runs,
+    )
+    adamw, dykaf = rows
+    assert adamw["finalVal"]["n"] == 2 and math.isclose(adamw["finalVal"]["mean"], 3.1)
+    assert math.isclose(adamw["finalVal"]["std"], math.sqrt(0.02))
+    assert adamw["baseline"] and math.isclose(adamw["speedupSteps"], 1.0)
+    assert math.isclose(dykaf["speedupSteps"], 110 / 50) and math.isclose(dykaf["speedupTime"], 11 / 8)
+    assert dykaf["total"] == 3 and dykaf["ended"] == 2 and dykaf["diverged"] == 1 and dykaf["reached"] == 1
+    assert math.isclose(dykaf["optShare"], 0.5)
+    assert best["finalVal"] == ["dykaf"] and best["speedupSteps"] == ["dykaf"]
+    assert best["stepTimeMs"] == ["adamw"] and best["tokensPerS"] == ["adamw"] and best["diverged"] == ["adamw"]
+
+
+# ----------------------------------------------------------------------------------- new job
+def field(page: Any, loc: str) -> Any:
+    return page.locator(f'[data-loc="{loc}"]')
+
+
+def error_of(page: Any, loc: str) -> Any:
+    """The error message element of a field (the one its input's aria-describedby names)."""
+    described = field(page, loc).get_attribute("aria-describedby")
+    return page.locator(f"#{described}")
+
+
+TINY_TASK = {
+    "n_layer": "1",
+    "n_head": "2",
+    "d_model": "16",
+    "context": "16",
+    "batch_size": "4",
+    "steps": "30",
+    "warmup_steps": "2",
+    "eval_every": "10",
+    "eval_batches": "1",
+    "log_every": "1",
+    "fisher_every": "10",
+    "corpus.max_chars": "20000",
+}
+
+
+def fill_tiny_form(page: Any, name: str) -> None:
+    page.goto("/new")
+    page.wait_for_selector("body[data-form-ready='1']")
+    field(page, "name").fill(name)
+    field(page, "seeds").fill("0, 1")
+    field(page, "target_loss").fill("5.2")
+    field(page, "device").select_option("cpu")
+    for key, value in TINY_TASK.items():
+        field(page, f"task.{key}").fill(value)
+
+
+def test_validation_messages(page: Any) -> None:
+    fill_tiny_form(page, "validation")
+    assert page.locator(".opt-card").count() == 2
+    # Browser-side: a range check next to the field, and the submit is refused.
+    lr = field(page, "optimizers.0.hyperparameters.lr")
+    lr.fill("-1")
+    expect_text(error_of(page, "optimizers.0.hyperparameters.lr"), "> 0")
+    assert lr.get_attribute("aria-invalid") == "true"
+    field(page, "task.steps").fill("abc")
+    expect_text(error_of(page, "task.steps"), "not a number")
+    page.click("#submit")
+    expect_text(page.locator("#form-error"), "Fix the 2 highlighted fields")
+    assert "/new" in page.url
+    lr.fill("0.003")
+    field(page, "task.steps").fill("30")
+    assert error_of(page, "optimizers.0.hyperparameters.lr").inner_text() == ""
+    # Sweep values are checked too, and the preview counts the grid.
+    sweep = field(page, "optimizers.1.sweep.lr")
+    sweep.fill("0.001, 20")
+    expect_text(error_of(page, "optimizers.1.sweep.lr"), "20")
+    sweep.fill("0.001, 0.01")
+    expect_text(page.locator("#run-count"), "6")  # (1 + 2 sweep points) x 2 seeds
+    sweep.fill("")
+    expect_text(page.locator("#run-count"), "4")
+    # Server-side: a cross-field rule only the API knows (d_model divisible by n_head) comes back as
+    # a 422 whose loc names the task; the message lands in the task's section.
+    field(page, "task.n_head").fill("3")
+    page.click("#submit")
+    expect_text(page.locator('[data-group-loc="task"]'), "divisible by n_head")
+    assert "/new" in page.url
+    # A duplicate label is caught before submitting.
+    field(page, "task.n_head").fill("2")
+    page.select_option("#add-optimizer", "adamw")
+    page.click("#add-optimizer-button")
+    page.click("#submit")
+    expect_text(error_of(page, "optimizers.2.label"), "already used")
+
+
+def expect_text(locator: Any, text: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            last = locator.inner_text(timeout=1000)
+        except Exception:  # noqa: BLE001 - not attached yet
+            last = ""
+        if text in last:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} not found; last text {last!r}")
+
+
+def fisher_methods(stack: Stack, job: dict[str, Any], label: str, metric: str) -> dict[str, set[str]]:
+    run_ids = "&".join(f"run_id={r['id']}" for r in job["runs"] if r["label"] == label)
+    series = stack.get(f"/jobs/{job['id']}/fisher?metric={metric}&{run_ids}")["series"]
+    out: dict[str, set[str]] = {}
+    for s in series:
+        out.setdefault(s["layer"], set()).add(s["method"])
+    return out
+
+
+def test_form_job_runs_live_with_charts_and_downloads(page: Any, stack: Stack, browser: Any) -> None:
+    fill_tiny_form(page, "form job")
+    expect_text(page.locator("#run-count"), "4")
+    spec_preview = json.loads(page.locator("#spec-json").text_content())
+    assert spec_preview["seeds"] == [0, 1] and spec_preview["task"]["steps"] == 30
+    page.click("#submit")
+    page.wait_for_url(re.compile(r"/jobs/\d+$"))
+    job_id = int(page.url.rsplit("/", 1)[1])
+
+    # Live: the page shows the job running (or already further), then succeeded, without reloads.
+    page.wait_for_selector("#job-title .badge", timeout=30_000)
+    seen = set()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        status = page.get_attribute("#job-title .badge", "data-status")
+        seen.add(status)
+        if status in TERMINAL:
+            break
+        time.sleep(0.25)
+    assert status == "succeeded", (seen, stack.worker.log()[-3000:])
+    assert seen & {"queued", "running"}, seen
+    job = stack.get(f"/jobs/{job_id}")
+    assert [r["status"] for r in job["runs"]] == ["succeeded"] * 4
+
+    # Loss curves: per label a mean line and a min-max band across the two seeds.
+    page.wait_for_function(
+        "() => ['#chart-train', '#chart-val'].every((s) => { const el = document.querySelector(s); "
+        "return el && el.data && el.data.length === 4; })"
+    )
+    assert plotly_traces(page, "#chart-train") == 4 and plotly_traces(page, "#chart-val") == 4
+    roles = page.evaluate("document.querySelector('#chart-val').data.map((t) => [t.meta.role, t.meta.label])")
+    assert roles == [["band", "adamw"], ["mean", "adamw"], ["band", "dykaf"], ["mean", "dykaf"]]
+    val_steps = page.evaluate("document.querySelector('#chart-val').data[1].x")
+    assert val_steps == [0, 10, 20, 30]
+    # Individual seeds on demand: one more line per run.
+    page.check("#show-seeds")
+    page.wait_for_function("() => document.querySelector('#chart-train').data.length === 8")
+    # Tokens on the x-axis: batch 4 x context 16 tokens per step.
+    page.select_option("#x-axis", "tokens")
+    page.wait_for_function("() => document.querySelector('#chart-val').data[1].x[1] === 640")
+    page.select_option("#x-axis", "time")
+    page.wait_for_function(
+        "() => { const x = document.querySelector('#chart-val').data[1].x; return x[3] > x[1] && x[3] < 600; }"
+    )
+    page.check("#log-y")
+    page.wait_for_function("() => document.querySelector('#chart-train').layout.yaxis.type === 'log'")
+    assert page.evaluate("document.querySelector('#chart-train').layout.shapes[0].y0") == 5.2
+    page.uncheck("#show-seeds")
+    page.uncheck("#log-y")
+    page.select_option("#x-axis", "step")
+    page.wait_for_function("() => document.querySelector('#chart-train').data.length === 4")
+
+    # Fisher fidelity: one kron_rel_err trace per method measured on the selected label's runs.
+    expected = fisher_methods(stack, job, "dykaf", "kron_rel_err")
+    assert expected and all({"optimal", "own"} <= m for m in expected.values()), expected
+    for layer, methods in expected.items():
+        sel = f'[data-chart="fisher:kron_rel_err:{layer}"]'
+        page.wait_for_function(f"() => {{ const el = document.querySelector('{sel}'); return el && el.data; }}")
+        assert plotly_traces(page, sel) == len(methods), (layer, methods)
+        assert plotly_traces(page, f'[data-chart="fisher:precond_rel_err:{layer}"]') == 1  # only DyKAF has one
+        diag = fisher_methods(stack, job, "dykaf", "diag_mass")[layer]
+        assert plotly_traces(page, f'[data-chart="fisher:diag_mass:{layer}"]') == len(diag)
+    assert page.locator(".fisher-layer").count() == len(expected)
+    page.select_option("#fisher-label", "adamw")
+    adamw = fisher_methods(stack, job, "adamw", "kron_rel_err")
+    layer, methods = next(iter(adamw.items()))
+    assert "own" not in methods
+    page.wait_for_function(
+        f"() => document.querySelector('[data-chart=\"fisher:kron_rel_err:{layer}\"]').data.length === {len(methods)}"
+    )
+    page.select_option("#fisher-label", "dykaf")
+
+    # Summary and runs tables.
+    assert page.locator("#summary-table tbody tr").count() == 2
+    assert page.locator("#summary-table td.best").count() >= 1
+    assert page.locator("#runs-table tbody tr").count() == 4
+    assert page.locator("#runs-table tbody tr").first.get_attribute("data-status") == "succeeded"
+
+    # Downloads: with the key (fetched with Authorization, handed over as a blob) ...
+    with session_scope(stack.settings.database_url) as session:
+        n_metrics = session.scalar(
+            select(func.count()).select_from(MetricPoint).join(Run).where(Run.job_id == job_id)
+        )
+        n_fisher = session.scalar(
+            select(func.count()).select_from(FisherValue).join(Run).where(Run.job_id == job_id)
+        )
+    downloads = {}
+    for kind in ("metrics_csv", "summary_csv", "fisher_csv"):
+        with page.expect_download() as info:
+            page.click(f'[data-download="{kind}"]')
+        download = info.value
+        assert download.suggested_filename == f"job-{job_id}-{kind.replace('_csv', '')}.csv"
+        downloads[kind] = list(csv.reader(io.StringIO(Path(download.path()).read_text())))
+    assert tuple(downloads["metrics_csv"][0]) == METRICS_HEADER
+    assert len(downloads["metrics_csv"]) - 1 == n_metrics > 0
+    assert tuple(downloads["fisher_csv"][0]) == FISHER_HEADER
+    assert len(downloads["fisher_csv"]) - 1 == n_fisher > 0
+    assert tuple(downloads["summary_csv"][0][: len(SUMMARY_FIXED)]) == SUMMARY_FIXED
+    assert len(downloads["summary_csv"]) - 1 == 4
+    # ... and without a key (a plain link: the browser streams the file to disk).
+    context = open_context(browser, stack.server.url, None)
+    try:
+        anon = context.new_page()
+        anon.goto(f"/jobs/{job_id}")
+        anon.wait_for_selector("body[data-charts='ready']")
+        assert anon.locator("[data-action]").count() == 0  # no write actions without a key
+        with anon.expect_download() as info:
+            anon.click('[data-download="metrics_csv"]')
+        rows = list(csv.reader(io.StringIO(Path(info.value.path()).read_text())))
+        assert len(rows) - 1 == n_metrics
+    finally:
+        context.close()
+
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def test_cancel_from_job_list_then_delete(page: Any, stack: Stack) -> None:
+    spec = tiny_job(name="long job", steps=5000, seeds=(0,))
+    spec["optimizers"] = [{"name": "adamw"}]
+    spec["task"].update(eval_every=1000, fisher_every=0, checkpoint_every=0, log_every=5)
+    status, job = stack.api("POST", "/jobs", spec)
+    assert status == 201, job
+    job_id = job["id"]
+    stack.wait_job(job_id, lambda j: j["runs"][0]["status"] == "running" and j["runs"][0]["step"] > 0, timeout=90)
+
+    page.goto("/")
+    row = page.locator(f'tr[data-job-id="{job_id}"]')
+    expect_attr(row, "data-status", "running")
+    row.locator('[data-action="cancel"]').click()
+    expect_text(page.locator("#confirm-text"), "Cancel job")
+    page.click("#confirm-yes")
+    expect_attr(row, "data-status", "cancelled", timeout=30)
+    job = stack.get(f"/jobs/{job_id}")
+    assert job["status"] == "cancelled" and job["runs"][0]["step"] < 5000
+    assert job["runs"][0]["reason"]
+
+    # Status filter: the cancelled job is listed under "cancelled" and not under "succeeded".
+    page.select_option("#status-filter", "succeeded")
+    page.wait_for_function(f"() => !document.querySelector('tr[data-job-id=\"{job_id}\"]')")
+    page.select_option("#status-filter", "cancelled")
+    page.wait_for_selector(f'tr[data-job-id="{job_id}"]')
+    assert "status=cancelled" in page.url
+
+    # Delete from the job page, after confirming.
+    page.goto(f"/jobs/{job_id}")
+    page.click('[data-action="delete"]')
+    expect_text(page.locator("#confirm-text"), "cannot be undone")
+    page.click("#confirm-yes")
+    page.wait_for_url(re.compile(r"/$|/\?"))
+    status, _ = stack.api("GET", f"/jobs/{job_id}", auth=False)
+    assert status == 404
+
+
+def expect_attr(locator: Any, name: str, value: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = locator.get_attribute(name, timeout=1000)
+        except Exception:  # noqa: BLE001 - re-rendered between polls
+            last = None
+        if last == value:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{name} never became {value!r} (last {last!r})")
+
+
+def test_hostile_names_stay_text(page: Any, stack: Stack) -> None:
+    """Names are validated by the API, but older rows or other writers may hold anything: the
+    dashboard renders them as text everywhere (list, page title, tables, chart legends)."""
+    status, job = stack.api("POST", "/jobs", tiny_job(name="to be renamed", seeds=(0,)))
+    assert status == 201
+    job_id = job["id"]
+    stack.api("POST", f"/jobs/{job_id}/cancel")
+    label = "<b>bold</b><img src=y onerror=window.__xss=2>"
+    with session_scope(stack.settings.database_url) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(name=XSS_NAME))
+        session.execute(update(Run).where(Run.job_id == job_id, Run.label == "adamw").values(label=label))
+        run_id = session.scalar(select(Run.id).where(Run.job_id == job_id, Run.label == label))
+    # A few points so that the label reaches the chart legends too.
+    with get_engine(stack.settings.database_url).begin() as conn:
+        insert_metrics(conn, [(run_id, "train_loss", s, 5.0 - 0.1 * s, float(s)) for s in range(1, 6)])
+    page.goto("/")
+    page.wait_for_selector(f'tr[data-job-id="{job_id}"]')
+    assert page.locator(f'tr[data-job-id="{job_id}"] td.name a').inner_text() == XSS_NAME
+    page.goto(f"/jobs/{job_id}")
+    expect_text(page.locator("#job-title"), XSS_NAME)
+    expect_text(page.locator("#runs-table"), label)
+    page.wait_for_selector("body[data-charts='ready']")
+    assert XSS_NAME in page.title()
+    time.sleep(0.5)
+    assert page.evaluate("window.__xss") is None
+    assert page.locator("img").count() == 0
+    assert page.locator("b", has_text="bold").count() == 0
+    # Plotly draws the label literally in the legend (its pseudo-HTML is escaped).
+    page.wait_for_selector("#chart-train .legendtext")
+    assert label in page.locator("#chart-train .legendtext").all_text_contents()
+
+
+def test_job_list_reconnects_after_server_restart(browser: Any, stack: Stack) -> None:
+    server = ServerProcess(stack.settings, stack.root / "server2.log").start()
+    context = open_context(browser, server.url, None)
+    try:
+        page = context.new_page()
+        page.goto("/")
+        page.wait_for_selector("body[data-loaded='1']")
+        assert page.locator("tr[data-job-id]").count() >= 1
+        server.stop()
+        page.wait_for_selector("body[data-conn='offline']", timeout=30_000)
+        expect_text(page.locator("#conn-status"), "retrying")
+        expect_text(page.locator("#jobs-banner"), "Live updates paused")
+        server.start()
+        page.wait_for_selector("body[data-conn='online']", timeout=45_000)
+        page.wait_for_function("() => document.querySelector('#jobs-banner').children.length === 0")
+        # The empty state for a filter with no match.
+        page.fill("#name-filter", "no job has this name")
+        expect_text(page.locator("#jobs-state"), "No jobs match")
+    finally:
+        context.close()
+        server.stop()
+
+
+def test_missing_job_and_empty_states(page: Any, stack: Stack) -> None:
+    page.goto("/jobs/999999")
+    expect_text(page.locator("#job-root"), "Job 999999 not found")
