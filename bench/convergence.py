@@ -3,7 +3,7 @@
 Protocol (fixed before looking at any result, the same for every optimizer):
 - task: byte-level GPT (2 layers, width 128, 4 heads, context 64) on the Python documentation
   topics, cosine schedule with warmup, gradient clipping at 1.0, CPU;
-- tuning: 3 learning rates per optimizer on seed 0 (equal budget), the one with the lowest final
+- tuning: 5 learning rates per optimizer on seed 0 (equal budget), the one with the lowest final
   validation loss is selected, then seeds 1 and 2 run at that point (``sweep_selection: first_seed``);
 - every other hyperparameter is the registry default;
 - report: final and best validation loss (mean ± std over the 3 seeds at the selected lr), steps and
@@ -32,11 +32,13 @@ sys.path.insert(0, str(ROOT))
 from worker.local import JobOutcome, RunRecord, run_job  # noqa: E402
 from worker.spec import JobSpec  # noqa: E402
 
+# Five points, about half a decade apart, the same span for the three Adam-type methods; Muon's lr
+# is on another scale (orthogonalised updates), so its grid is centred on its usual default 0.02.
 SWEEPS: dict[str, list[float]] = {
-    "adamw": [1e-3, 3e-3, 1e-2],
-    "soap": [1e-3, 3e-3, 1e-2],
-    "dykaf": [1e-3, 3e-3, 1e-2],
-    "muon": [0.01, 0.02, 0.05],
+    "adamw": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+    "soap": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+    "dykaf": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+    "muon": [0.005, 0.01, 0.02, 0.05, 0.1],
 }
 
 
@@ -113,13 +115,14 @@ def report(outcome: JobOutcome, job: JobSpec, command: str, elapsed: float) -> s
         "documentation topics (`pydoc_data`), content-hash 90/10 split; validation on 32 fixed windows "
         f"every {job.task.eval_every} steps. Same batches and initial weights per seed for every optimizer.",
         "",
-        "Tuning: 3 learning rates per optimizer on seed 0 (equal budget), best final validation loss "
+        f"Tuning: {len(next(iter(SWEEPS.values())))} learning rates per optimizer on seed 0 (equal budget), "
+        "best final validation loss "
         "selected, then seeds 1 and 2 at that lr. Other hyperparameters: registry defaults.",
         "",
         "## Learning-rate sweep (seed 0, final validation loss)",
         "",
-        "| optimizer | " + " | ".join("lr" for _ in range(3)) + " | selected |",
-        "|---|---|---|---|---|",
+        "| optimizer | " + " | ".join("lr: loss" for _ in next(iter(SWEEPS.values()))) + " | selected |",
+        "|---|" + "---|" * (len(next(iter(SWEEPS.values()))) + 1),
     ]
     for group in selected:
         cells = []
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "convergence")
     parser.add_argument("--report", type=Path, default=ROOT / "bench" / "results" / "convergence.md")

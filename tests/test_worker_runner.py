@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.worker_support import optimizer_factory, tiny_job, tiny_task  # noqa: F401  (fixture)
+from tests.worker_support import tiny_job, tiny_task
 from worker.lm import data as lm_data
 from worker.spec import JobSpec, RunSpec
 from worker.training import checkpoint as ckpt
@@ -18,8 +18,6 @@ from worker.training import optim
 from worker.training.runner import execute_run
 from worker.training.schedule import lr_multiplier
 from worker.training.sinks import CsvSink, MemorySink
-
-pytestmark = pytest.mark.usefixtures("optimizer_factory")
 
 
 def _run(

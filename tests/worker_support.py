@@ -1,40 +1,10 @@
-"""Shared helpers for the worker tests: a tiny task, and the optimizer factory they train with.
-
-While ``dykaf.registry`` is not importable the runner's factory is replaced by plain torch optimizers
-(AdamW for "adamw", SGD for any other name), so the training-loop tests do not depend on it; once the
-registry exists the real path is exercised.
-"""
+"""Shared helpers for the worker tests: a tiny task and job, and confinement of local paths."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-import torch
-
-from worker.training import optim
-
-
-def registry_available() -> bool:
-    try:
-        import dykaf.registry  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _fallback(name: str, named: Any, hyper: Any, roles: Any) -> torch.optim.Optimizer:
-    params = [p for _, p in named]
-    lr = float(hyper.get("lr", 1e-3))
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=float(hyper.get("weight_decay", 0.0)))
-    return torch.optim.SGD(params, lr=lr, momentum=0.9)
-
-
-@pytest.fixture
-def optimizer_factory(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not registry_available():
-        monkeypatch.setattr(optim, "build_optimizer", _fallback)
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The single place where the runner gets its optimizer: the ``dykaf`` registry.
 
-Kept as its own tiny module so tests can substitute a factory while the registry is unavailable,
+Kept as its own tiny module so tests can wrap the factory (e.g. to observe initial weights),
 and so the runner never grows optimizer-specific code.
 """
 
