@@ -245,10 +245,11 @@ class WorkerProcess:
             self.proc.wait(timeout=10)
 
     def stop(self) -> None:
+        """Cold shutdown (SIGQUIT): at teardown no run is in progress, so no need to wait."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGQUIT)
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.kill()
         self._log.close()

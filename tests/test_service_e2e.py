@@ -1,6 +1,6 @@
 """End to end with real components: the API (TestClient over the real app), real ``celery worker``
 subprocesses, and either PostgreSQL + Redis (cluster mode) or SQLite + the SQLAlchemy broker
-(embedded mode).
+(embedded mode); ``any_settings`` runs each test on both.
 
 Covered: a job runs to ``succeeded`` with every metric and Fisher row stored once and exported in
 the CSVs; a worker killed with SIGKILL mid-run is replaced and the run resumes from its checkpoint
@@ -15,7 +15,6 @@ import time
 from collections import Counter
 from typing import Any
 
-import pytest
 from sqlalchemy import func, select
 
 from server.db.models import FisherValue, MetricPoint, Run
@@ -23,7 +22,7 @@ from server.db.session import session_scope
 from tests.conftest import tiny_job
 
 STEPS = 12
-STEPS_LONG = 400
+STEPS_LONG = 200
 # Metrics the runner logs at every step (log_every=1); val_loss/val_ppl come every eval_every=6.
 PER_STEP = {
     "train_loss",
@@ -80,9 +79,8 @@ def check_fisher(api: Any, job: dict[str, Any], steps: int) -> None:
         assert session.scalar(select(func.count()).select_from(FisherValue)) == len(fisher)
 
 
-@pytest.mark.parametrize("mode", ["cluster", "embedded"])
-def test_job_runs_to_success(mode: str, request: Any, api_factory: Any, worker_factory: Any) -> None:
-    settings = request.getfixturevalue("pg_settings" if mode == "cluster" else "sqlite_settings")
+def test_job_runs_to_success(any_settings: Any, api_factory: Any, worker_factory: Any) -> None:
+    settings = any_settings
     api = api_factory(settings)
     worker = worker_factory(settings)
     r = api.post("/jobs", json=tiny_job(seeds=(0, 1)))
@@ -117,18 +115,16 @@ def _wait_step(api: Any, job_id: int, run_index: int, min_step: int, timeout: fl
     raise AssertionError(f"run {run_index} of job {job_id} never reached step {min_step}")
 
 
-@pytest.mark.parametrize("mode", ["cluster", "embedded"])
 def test_killed_worker_is_replaced_and_the_run_resumes(
-    mode: str, request: Any, api_factory: Any, worker_factory: Any
+    any_settings: Any, api_factory: Any, worker_factory: Any
 ) -> None:
-    settings = request.getfixturevalue("pg_settings" if mode == "cluster" else "sqlite_settings")
-    settings = settings.with_(reconcile=True)
+    settings = any_settings.with_(reconcile=True)
     api = api_factory(settings)
-    body = tiny_job(steps=STEPS_LONG, seeds=(0,), checkpoint_every=20, eval_every=100, fisher_every=50)
+    body = tiny_job(steps=STEPS_LONG, seeds=(0,), checkpoint_every=10, eval_every=100, fisher_every=50)
     body["optimizers"] = body["optimizers"][:1]
     victim = worker_factory(settings, name="victim")
     job_id = api.post("/jobs", json=body).json()["id"]
-    _wait_step(api, job_id, 0, 45)  # past two checkpoints
+    _wait_step(api, job_id, 0, 25)  # past two checkpoints
     victim.kill()
     with session_scope(settings.database_url) as session:
         run = session.scalars(select(Run).where(Run.job_id == job_id)).one()
@@ -142,7 +138,8 @@ def test_killed_worker_is_replaced_and_the_run_resumes(
     assert run["attempt"] == 2 and run["step"] == STEPS_LONG
     # resumed from a checkpoint written before the kill, not from scratch
     resumed = run["summary"]["resumed_from_step"]
-    assert resumed % 20 == 0 and 20 <= resumed <= killed_at + 20, (resumed, killed_at)
+    # (killed_at is the last step the heartbeat reported, so it may lag the checkpoint a little)
+    assert resumed % 10 == 0 and max(20, killed_at - 10) <= resumed < STEPS_LONG, (resumed, killed_at)
     rows = list(csv.DictReader(io.StringIO(api.get(f"/jobs/{job_id}/metrics.csv").text)))
     train = sorted(int(r["step"]) for r in rows if r["name"] == "train_loss")
     assert train == list(range(1, STEPS_LONG + 1)), "gaps or duplicates after the resume"
@@ -152,9 +149,8 @@ def test_killed_worker_is_replaced_and_the_run_resumes(
     assert fisher == set(range(50, STEPS_LONG + 1, 50))
 
 
-@pytest.mark.parametrize("mode", ["cluster", "embedded"])
-def test_cancel_a_running_job(mode: str, request: Any, api_factory: Any, worker_factory: Any) -> None:
-    settings = request.getfixturevalue("pg_settings" if mode == "cluster" else "sqlite_settings")
+def test_cancel_a_running_job(any_settings: Any, api_factory: Any, worker_factory: Any) -> None:
+    settings = any_settings
     api = api_factory(settings)
     worker_factory(settings)
     body = tiny_job(steps=5000, seeds=(0,), eval_every=1000, fisher_every=0, checkpoint_every=0)
