@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import html
 import mimetypes
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -78,6 +79,13 @@ class AssetStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self._cache: dict[str, StaticAsset] = {}
+        self._lock = threading.Lock()
+
+    def warm(self, names: tuple[str, ...] = ("plotly.min.js",)) -> threading.Thread:
+        """Read and compress the big assets in the background, so the first page view doesn't."""
+        thread = threading.Thread(target=lambda: [self.get(n) for n in names], name="web-assets", daemon=True)
+        thread.start()
+        return thread
 
     def resolve(self, name: str) -> Path | None:
         if name == "plotly.min.js":
@@ -92,10 +100,13 @@ class AssetStore:
         asset = self._cache.get(name)
         if asset is not None:
             return asset
-        path = self.resolve(name)
-        if path is None:
-            return None
-        asset = self._cache[name] = StaticAsset(path)
+        with self._lock:  # one reader/compressor per file, however many requests arrive at once
+            asset = self._cache.get(name)
+            if asset is None:
+                path = self.resolve(name)
+                if path is None:
+                    return None
+                asset = self._cache[name] = StaticAsset(path)
         return asset
 
     def url(self, name: str) -> str:
@@ -212,3 +223,4 @@ def _store(static_dir: Path) -> AssetStore:
 def install(app: FastAPI, web_dir: Path = WEB_DIR) -> None:
     """Add the dashboard's routes to ``app`` (called by ``server.main.mount_web``)."""
     app.include_router(create_web_router(web_dir))
+    _store(Path(web_dir) / "static").warm()

@@ -39,11 +39,15 @@ def test_pages(api: Any, path: str, page: str, script: str) -> None:
     assert "cdn" not in r.text.lower()
 
 
-def test_job_page_loads_local_plotly_first(api: Any) -> None:
+def test_job_page_loads_local_plotly_in_parallel(api: Any) -> None:
+    """Plotly.js comes from this server, loads ``async`` (the page's module fetches the data
+    meanwhile), and the module graph is preloaded in one round."""
     text = api.client.get("/jobs/1").text
-    plotly = text.index("/static/plotly.min.js?v=")
-    module = text.index("/static/js/job.js?v=")
-    assert plotly < module and "defer" in text[plotly - 60 : plotly + 60]
+    tag = re.search(r'<script id="plotly-js" src="/static/plotly\.min\.js\?v=[0-9a-f]{16}" async>', text)
+    assert tag, text
+    for module in ("api", "dom", "format", "stats", "common", "charts"):
+        assert f'<link rel="modulepreload" href="/static/js/{module}.js">' in text
+    assert "charts.js" not in api.client.get("/new").text
 
 
 def test_plotly_served_from_the_plotly_package(api: Any) -> None:

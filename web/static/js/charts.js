@@ -245,8 +245,27 @@ export const PLOT_CONFIG = {
   toImageButtonOptions: { format: 'svg' },
 };
 
+let plotlyPromise = null;
+
+/** Resolves once Plotly.js (loaded with `async` by the page, in parallel with the data) has run. */
+export function plotlyReady() {
+  if (window.Plotly) return Promise.resolve(window.Plotly);
+  if (!plotlyPromise) {
+    plotlyPromise = new Promise((resolve, reject) => {
+      const script = document.getElementById('plotly-js');
+      if (!script) {
+        reject(new Error('the chart library (plotly.min.js) is not on this page'));
+        return;
+      }
+      script.addEventListener('load', () => resolve(window.Plotly));
+      script.addEventListener('error', () => reject(new Error('the chart library (plotly.min.js) did not load')));
+    });
+  }
+  return plotlyPromise;
+}
+
 /** Draw or update a chart; resolves when Plotly has rendered it. */
-export function draw(el, traces, layout) {
-  if (!window.Plotly) throw new Error('the chart library (plotly.min.js) did not load');
-  return window.Plotly.react(el, traces, layout, PLOT_CONFIG);
+export async function draw(el, traces, layout) {
+  const Plotly = await plotlyReady();
+  return Plotly.react(el, traces, layout, PLOT_CONFIG);
 }

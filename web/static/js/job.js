@@ -323,7 +323,7 @@ function chartError(err) {
   fill($('#job-banner'), banner('error', message, h('button', { type: 'button', class: 'small', text: 'Retry', onclick: () => refreshCharts(true) })));
 }
 
-async function refreshCharts(force = false) {
+async function refreshCharts(force = false, curves = null) {
   const job = state.job;
   if (!job) return;
   const key = JSON.stringify(state.view) + $('#fisher-label').value;
@@ -333,7 +333,7 @@ async function refreshCharts(force = false) {
   if (!due) return;
   const stepsDone = job.progress.steps_done;
   const status = job.status;
-  await Promise.all([fetchCurves(), fetchFisher()]);
+  await Promise.all([curves || fetchCurves(), fetchFisher()]);
   state.chartsFor = key;
   state.chartsStepsDone = stepsDone;
   state.chartsStatus = status;
@@ -344,6 +344,10 @@ async function refreshCharts(force = false) {
 // ------------------------------------------------------------------ polling
 
 async function tick() {
+  // On the first load the curves (which need nothing from the job) are fetched at the same time
+  // as the job itself.
+  const curves = state.job ? null : fetchCurves();
+  if (curves) curves.catch(() => {}); // awaited below; a failure is reported there
   let job;
   try {
     job = await get(`/jobs/${jobId}`);
@@ -365,7 +369,7 @@ async function tick() {
   ensureFisherLabels(job);
   if (first) fill($('#job-banner'));
   try {
-    await refreshCharts(first);
+    await refreshCharts(first, curves);
     if ($('#job-banner').dataset.kind === 'charts') fill($('#job-banner'));
   } catch (err) {
     if (err instanceof ApiError && err.offline) throw err;
@@ -428,7 +432,7 @@ function initControls() {
   for (const button of $$('[data-download]')) button.addEventListener('click', () => download(button));
   onKeyChange(() => state.job && renderHeader(state.job));
   window.addEventListener('beforeprint', () => {
-    for (const el of $$('.js-plotly-plot')) window.Plotly.Plots.resize(el);
+    if (window.Plotly) for (const el of $$('.js-plotly-plot')) window.Plotly.Plots.resize(el);
   });
 }
 
