@@ -1,0 +1,435 @@
+"""Cost of the Fisher-fidelity diagnostics (``dykaf.fisher``): per layer and per training step.
+
+Part 1 times one ``observe()`` (ring copy + one factor update per shadow method) and one report
+(all metrics, including an "own" DyKAF-like preconditioner) of a single probed layer for several
+layer shapes and window sizes, with peak extra memory. Part 2 puts this next to a training step of
+a small GPT-like model (4 × ``nn.TransformerEncoderLayer``, d=256, causal mask, AdamW): overhead =
+(observe per step + report / fisher_every) / training step.
+
+    python bench/fisher_cost.py --quick                 # CPU, a few minutes on 2 cores
+    python bench/fisher_cost.py --device cuda           # CUDA timings use torch.cuda.Event
+
+CPU peak memory is the rise of the process's resident high-water mark (VmHWM, reset through
+/proc/self/clear_refs). glibc returns blocks above its mmap threshold (at most 32 MiB) to the OS on
+free, so large temporaries are counted; smaller ones reused from the heap may not be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dykaf.fisher import FisherMonitor, LayerProbe
+from dykaf.fisher.weighted_fisher import spectral
+
+DEFAULT_FISHER_EVERY = 50
+MIB = 1024.0 * 1024.0
+
+
+# ---------------------------------------------------------------------------- timing and memory
+class Clock:
+    """Wall-clock seconds of a callable: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def time(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        begin = time.perf_counter()
+        fn()
+        return time.perf_counter() - begin
+
+
+def _hwm_mib() -> float | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def _current_rss_mib() -> float | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+@contextmanager
+def peak_extra_mib(device: torch.device, out: list[float | None]) -> Iterator[None]:
+    """Append the peak memory above the starting level reached inside the block (MiB, or None)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        yield
+        torch.cuda.synchronize()
+        out.append((torch.cuda.max_memory_allocated() - base) / MIB)
+        return
+    base = _current_rss_mib()
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        resettable = True
+    except OSError:
+        resettable = False
+    yield
+    peak = _hwm_mib()
+    out.append(None if not resettable or base is None or peak is None else max(0.0, peak - base))
+
+
+# ---------------------------------------------------------------------------- part 1: one layer
+def _gradient_source(rows: int, cols: int, device: torch.device, seed: int) -> Callable[[], Tensor]:
+    """Gradients from a 50/50 mixture of two Kronecker Fishers (``G = L Z R``): a Fisher that is
+    not exactly Kronecker, so the power iteration does real work."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    factors = [
+        (
+            torch.randn(rows, rows, generator=gen, device=device) / math.sqrt(rows),
+            torch.randn(cols, cols, generator=gen, device=device) / math.sqrt(cols),
+        )
+        for _ in range(2)
+    ]
+    state = {"t": 0}
+
+    def draw() -> Tensor:
+        state["t"] += 1
+        left, right = factors[state["t"] % 2]
+        return left @ torch.randn(rows, cols, generator=gen, device=device) @ right
+
+    return draw
+
+
+@dataclass
+class _FakeOwn:
+    """A DyKAF-like preconditioner state, so that reports include the "own" metrics' cost."""
+
+    left: Tensor
+    right: Tensor
+    left_basis: Tensor | None
+    right_basis: Tensor | None
+    second_moment: Tensor
+    matrix_shape: tuple[int, int]
+
+
+@dataclass
+class LayerCost:
+    shape: tuple[int, int]
+    window: int
+    observe_ms: float
+    observe_peak_mib: float | None
+    report_ms: float
+    report_peak_mib: float | None
+    state_mib: float
+    power_iterations: int
+    measured: bool = True
+
+    @staticmethod
+    def extrapolated(base: LayerCost, window: int) -> LayerCost:
+        """Estimate for a skipped window from a measured one of the same shape: report work is
+        linear in W (Gram norm W², eigh W⁰ aside); observe does not depend on W."""
+        rows, cols = base.shape
+        shadows_mib = 3 * (rows * rows + cols * cols) * 4 / MIB
+        return LayerCost(
+            shape=base.shape,
+            window=window,
+            observe_ms=base.observe_ms,
+            observe_peak_mib=None,
+            report_ms=base.report_ms * window / base.window,
+            report_peak_mib=None,
+            state_mib=window * rows * cols * 4 / MIB + shadows_mib,
+            power_iterations=0,
+            measured=False,
+        )
+
+
+def bench_layer(rows: int, cols: int, window: int, device: torch.device, repeats: int) -> LayerCost:
+    clock = Clock(device)
+    param = torch.zeros(rows, cols, device=device)
+    probe = LayerProbe(param, "bench", window=window, beta=0.95)
+    draw = _gradient_source(rows, cols, device, seed=rows + cols + window)
+    for _ in range(window):
+        probe.observe(draw())
+    observe_times: list[float] = []
+    observe_peaks: list[float | None] = []
+    for _ in range(max(3, repeats)):
+        grad = draw()
+        with peak_extra_mib(device, observe_peaks):
+            observe_times.append(clock.time(lambda g=grad: probe.observe(g)))
+    shadow = probe.shadows["dykaf"]
+    assert shadow.left is not None and shadow.right is not None
+    basis_l = spectral(shadow.left, rows, shadow.left).basis
+    basis_r = spectral(shadow.right, cols, shadow.right).basis
+    own = _FakeOwn(
+        shadow.left, shadow.right, basis_l, basis_r, torch.rand(rows, cols, device=device), (rows, cols)
+    )
+    report_times: list[float] = []
+    report_peaks: list[float | None] = []
+    for _ in range(repeats):
+        with peak_extra_mib(device, report_peaks):
+            report_times.append(clock.time(lambda: probe.report(0, own)))
+    state_bytes = 0 if probe.ring is None else probe.ring.numel() * probe.ring.element_size()
+    for s in probe.shadows.values():
+        for factor in (s.left, s.right):
+            state_bytes += 0 if factor is None else factor.numel() * factor.element_size()
+    return LayerCost(
+        shape=(rows, cols),
+        window=window,
+        observe_ms=1e3 * statistics.median(observe_times),
+        observe_peak_mib=_max_or_none(observe_peaks),
+        report_ms=1e3 * statistics.median(report_times),
+        report_peak_mib=_max_or_none(report_peaks),
+        state_mib=state_bytes / MIB,
+        power_iterations=probe.last_power_iterations,
+    )
+
+
+def _max_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
+# ---------------------------------------------------------------------------- part 2: training
+class TinyGPT(nn.Module):
+    """Decoder-only LM from ``nn.TransformerEncoderLayer`` blocks with a causal mask."""
+
+    def __init__(self, vocab: int, dim: int, layers: int, seq: int) -> None:
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab, dim)
+        self.pos_emb = nn.Parameter(torch.zeros(seq, dim))
+        block = nn.TransformerEncoderLayer(
+            dim, dim // 64, 4 * dim, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.layers = nn.TransformerEncoder(block, layers, enable_nested_tensor=False).layers
+        self.norm = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.tok_emb(tokens) + self.pos_emb[: tokens.shape[1]]
+        mask = self.mask[: tokens.shape[1], : tokens.shape[1]]
+        for layer in self.layers:
+            x = layer(x, src_mask=mask, is_causal=True)
+        return self.lm_head(self.norm(x))
+
+
+@dataclass
+class TrainingCost:
+    batch: int
+    seq: int
+    params_m: float
+    layers: list[str]
+    step_ms: float
+    step_with_observe_ms: float
+    observe_ms: float
+    report_ms: float
+    fisher_every: int
+
+    @property
+    def overhead_isolated(self) -> float:
+        return (self.observe_ms + self.report_ms / self.fisher_every) / self.step_ms
+
+    @property
+    def overhead_measured(self) -> float:
+        return (self.step_with_observe_ms - self.step_ms + self.report_ms / self.fisher_every) / self.step_ms
+
+
+def bench_training(
+    device: torch.device, batch: int, seq: int, steps: int, fisher_every: int, window: int
+) -> TrainingCost:
+    torch.manual_seed(0)
+    vocab = 512
+    model = TinyGPT(vocab, 256, 4, seq).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    monitor = FisherMonitor(model, optimizer, window=window)
+    clock = Clock(device)
+    data = torch.randint(0, vocab, (batch, seq + 1), device=device)
+
+    def train_step(observe: bool) -> None:
+        logits = model(data[:, :-1])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, vocab), data[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if observe:
+            monitor.observe()
+        optimizer.step()
+
+    for _ in range(max(3, window)):  # warm-up, and fills the window
+        train_step(observe=True)
+    plain, observed = [], []
+    block = max(2, steps // 4)
+    for _ in range(4):  # alternate blocks so that machine noise hits both alike
+        plain.append(clock.time(lambda: [train_step(False) for _ in range(block)]) / block)
+        observed.append(clock.time(lambda: [train_step(True) for _ in range(block)]) / block)
+    train_step(observe=False)
+    observe_times = [clock.time(monitor.observe) for _ in range(5)]
+    report_times = [clock.time(lambda: monitor.report(0)) for _ in range(2)]
+    return TrainingCost(
+        batch=batch,
+        seq=seq,
+        params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+        layers=[f"{name} {tuple(p.param.shape)}" for name, p in monitor.probes.items()],
+        step_ms=1e3 * statistics.median(plain),
+        step_with_observe_ms=1e3 * statistics.median(observed),
+        observe_ms=1e3 * statistics.median(observe_times),
+        report_ms=1e3 * statistics.median(report_times),
+        fisher_every=fisher_every,
+    )
+
+
+# ---------------------------------------------------------------------------- output
+def _fmt_mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def render(device: torch.device, command: str, layers: list[LayerCost], training: TrainingCost | None) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    lines = [
+        f"## Fisher diagnostics cost — {device.type} ({name})",
+        "",
+        f"Command: `{command}`  ",
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, float32, shadows: "
+        "soap_shampoo + dykaf + dykaf_seq; report includes an own (DyKAF-like) preconditioner.",
+        "",
+        "| layer | W | observe ms | observe peak MiB | report ms | report peak MiB | state MiB "
+        "| power iters |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in layers:
+        if c.measured:
+            lines.append(
+                f"| {c.shape[0]}×{c.shape[1]} | {c.window} | {c.observe_ms:.2f} "
+                f"| {_fmt_mib(c.observe_peak_mib)} | {c.report_ms:.1f} | {_fmt_mib(c.report_peak_mib)} "
+                f"| {c.state_mib:.1f} | {c.power_iterations} |"
+            )
+        else:
+            lines.append(
+                f"| {c.shape[0]}×{c.shape[1]} | {c.window} | (as above) | – "
+                f"| ≈{c.report_ms:.0f} (not run; ∝ W from W={_measured_window(layers, c.shape)}) | – "
+                f"| {c.state_mib:.1f} | – |"
+            )
+    if training is not None:
+        t = training
+        lines += [
+            "",
+            "Training step: TinyGPT (4 × TransformerEncoderLayer, d=256, causal, "
+            f"{t.params_m:.2f} M params), "
+            f"batch {t.batch} × {t.seq} tokens, AdamW; FisherMonitor(layers='auto', window=32) probes "
+            + ", ".join(t.layers)
+            + ".",
+            "",
+            "| step ms | step + observe ms | observe ms (isolated) | report ms | fisher_every | "
+            "overhead (isolated) | overhead (measured) |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {t.step_ms:.1f} | {t.step_with_observe_ms:.1f} | {t.observe_ms:.2f} | {t.report_ms:.1f} | "
+            f"{t.fisher_every} | {100 * t.overhead_isolated:.1f}% | {100 * t.overhead_measured:.1f}% |",
+            "",
+            "overhead = (observe per step + report / fisher_every) / plain step; *isolated* times observe() "
+            "alone, *measured* takes the difference of step times with and without observe().",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _measured_window(layers: list[LayerCost], shape: tuple[int, int]) -> int:
+    return max(c.window for c in layers if c.shape == shape and c.measured)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    parser.add_argument("--quick", action="store_true", help="one timed report per layer, short training")
+    parser.add_argument("--shapes", default="256x256,768x768,768x3072")
+    parser.add_argument("--windows", default="8,32,64")
+    parser.add_argument("--fisher-every", type=int, default=DEFAULT_FISHER_EVERY)
+    parser.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 32 on CUDA")
+    parser.add_argument("--seq", type=int, default=None, help="default 128 on CPU, 256 on CUDA")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--max-gmac",
+        type=float,
+        default=None,
+        help="skip (and extrapolate) layers whose one operator application W·mn(m+n) exceeds this many "
+        "GMAC; default 75 with --quick on CPU, else no limit",
+    )
+    parser.add_argument("--no-training", action="store_true", help="skip part 2")
+    parser.add_argument("--output", type=Path, default=None, help="also write the markdown here")
+    args = parser.parse_args(argv)
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    repeats = 1 if args.quick else 3
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    windows = [int(w) for w in args.windows.split(",")]
+
+    bench_layer(32, 16, 4, device, repeats=1)  # one-time library and allocator initialisation
+    max_gmac = args.max_gmac
+    if max_gmac is None and args.quick and device.type == "cpu":
+        max_gmac = 75.0
+    layers: list[LayerCost] = []
+    for rows, cols in shapes:
+        for window in windows:
+            measured = [c for c in layers if c.shape == (rows, cols)]
+            if max_gmac is not None and window * rows * cols * (rows + cols) > max_gmac * 1e9 and measured:
+                layers.append(LayerCost.extrapolated(measured[-1], window))
+                print(f"{rows}x{cols} W={window}: skipped (over --max-gmac), extrapolated", flush=True)
+                continue
+            cost = bench_layer(rows, cols, window, device, repeats)
+            print(
+                f"{rows}x{cols} W={window}: observe {cost.observe_ms:.2f} ms, report {cost.report_ms:.1f} ms "
+                f"({cost.power_iterations} power iterations)",
+                flush=True,
+            )
+            layers.append(cost)
+    training = None
+    if not args.no_training:
+        cuda = device.type == "cuda"
+        training = bench_training(
+            device,
+            batch=args.batch or (32 if cuda else 8),
+            seq=args.seq or (256 if cuda else 128),
+            steps=8 if args.quick else 40,
+            fisher_every=args.fisher_every,
+            window=32,
+        )
+    text = render(device, command, layers, training)
+    print(text)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
