@@ -201,7 +201,13 @@ class WorkerProcess:
     def __init__(
         self, settings: Any, log_path: Path, name: str, extra_env: dict[str, str] | None = None
     ) -> None:
-        env = {**os.environ, **settings.env(), "PYTHONPATH": str(ROOT), **(extra_env or {})}
+        env = {
+            **os.environ,
+            **settings.env(),
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            **(extra_env or {}),
+        }
         env.pop("DYKAF_REQUIRE_SERVICES", None)
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()

@@ -22,7 +22,7 @@ from server.db.session import session_scope
 from tests.conftest import tiny_job
 
 STEPS = 12
-STEPS_LONG = 200
+STEPS_LONG = 600
 # Metrics the runner logs at every step (log_every=1); val_loss/val_ppl come every eval_every=6.
 PER_STEP = {
     "train_loss",
@@ -120,7 +120,7 @@ def test_killed_worker_is_replaced_and_the_run_resumes(
 ) -> None:
     settings = any_settings.with_(reconcile=True)
     api = api_factory(settings)
-    body = tiny_job(steps=STEPS_LONG, seeds=(0,), checkpoint_every=10, eval_every=100, fisher_every=50)
+    body = tiny_job(steps=STEPS_LONG, seeds=(0,), checkpoint_every=10, eval_every=300, fisher_every=100)
     body["optimizers"] = body["optimizers"][:1]
     victim = worker_factory(settings, name="victim")
     job_id = api.post("/jobs", json=body).json()["id"]
@@ -146,7 +146,7 @@ def test_killed_worker_is_replaced_and_the_run_resumes(
     keys = Counter((r["name"], r["step"]) for r in rows)
     assert max(keys.values()) == 1
     fisher = {int(r["step"]) for r in csv.DictReader(io.StringIO(api.get(f"/jobs/{job_id}/fisher.csv").text))}
-    assert fisher == set(range(50, STEPS_LONG + 1, 50))
+    assert fisher == set(range(100, STEPS_LONG + 1, 100))
 
 
 def test_cancel_a_running_job(any_settings: Any, api_factory: Any, worker_factory: Any) -> None:

@@ -271,6 +271,13 @@ def run_task(run_id: int, settings: Settings, *, task_id: str | None = None) -> 
     import worker.spec
     import worker.training.runner  # noqa: F401
 
+    if SHUTDOWN.is_set():
+        # A message received while this worker drains for shutdown goes back to the broker
+        # unacknowledged, for another worker or the next start.
+        from celery.exceptions import Reject
+
+        raise Reject("worker is shutting down", requeue=True)
+
     with session_scope(settings.database_url) as session:
         from server.db.models import Run
 
