@@ -134,7 +134,13 @@ def populate(settings: Settings, points: int) -> tuple[int, int, int]:
             for layer in LAYERS:
                 for method in methods:
                     floor = 0.2 + 0.3 * math.exp(-step / 5000)
-                    extra = {"optimal": 0.0, "dykaf": 0.02, "dykaf_seq": 0.03, "soap_shampoo": 0.08, "own": 0.05}
+                    extra = {
+                        "optimal": 0.0,
+                        "dykaf": 0.02,
+                        "dykaf_seq": 0.03,
+                        "soap_shampoo": 0.08,
+                        "own": 0.05,
+                    }
                     fisher.append((run_id, step, layer, method, "kron_rel_err", floor + extra[method]))
                     fisher.append((run_id, step, layer, method, "diag_mass", 0.9 - extra[method]))
                 if "own" in methods:
@@ -166,8 +172,15 @@ def populate(settings: Settings, points: int) -> tuple[int, int, int]:
                 update(Run)
                 .where(Run.id == run_id)
                 .values(
-                    status="succeeded", step=steps, attempt=1, worker="bench@host", device="cuda:0",
-                    started_at=now, finished_at=now, run_seconds=steps * seconds, summary=summary,
+                    status="succeeded",
+                    step=steps,
+                    attempt=1,
+                    worker="bench@host",
+                    device="cuda:0",
+                    started_at=now,
+                    finished_at=now,
+                    run_seconds=steps * seconds,
+                    summary=summary,
                 )
             )
             jobs_crud.recompute_job(session, job_id)
@@ -176,6 +189,7 @@ def populate(settings: Settings, points: int) -> tuple[int, int, int]:
 
 MEASURE = """() => {
   const mark = performance.getEntriesByName('dykaf:charts-rendered')[0];
+  const at = (name) => { const m = performance.getEntriesByName(name)[0]; return m ? m.startTime : null; };
   const nav = performance.getEntriesByType('navigation')[0];
   const chart = performance.getEntriesByType('resource').filter(
     (r) => /\\/api\\/v1\\/jobs\\/\\d+\\/(metrics|fisher)\\?/.test(r.name));
@@ -183,6 +197,8 @@ MEASURE = """() => {
   const traces = [...document.querySelectorAll('.js-plotly-plot')].map((el) => el.data.length);
   return {
     rendered_ms: mark ? mark.startTime : null,
+    plotly_ready_ms: at('dykaf:plotly-ready'),
+    data_ready_ms: at('dykaf:data-ready'),
     dom_content_loaded_ms: nav ? nav.domContentLoadedEventEnd : null,
     chart_requests: chart.map((r) => ({ url: r.name.replace(location.origin, ''), bytes: r.encodedBodySize,
                                         decoded: r.decodedBodySize, ms: r.duration })),
@@ -216,6 +232,8 @@ def navigate(browser: Any, url: str) -> dict[str, Any]:
 def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
     times = [s["rendered_ms"] for s in samples]
     return {
+        "plotly_ready_ms": statistics.median(s["plotly_ready_ms"] for s in samples),
+        "data_ready_ms": statistics.median(s["data_ready_ms"] for s in samples),
         "median_ms": statistics.median(times),
         "min_ms": min(times),
         "max_ms": max(times),
@@ -225,7 +243,9 @@ def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--database-url", default="", help="default: SQLite in a temporary directory")
     parser.add_argument("--points", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=5)
@@ -243,9 +263,13 @@ def main() -> None:
         job_id, n_metrics, n_fisher = populate(settings, args.points)
         insert_s = time.perf_counter() - t0
         dispose_engines()
-        print(f"job {job_id}: {n_metrics:,} metric points, {n_fisher:,} Fisher rows ({insert_s:.1f} s)", flush=True)
+        print(
+            f"job {job_id}: {n_metrics:,} metric points, {n_fisher:,} Fisher rows ({insert_s:.1f} s)",
+            flush=True,
+        )
         server = ServerProcess(settings, Path(tmp) / "server.log")
         results: dict[str, Any] = {}
+        load_before = os.getloadavg()
         with sync_playwright() as p:
             browser = launch_chromium(p)
             try:
@@ -256,8 +280,11 @@ def main() -> None:
                         cold.append(navigate(browser, f"{server.url}/jobs/{job_id}"))
                     finally:
                         server.stop()
-                    print(f"cold server {i + 1}: {cold[-1]['rendered_ms']:.0f} ms, "
-                          f"{cold[-1]['chart_bytes'] / 1024:.0f} KiB", flush=True)
+                    print(
+                        f"cold server {i + 1}: {cold[-1]['rendered_ms']:.0f} ms, "
+                        f"{cold[-1]['chart_bytes'] / 1024:.0f} KiB",
+                        flush=True,
+                    )
                 server.start()
                 try:
                     warm = []
@@ -268,7 +295,10 @@ def main() -> None:
                     # cache for Plotly.js are warm (two priming visits, then the measured ones).
                     with tempfile.TemporaryDirectory(prefix="dykaf-profile-") as profile:
                         context = p.chromium.launch_persistent_context(
-                            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+                            profile,
+                            executable_path=CHROMIUM,
+                            headless=True,
+                            args=CHROMIUM_ARGS,
                             viewport={"width": 1366, "height": 900},
                         )
                         try:
@@ -277,7 +307,10 @@ def main() -> None:
                             returning = []
                             for i in range(args.repeats):
                                 returning.append(measure(context, f"{server.url}/jobs/{job_id}"))
-                                print(f"returning visitor {i + 1}: {returning[-1]['rendered_ms']:.0f} ms", flush=True)
+                                print(
+                                    f"returning visitor {i + 1}: {returning[-1]['rendered_ms']:.0f} ms",
+                                    flush=True,
+                                )
                         finally:
                             context.close()
                 finally:
@@ -292,7 +325,7 @@ def main() -> None:
             "cold": summarise(cold),
             "warm": summarise(warm),
             "returning": summarise(returning),
-            "loadavg": os.getloadavg(),
+            "loadavg": (load_before[0], os.getloadavg()[0]),
             "cpus": os.cpu_count(),
             "requests": cold[0]["chart_requests"],
             "page_bytes": cold[0]["page_bytes"],
@@ -330,23 +363,30 @@ def markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
         f"points and {r['fisher_rows']:,} Fisher rows, inserted with the server's batched insert in "
         f"{r['insert_s']:.0f} s. The page draws {r['charts']} charts with {r['traces']} traces.",
         "",
-        f"Load average while measuring: {', '.join(f'{x:.1f}' for x in r['loadavg'])} on {r['cpus']} CPUs "
-        "(the machine is shared; Plotly.js start-up is CPU-bound and scales with it).",
+        f"1-minute load average {r['loadavg'][0]:.1f} before and {r['loadavg'][1]:.1f} after measuring, on "
+        f"{r['cpus']} CPUs (the machine is shared with other test runs; Plotly.js start-up is CPU-bound and "
+        "slows down with it).",
         "",
         "Navigation start → every chart drawn (`dykaf:charts-rendered` mark), "
         f"{len(cold['samples_ms'])} navigations each:",
         "",
-        "| scenario | median | min | max | chart data on the wire | < 1.5 s and < 1 MB |",
-        "|---|---|---|---|---|---|",
-        f"| first visit, server just restarted (nothing cached anywhere) | {cold['median_ms']:.0f} ms | "
-        f"{cold['min_ms']:.0f} ms | {cold['max_ms']:.0f} ms | {cold['chart_bytes'] / 1024:.0f} KiB | "
-        f"{verdict(cold['median_ms'])} |",
-        f"| first visit, warm server (finished-job read cache hit) | {warm['median_ms']:.0f} ms | "
-        f"{warm['min_ms']:.0f} ms | {warm['max_ms']:.0f} ms | {warm['chart_bytes'] / 1024:.0f} KiB | "
-        f"{verdict(warm['median_ms'])} |",
-        f"| returning visitor (browser profile with HTTP + V8 code cache), warm server | "
-        f"{back['median_ms']:.0f} ms | {back['min_ms']:.0f} ms | {back['max_ms']:.0f} ms | "
-        f"{back['chart_bytes'] / 1024:.0f} KiB | {verdict(back['median_ms'])} |",
+        "| scenario | median | min | max | data ready | Plotly.js ready | chart data on the wire "
+        "| < 1.5 s and < 1 MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [
+        ("first visit, server just restarted (nothing cached anywhere)", cold),
+        ("first visit, warm server (finished-job read cache hit)", warm),
+        ("returning visitor (browser profile with HTTP + V8 code cache), warm server", back),
+    ]
+    for title, x in rows:
+        lines.append(
+            f"| {title} | **{x['median_ms']:.0f} ms** | {x['min_ms']:.0f} ms | {x['max_ms']:.0f} ms | "
+            f"{x['data_ready_ms']:.0f} ms | {x['plotly_ready_ms']:.0f} ms | "
+            f"{x['chart_bytes'] / 1024:.0f} KiB | "
+            f"{verdict(x['median_ms'])} |"
+        )
+    lines += [
         "",
         f"A first visit uses a fresh browser context (empty HTTP cache): the page, its modules and "
         f"Plotly.js (4.6 MB, served gzipped from the plotly package) come over the wire, "

@@ -56,9 +56,7 @@ def require_chromium() -> str:
 
 
 def launch_chromium(playwright: Any, **kwargs: Any) -> Any:
-    return playwright.chromium.launch(
-        executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, **kwargs
-    )
+    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, **kwargs)
 
 
 def free_port() -> int:
@@ -157,7 +155,8 @@ def plotly_traces(page: Any, selector: str) -> int:
     """Number of traces Plotly drew in the chart div matching ``selector`` (-1 if not a plot)."""
     return int(
         page.evaluate(
-            "(sel) => { const el = document.querySelector(sel); return el && el.data ? el.data.length : -1; }",
+            "(sel) => { const el = document.querySelector(sel); "
+            "return el && el.data ? el.data.length : -1; }",
             selector,
         )
     )

@@ -29,10 +29,10 @@ import pytest
 from sqlalchemy import func, select, update
 
 from server.core.config import Settings
+from server.crud.metrics import insert_metrics
 from server.csv_export import FISHER_HEADER, METRICS_HEADER, SUMMARY_FIXED
 from server.db import migrate
 from server.db.models import FisherValue, Job, MetricPoint, Run
-from server.crud.metrics import insert_metrics
 from server.db.session import dispose_engines, get_engine, session_scope
 from tests.browser_support import (
     ServerProcess,
@@ -62,7 +62,9 @@ class Stack:
         headers = {"Content-Type": "application/json"}
         if auth:
             headers["Authorization"] = f"Bearer {self.key}"
-        req = urllib.request.Request(f"{self.server.url}/api/v1{path}", data=data, headers=headers, method=method)
+        req = urllib.request.Request(
+            f"{self.server.url}/api/v1{path}", data=data, headers=headers, method=method
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 raw = r.read()
@@ -83,7 +85,9 @@ class Stack:
             if ok(job):
                 return job
             time.sleep(0.2)
-        raise AssertionError(f"job {job_id}: condition not met in {timeout}s; last {job}\n{self.worker.log()[-3000:]}")
+        raise AssertionError(
+            f"job {job_id}: condition not met in {timeout}s; last {job}\n{self.worker.log()[-3000:]}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +164,9 @@ def test_js_units_match_python(page: Any, stack: Stack) -> None:
         },
     ]
     for spec in specs:
-        js = page.evaluate(f"async (spec) => {{ {stats} return [m.runCount(spec), m.runLabels(spec)]; }}", spec)
+        js = page.evaluate(
+            f"async (spec) => {{ {stats} return [m.runCount(spec), m.runLabels(spec)]; }}", spec
+        )
         parsed = JobSpec.model_validate(spec)
         assert js[0] == parsed.run_count()
         if parsed.sweep_selection == "all_seeds":
@@ -219,12 +225,45 @@ def test_js_units_match_python(page: Any, stack: Stack) -> None:
         return {"label": label, "optimizer": opt, "status": status, "summary": summary or None}
 
     runs = [
-        run("adamw", "adamw", "succeeded", final_val_loss=3.0, best_val_loss=2.9, steps_to_target=100,
-            time_to_target_s=10, step_time_ms=10, optimizer_ms=2, peak_memory_mb=100, tokens_per_s=1000),
-        run("adamw", "adamw", "succeeded", final_val_loss=3.2, best_val_loss=3.1, steps_to_target=120,
-            time_to_target_s=12, step_time_ms=12, optimizer_ms=2, peak_memory_mb=100, tokens_per_s=900),
-        run("dykaf", "dykaf", "succeeded", final_val_loss=2.8, best_val_loss=2.7, steps_to_target=50,
-            time_to_target_s=8, step_time_ms=16, optimizer_ms=8, peak_memory_mb=140, tokens_per_s=700),
+        run(
+            "adamw",
+            "adamw",
+            "succeeded",
+            final_val_loss=3.0,
+            best_val_loss=2.9,
+            steps_to_target=100,
+            time_to_target_s=10,
+            step_time_ms=10,
+            optimizer_ms=2,
+            peak_memory_mb=100,
+            tokens_per_s=1000,
+        ),
+        run(
+            "adamw",
+            "adamw",
+            "succeeded",
+            final_val_loss=3.2,
+            best_val_loss=3.1,
+            steps_to_target=120,
+            time_to_target_s=12,
+            step_time_ms=12,
+            optimizer_ms=2,
+            peak_memory_mb=100,
+            tokens_per_s=900,
+        ),
+        run(
+            "dykaf",
+            "dykaf",
+            "succeeded",
+            final_val_loss=2.8,
+            best_val_loss=2.7,
+            steps_to_target=50,
+            time_to_target_s=8,
+            step_time_ms=16,
+            optimizer_ms=8,
+            peak_memory_mb=140,
+            tokens_per_s=700,
+        ),
         run("dykaf", "dykaf", "diverged"),
         run("dykaf", "dykaf", "running"),
     ]
@@ -244,7 +283,9 @@ def test_js_units_match_python(page: Any, stack: Stack) -> None:
     assert dykaf["total"] == 3 and dykaf["ended"] == 2 and dykaf["diverged"] == 1 and dykaf["reached"] == 1
     assert math.isclose(dykaf["optShare"], 0.5)
     assert best["finalVal"] == ["dykaf"] and best["speedupSteps"] == ["dykaf"]
-    assert best["stepTimeMs"] == ["adamw"] and best["tokensPerS"] == ["adamw"] and best["diverged"] == ["adamw"]
+    assert (
+        best["stepTimeMs"] == ["adamw"] and best["tokensPerS"] == ["adamw"] and best["diverged"] == ["adamw"]
+    )
 
 
 # ----------------------------------------------------------------------------------- new job
@@ -329,7 +370,7 @@ def expect_text(locator: Any, text: str, timeout: float = 20.0) -> None:
     while time.monotonic() < deadline:
         try:
             last = locator.inner_text(timeout=1000)
-        except Exception:  # noqa: BLE001 - not attached yet
+        except Exception:
             last = ""
         if text in last:
             return
@@ -388,7 +429,8 @@ def test_form_job_runs_live_with_charts_and_downloads(page: Any, stack: Stack, b
     page.wait_for_function("() => document.querySelector('#chart-val').data[1].x[1] === 640")
     page.select_option("#x-axis", "time")
     page.wait_for_function(
-        "() => { const x = document.querySelector('#chart-val').data[1].x; return x[3] > x[1] && x[3] < 600; }"
+        "() => { const x = document.querySelector('#chart-val').data[1].x; "
+        "return x[3] > x[1] && x[3] < 600; }"
     )
     page.check("#log-y")
     page.wait_for_function("() => document.querySelector('#chart-train').layout.yaxis.type === 'log'")
@@ -403,9 +445,13 @@ def test_form_job_runs_live_with_charts_and_downloads(page: Any, stack: Stack, b
     assert expected and all({"optimal", "own"} <= m for m in expected.values()), expected
     for layer, methods in expected.items():
         sel = f'[data-chart="fisher:kron_rel_err:{layer}"]'
-        page.wait_for_function(f"() => {{ const el = document.querySelector('{sel}'); return el && el.data; }}")
+        page.wait_for_function(
+            f"() => {{ const el = document.querySelector('{sel}'); return el && el.data; }}"
+        )
         assert plotly_traces(page, sel) == len(methods), (layer, methods)
-        assert plotly_traces(page, f'[data-chart="fisher:precond_rel_err:{layer}"]') == 1  # only DyKAF has one
+        assert (
+            plotly_traces(page, f'[data-chart="fisher:precond_rel_err:{layer}"]') == 1
+        )  # only DyKAF has one
         diag = fisher_methods(stack, job, "dykaf", "diag_mass")[layer]
         assert plotly_traces(page, f'[data-chart="fisher:diag_mass:{layer}"]') == len(diag)
     assert page.locator(".fisher-layer").count() == len(expected)
@@ -414,7 +460,8 @@ def test_form_job_runs_live_with_charts_and_downloads(page: Any, stack: Stack, b
     layer, methods = next(iter(adamw.items()))
     assert "own" not in methods
     page.wait_for_function(
-        f"() => document.querySelector('[data-chart=\"fisher:kron_rel_err:{layer}\"]').data.length === {len(methods)}"
+        f"() => document.querySelector('[data-chart=\"fisher:kron_rel_err:{layer}\"]')"
+        f".data.length === {len(methods)}"
     )
     page.select_option("#fisher-label", "dykaf")
 
@@ -451,7 +498,7 @@ def test_form_job_runs_live_with_charts_and_downloads(page: Any, stack: Stack, b
         anon = context.new_page()
         anon.goto(f"/jobs/{job_id}")
         anon.wait_for_selector("body[data-charts='ready']")
-        assert anon.locator("[data-action]").count() == 0  # no write actions without a key
+        assert anon.locator("button[data-action]").count() == 0  # no write actions without a key
         with anon.expect_download() as info:
             anon.click('[data-download="metrics_csv"]')
         rows = list(csv.reader(io.StringIO(Path(info.value.path()).read_text())))
@@ -464,6 +511,49 @@ def test_form_job_runs_live_with_charts_and_downloads(page: Any, stack: Stack, b
     page.screenshot(path=str(SCREENSHOT), full_page=True)
 
 
+def test_curves_grow_live(page: Any, stack: Stack) -> None:
+    """A running job's curves and progress follow the database without a reload. The job is
+    written directly (never enqueued), so the test controls exactly when points arrive."""
+    from server.crud import jobs as jobs_crud
+    from worker.spec import JobSpec
+
+    spec = JobSpec.model_validate({**tiny_job(name="live curves", seeds=(0,)), "device": "cpu"})
+    with session_scope(stack.settings.database_url) as session:
+        job = jobs_crud.create_job(session, spec, auto_queue="cpu")
+        job_id, run_id = job.id, job.runs[0].id
+        jobs_crud.lock_job(session, job_id)
+        session.execute(update(Run).where(Run.id == run_id).values(status="running", attempt=1, step=5))
+        jobs_crud.recompute_job(session, job_id)
+    engine = get_engine(stack.settings.database_url)
+
+    def points(lo: int, hi: int) -> None:
+        with engine.begin() as conn:
+            insert_metrics(
+                conn, [(run_id, "train_loss", s, 5.0 - 0.05 * s, float(s)) for s in range(lo, hi + 1)]
+            )
+        with session_scope(stack.settings.database_url) as session:
+            jobs_crud.lock_job(session, job_id)
+            session.execute(update(Run).where(Run.id == run_id).values(step=hi))
+
+    try:
+        points(1, 5)
+        page.goto(f"/jobs/{job_id}")
+        count = (
+            "() => { const d = document.querySelector('#chart-train').data; "
+            "return d && d.length === 1 ? d[0].x.length : -1; }"
+        )
+        page.wait_for_function(f"() => ({count})() === 5")
+        expect_text(page.locator("#job-progress"), "5/24 steps")
+        points(6, 9)
+        page.wait_for_function(f"() => ({count})() === 9", timeout=15_000)
+        expect_text(page.locator("#job-progress"), "9/24 steps")
+    finally:
+        with session_scope(stack.settings.database_url) as session:
+            jobs_crud.lock_job(session, job_id)
+            session.execute(update(Run).where(Run.job_id == job_id).values(status="cancelled", reason="test"))
+            jobs_crud.recompute_job(session, job_id)
+
+
 def test_cancel_from_job_list_then_delete(page: Any, stack: Stack) -> None:
     spec = tiny_job(name="long job", steps=5000, seeds=(0,))
     spec["optimizers"] = [{"name": "adamw"}]
@@ -471,7 +561,9 @@ def test_cancel_from_job_list_then_delete(page: Any, stack: Stack) -> None:
     status, job = stack.api("POST", "/jobs", spec)
     assert status == 201, job
     job_id = job["id"]
-    stack.wait_job(job_id, lambda j: j["runs"][0]["status"] == "running" and j["runs"][0]["step"] > 0, timeout=90)
+    stack.wait_job(
+        job_id, lambda j: j["runs"][0]["status"] == "running" and j["runs"][0]["step"] > 0, timeout=90
+    )
 
     page.goto("/")
     row = page.locator(f'tr[data-job-id="{job_id}"]')
@@ -507,7 +599,7 @@ def expect_attr(locator: Any, name: str, value: str, timeout: float = 20.0) -> N
     while time.monotonic() < deadline:
         try:
             last = locator.get_attribute(name, timeout=1000)
-        except Exception:  # noqa: BLE001 - re-rendered between polls
+        except Exception:
             last = None
         if last == value:
             return

@@ -220,7 +220,7 @@ export function baseLayout({ title, xTitle, yTitle, logY = false, uirevision = '
     xaxis: { title: { text: plotlyText(xTitle), font: { size: 11 } }, zeroline: false, automargin: true },
     yaxis: { title: { text: plotlyText(yTitle), font: { size: 11 } }, type: logY ? 'log' : 'linear', zeroline: false, automargin: true },
     legend: compact
-      ? { orientation: 'h', x: 0, y: -0.16, yanchor: 'top', font: { size: 10 } }
+      ? { orientation: 'h', x: 0, y: -0.2, yanchor: 'top', font: { size: 10 } }
       : { orientation: 'h', y: -0.22, font: { size: 11 } },
     hovermode: 'closest',
     showlegend: !empty,

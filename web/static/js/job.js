@@ -5,7 +5,7 @@
 import { ApiError, Poller, errorText, get, getKey } from './api.js';
 import {
   aggregateTraces, baseLayout, colorMap, draw, fisherLabelTraces, fisherLayers, fisherMeans,
-  fisherMethodTraces, seedTraces, targetShapes,
+  fisherMethodTraces, plotlyReady, seedTraces, targetShapes,
 } from './charts.js';
 import { ACTIVE, TERMINAL, connectionStatus, initKeyBox, jobActionButtons, onKeyChange, progressBar, statusBadge, toast } from './common.js';
 import { $, $$, banner, fill, h, stateBlock } from './dom.js';
@@ -136,7 +136,8 @@ function renderHeader(job) {
     else if (kind === 'rerun' && result && result.id) window.location.href = `/jobs/${result.id}`;
     else poller.now();
   });
-  fill($('#job-actions'), actions.length ? actions : (getKey() ? [] : h('span', { class: 'muted small no-print', text: 'Set an API key to cancel, rerun or delete.' })));
+  const copy = h('a', { class: 'button', href: `/new?from=${Number(job.id)}`, dataset: { action: 'copy' }, text: 'Edit as new job', title: 'Open the form with this job\'s spec' });
+  fill($('#job-actions'), copy, actions.length ? actions : h('span', { class: 'muted small no-print', text: 'Set an API key to cancel, rerun or delete.' }));
   fill($('#job-progress'), progressBar(job.progress, job.status),
     job.cancel_requested && ACTIVE.has(job.status) ? h('div', { class: 'muted small', text: 'Cancellation requested; runs stop at their next step.' }) : null,
     job.reason && job.status !== 'succeeded' ? h('div', { class: 'reason', text: job.reason }) : null,
@@ -334,6 +335,7 @@ async function refreshCharts(force = false, curves = null) {
   const stepsDone = job.progress.steps_done;
   const status = job.status;
   await Promise.all([curves || fetchCurves(), fetchFisher()]);
+  if (state.firstRender) performance.mark('dykaf:data-ready');
   state.chartsFor = key;
   state.chartsStepsDone = stepsDone;
   state.chartsStatus = status;
@@ -471,3 +473,5 @@ async function download(button) {
 initKeyBox();
 initControls();
 poller.start();
+// For the benchmark's breakdown: when Plotly.js (loading in parallel) has started up.
+plotlyReady().then(() => performance.mark('dykaf:plotly-ready'), () => {});
