@@ -133,28 +133,28 @@ def test_derived_job_status() -> None:
 
 # --- the metric sink ---------------------------------------------------------------------------------
 @pytest.fixture
-def metric_inserts(db: Any) -> Any:
-    """Every INSERT INTO metrics statement sent to the database during the test."""
+def commits(db: Any) -> Any:
+    """Transactions committed on the service engine during the test."""
     engine = get_engine(db.database_url)
-    statements: list[str] = []
+    seen: list[int] = []
 
-    def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if statement.lstrip().upper().startswith("INSERT INTO METRICS"):
-            statements.append(statement)
+    def on_commit(conn: Any) -> None:
+        seen.append(1)
 
-    event.listen(engine, "before_cursor_execute", before)
-    yield statements
-    event.remove(engine, "before_cursor_execute", before)
+    event.listen(engine, "commit", on_commit)
+    yield seen
+    event.remove(engine, "commit", on_commit)
 
 
-def test_sink_writes_in_batches_and_replays_are_idempotent(db: Any, metric_inserts: list[str]) -> None:
+def test_sink_writes_in_batches_and_replays_are_idempotent(db: Any, commits: list[int]) -> None:
     run_id = make_job(db).runs[0].id
     engine = get_engine(db.database_url)
+    commits.clear()
     sink = DatabaseSink(engine, run_id, flush_every_points=1000, flush_every_s=3600)
     for step in range(1, 301):
         sink.log_metrics(step, {"train_loss": 1.0 / step, "lr": 0.1, "grad_norm": float(step)}, step * 0.1)
     sink.close()
-    assert sink.flushes == 1 and len(metric_inserts) == 1  # 900 points, one statement
+    assert sink.flushes == 1 and len(commits) == 1  # 900 points, one transaction
     with session_scope(db.database_url) as session:
         assert session.scalar(select(func.count()).select_from(MetricPoint)) == 900
 

@@ -64,6 +64,8 @@ class Settings:
     # Downsampled metric reads return at most this many buckets per series (client may ask less).
     max_points_per_series: int = 5000
     default_points_per_series: int = 1000
+    # Downsampled reads of finished jobs kept in each API process (0 disables the cache).
+    read_cache_entries: int = 256
     # Queue of runs whose job says device "auto" (embedded workers consume both queues).
     auto_queue: str = "gpu"
     # Device a worker trains on (None = the job's choice; "cuda" when a GPU worker pins one).
@@ -98,6 +100,7 @@ class Settings:
             "flush_every_points": _env_int("DYKAF_FLUSH_EVERY_POINTS", cls.flush_every_points),
             "flush_every_s": _env_float("DYKAF_FLUSH_EVERY_S", cls.flush_every_s),
             "max_points_per_series": _env_int("DYKAF_MAX_POINTS_PER_SERIES", cls.max_points_per_series),
+            "read_cache_entries": _env_int("DYKAF_READ_CACHE_ENTRIES", cls.read_cache_entries),
             "worker_device": os.environ.get("DYKAF_WORKER_DEVICE") or None,
             "auto_queue": os.environ.get("DYKAF_AUTO_QUEUE") or "gpu",
             "reconcile": _env_bool("DYKAF_RECONCILE", cls.reconcile),
@@ -137,6 +140,7 @@ class Settings:
             "DYKAF_RECONCILE": "1" if self.reconcile else "0",
             "DYKAF_AUTO_QUEUE": self.auto_queue,
             "DYKAF_MAX_POINTS_PER_SERIES": str(self.max_points_per_series),
+            "DYKAF_READ_CACHE_ENTRIES": str(self.read_cache_entries),
         }
         if self.worker_device:
             out["DYKAF_WORKER_DEVICE"] = self.worker_device

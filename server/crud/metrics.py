@@ -1,10 +1,10 @@
 """Metric and Fisher rows: batched idempotent writes, downsampled and aggregated reads, streams.
 
-Writes go through one statement per flush: on PostgreSQL a single ``INSERT … SELECT FROM
-unnest(arrays) ON CONFLICT DO NOTHING`` (one round trip for any batch size, the planner sees five
-array parameters instead of 5×N placeholders), on SQLite ``executemany`` of ``INSERT … ON CONFLICT
-DO NOTHING`` in one transaction. The composite primary key turns a replayed point (redelivered
-task, resume from a checkpoint) into a no-op instead of a duplicate.
+Writes go through one transaction per flush: on PostgreSQL ``COPY`` (binary) into a temporary
+table and one ``INSERT … SELECT … ON CONFLICT DO NOTHING`` merge (measured ~1.6× the rate of a
+single ``INSERT … SELECT unnest(arrays)`` and ~15× one INSERT per point; see bench/service.py), on
+SQLite ``executemany`` of ``INSERT … ON CONFLICT DO NOTHING``. The composite primary key turns a
+replayed point (redelivered task, resume from a checkpoint) into a no-op instead of a duplicate.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Select, and_, func, literal_column, select, text
+from sqlalchemy import Connection, Select, and_, func, literal_column, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from server.db.models import FisherValue, MetricPoint, Run
@@ -22,18 +23,28 @@ from server.downsample import bucket_width, finite_or_none
 MetricRow = tuple[int, str, int, float | None, float]  # run_id, name, step, value, wall_time
 FisherRowT = tuple[int, int, str, str, str, float | None]  # run_id, step, layer, method, metric, value
 
-_PG_METRICS = text(
-    "INSERT INTO metrics (run_id, name, step, value, wall_time) "
-    "SELECT * FROM unnest(CAST(:run_id AS integer[]), CAST(:name AS varchar[]), "
-    "CAST(:step AS integer[]), CAST(:value AS double precision[]), "
-    "CAST(:wall_time AS double precision[])) ON CONFLICT DO NOTHING"
-)
-_PG_FISHER = text(
-    "INSERT INTO fisher (run_id, step, layer, method, metric, value) "
-    "SELECT * FROM unnest(CAST(:run_id AS integer[]), CAST(:step AS integer[]), "
-    "CAST(:layer AS varchar[]), CAST(:method AS varchar[]), CAST(:metric AS varchar[]), "
-    "CAST(:value AS double precision[])) ON CONFLICT DO NOTHING"
-)
+# PostgreSQL: COPY (binary) into a per-connection temporary table, then one merge statement in
+# primary-key order. COPY is the fastest way in; the merge gives ON CONFLICT semantics (COPY has
+# none) and the ordering turns index maintenance into mostly-sequential B-tree appends.
+_PG_LOADS = {
+    "metrics": (
+        "CREATE TEMP TABLE IF NOT EXISTS metrics_load (run_id integer, name varchar(100), step integer, "
+        "value double precision, wall_time double precision) ON COMMIT DELETE ROWS",
+        "COPY metrics_load (run_id, name, step, value, wall_time) FROM STDIN (FORMAT BINARY)",
+        ("int4", "varchar", "int4", "float8", "float8"),
+        "INSERT INTO metrics (run_id, name, step, value, wall_time) SELECT run_id, name, step, value, "
+        "wall_time FROM metrics_load ORDER BY run_id, name, step ON CONFLICT DO NOTHING",
+    ),
+    "fisher": (
+        "CREATE TEMP TABLE IF NOT EXISTS fisher_load (run_id integer, step integer, layer varchar(200), "
+        "method varchar(64), metric varchar(64), value double precision) ON COMMIT DELETE ROWS",
+        "COPY fisher_load (run_id, step, layer, method, metric, value) FROM STDIN (FORMAT BINARY)",
+        ("int4", "int4", "varchar", "varchar", "varchar", "float8"),
+        "INSERT INTO fisher (run_id, step, layer, method, metric, value) SELECT run_id, step, layer, "
+        "method, metric, value FROM fisher_load ORDER BY run_id, step, layer, method, metric "
+        "ON CONFLICT DO NOTHING",
+    ),
+}
 _SQLITE_METRICS = (
     "INSERT INTO metrics (run_id, name, step, value, wall_time) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
 )
@@ -43,9 +54,21 @@ _SQLITE_FISHER = (
 )
 
 
-def _columns(rows: Sequence[tuple[Any, ...]], names: Sequence[str]) -> dict[str, list[Any]]:
-    cols = list(zip(*rows, strict=True)) if rows else [() for _ in names]
-    return {name: list(col) for name, col in zip(names, cols, strict=True)}
+def _pg_copy_merge(conn: Connection, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    create, copy_sql, types, merge = _PG_LOADS[table]
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        with conn.connection.driver_connection.cursor() as cur:  # the same transaction as ``conn``
+            cur.execute(create)
+            with cur.copy(copy_sql) as copy:
+                copy.set_types(list(types))
+                for row in rows:
+                    copy.write_row(row)
+            cur.execute(merge)  # the load table empties itself at commit (ON COMMIT DELETE ROWS)
+    except dbapi.Error as exc:
+        # Raised as SQLAlchemy's wrappers (OperationalError, …) like any statement run through
+        # ``conn.execute``, so callers classify transient errors one way.
+        raise DBAPIError.instance(merge, None, exc, dbapi.Error) from exc
 
 
 def insert_metrics(conn: Connection, rows: Sequence[MetricRow]) -> None:
@@ -53,7 +76,7 @@ def insert_metrics(conn: Connection, rows: Sequence[MetricRow]) -> None:
     if not rows:
         return
     if conn.dialect.name == "postgresql":
-        conn.execute(_PG_METRICS, _columns(rows, ("run_id", "name", "step", "value", "wall_time")))
+        _pg_copy_merge(conn, "metrics", rows)
     else:
         conn.exec_driver_sql(_SQLITE_METRICS, list(rows))
 
@@ -62,7 +85,7 @@ def insert_fisher(conn: Connection, rows: Sequence[FisherRowT]) -> None:
     if not rows:
         return
     if conn.dialect.name == "postgresql":
-        conn.execute(_PG_FISHER, _columns(rows, ("run_id", "step", "layer", "method", "metric", "value")))
+        _pg_copy_merge(conn, "fisher", rows)
     else:
         conn.exec_driver_sql(_SQLITE_FISHER, list(rows))
 
