@@ -554,6 +554,44 @@ def test_curves_grow_live(page: Any, stack: Stack) -> None:
             jobs_crud.recompute_job(session, job_id)
 
 
+def test_new_job_from_an_existing_spec(page: Any, stack: Stack) -> None:
+    """ "Edit as new job" opens the form filled with the job's spec (sweeps and labels included)."""
+    from server.crud import jobs as jobs_crud
+    from worker.spec import JobSpec
+
+    raw = tiny_job(name="template", seeds=(3, 4, 5))
+    raw["target_loss"] = 4.25
+    raw["optimizers"] = [
+        {"name": "adamw", "hyperparameters": {"lr": 0.002}, "sweep": {"beta2": [0.95, 0.99]}},
+        {"name": "dykaf", "label": "DyKAF slow", "hyperparameters": {"lr": 0.001}},
+    ]
+    with session_scope(stack.settings.database_url) as session:
+        job = jobs_crud.create_job(session, JobSpec.model_validate(raw), auto_queue="cpu")
+        job_id = job.id
+        jobs_crud.lock_job(session, job_id)
+        session.execute(update(Run).where(Run.job_id == job_id).values(status="cancelled", reason="test"))
+        jobs_crud.recompute_job(session, job_id)
+    page.goto(f"/jobs/{job_id}")
+    page.click('[data-action="copy"]')
+    page.wait_for_selector("body[data-form-ready='1']")
+    expect_text(page.locator("#new-banner"), f"job #{job_id}")
+    assert field(page, "name").input_value() == "template"
+    assert field(page, "seeds").input_value() == "3, 4, 5"
+    assert field(page, "target_loss").input_value() == "4.25"
+    assert field(page, "task.steps").input_value() == "12"
+    assert field(page, "optimizers.0.hyperparameters.lr").input_value() == "0.002"
+    assert field(page, "optimizers.0.sweep.beta2").input_value() == "0.95, 0.99"
+    assert field(page, "optimizers.1.label").input_value() == "DyKAF slow"
+    expect_text(page.locator("#run-count"), "9")  # (2 sweep points + 1) x 3 seeds
+    preview = json.loads(page.locator("#spec-json").text_content())
+    assert preview["optimizers"][0]["sweep"] == {"beta2": [0.95, 0.99]}
+    assert preview["optimizers"][1] == {
+        "name": "dykaf",
+        "label": "DyKAF slow",
+        "hyperparameters": {"lr": 0.001},
+    }
+
+
 def test_cancel_from_job_list_then_delete(page: Any, stack: Stack) -> None:
     spec = tiny_job(name="long job", steps=5000, seeds=(0,))
     spec["optimizers"] = [{"name": "adamw"}]
