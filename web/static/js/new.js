@@ -474,9 +474,16 @@ export function placeErrors(detail) {
     }
     if (!placed) unplaced.push(item.loc && item.loc.length > 1 ? `${item.loc.slice(1).join('.')}: ${item.msg}` : item.msg);
   }
-  if (unplaced.length) fill($('#form-error'), unplaced.map((m) => h('div', { text: m })));
+  const count = detail.length;
+  fill($('#form-error'),
+    h('div', { text: `The server did not accept the job: ${count} problem${count === 1 ? '' : 's'}${unplaced.length < count ? ', shown next to the fields' : ''}.` }),
+    unplaced.map((m) => h('div', { text: m })));
   const first = state.fields.find((f) => f.input.getAttribute('aria-invalid') === 'true');
   if (first) first.input.focus();
+  else {
+    const group = $$('.group-error').find((g) => g.textContent);
+    if (group) group.scrollIntoView({ block: 'center' });
+  }
 }
 
 async function submit(event) {
