@@ -703,3 +703,23 @@ def test_job_list_reconnects_after_server_restart(browser: Any, stack: Stack) ->
 def test_missing_job_and_empty_states(page: Any, stack: Stack) -> None:
     page.goto("/jobs/999999")
     expect_text(page.locator("#job-root"), "Job 999999 not found")
+
+
+def test_reads_behind_a_key(browser: Any, stack: Stack) -> None:
+    """A deployment that requires keys for reads: the list explains the 401, and pasting a key
+    into the top bar loads it without a reload."""
+    server = ServerProcess(stack.settings.with_(reads_require_key=True), stack.root / "server3.log").start()
+    context = open_context(browser, server.url, None)
+    try:
+        page = context.new_page()
+        page.goto("/")
+        expect_text(page.locator("#jobs-state"), "Set an API key")
+        page.fill("#api-key", stack.key)
+        page.click("#key-form button[type=submit]")
+        page.wait_for_selector("tr[data-job-id]", timeout=30_000)
+        assert page.evaluate("localStorage.getItem('dykaf.apiKey')") == stack.key
+        page.click("#key-clear")
+        assert page.evaluate("localStorage.getItem('dykaf.apiKey')") is None
+    finally:
+        context.close()
+        server.stop()

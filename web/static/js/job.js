@@ -29,6 +29,7 @@ const state = {
   fisherNote: '',
   chartsStepsDone: -1,
   chartsAt: 0,
+  chartsEvery: CHART_REFRESH_MS,
   chartsFor: null,
   firstRender: true,
   gone: false,
@@ -329,12 +330,16 @@ async function refreshCharts(force = false, curves = null) {
   if (!job) return;
   const key = JSON.stringify(state.view) + $('#fisher-label').value;
   const due = force || key !== state.chartsFor
-    || (job.progress.steps_done !== state.chartsStepsDone && Date.now() - state.chartsAt >= CHART_REFRESH_MS)
+    || (job.progress.steps_done !== state.chartsStepsDone && Date.now() - state.chartsAt >= state.chartsEvery)
     || (TERMINAL.has(job.status) && state.chartsStatus !== job.status);
   if (!due) return;
   const stepsDone = job.progress.steps_done;
   const status = job.status;
+  const started = performance.now();
   await Promise.all([curves || fetchCurves(), fetchFisher()]);
+  // A big running job makes every refresh cost the server a scan: refresh no more often than
+  // every CHART_REFRESH_MS, and back off further when the last refresh took long.
+  state.chartsEvery = Math.max(CHART_REFRESH_MS, 5 * (performance.now() - started));
   if (state.firstRender) performance.mark('dykaf:data-ready');
   state.chartsFor = key;
   state.chartsStepsDone = stepsDone;
@@ -432,7 +437,10 @@ function initControls() {
     refreshCharts(true).catch(chartError);
   });
   for (const button of $$('[data-download]')) button.addEventListener('click', () => download(button));
-  onKeyChange(() => state.job && renderHeader(state.job));
+  onKeyChange(() => {
+    if (state.job) renderHeader(state.job);
+    poller.now(); // e.g. reads need a key and the first load was refused
+  });
   window.addEventListener('beforeprint', () => {
     if (window.Plotly) for (const el of $$('.js-plotly-plot')) window.Plotly.Plots.resize(el);
   });

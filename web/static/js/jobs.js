@@ -153,7 +153,8 @@ function main() {
   });
   onKeyChange(() => {
     state.lastRender = '';
-    render();
+    if (state.loaded) render();
+    poller.now();
   });
   poller.start();
 }
