@@ -172,7 +172,7 @@ function cellContent(row, column) {
   const v = row[column.key];
   switch (column.kind) {
     case 'stat': {
-      const text = meanStd(v, column.digits ?? 3);
+      const text = meanStd(v, column.digits === undefined ? 3 : column.digits);
       if (!column.target) return text;
       if (!row.ended) return '–';
       if (!v.n) return ['not reached', h('div', { class: 'muted small', text: `0/${row.ended} seeds` })];

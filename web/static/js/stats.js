@@ -221,7 +221,7 @@ export const SUMMARY_COLUMNS = [
   { key: 'finalVal', title: 'Final val loss', better: 'min', kind: 'stat' },
   { key: 'bestVal', title: 'Best val loss', better: 'min', kind: 'stat' },
   { key: 'stepsToTarget', title: 'Steps to target', better: 'min', kind: 'stat', target: true, digits: 0 },
-  { key: 'timeToTarget', title: 'Seconds to target', better: 'min', kind: 'stat', target: true, digits: 1 },
+  { key: 'timeToTarget', title: 'Seconds to target', better: 'min', kind: 'stat', target: true, digits: null },
   { key: 'speedupSteps', title: 'Speed-up vs AdamW (steps)', better: 'max', kind: 'ratio', target: true },
   { key: 'speedupTime', title: 'Speed-up vs AdamW (time)', better: 'max', kind: 'ratio', target: true },
   { key: 'stepTimeMs', title: 'Step time (ms)', better: 'min', kind: 'stat', digits: 1 },
