@@ -29,14 +29,23 @@ DEFAULT_BETA = 0.95
 
 
 class OwnState(Protocol):
-    """What the probe reads from ``optimizer.preconditioner_state(p)`` (see docs/CONTRACTS.md)."""
+    """What the probe reads from ``optimizer.preconditioner_state(p)`` (see docs/CONTRACTS.md).
 
-    left: Tensor | None
-    right: Tensor | None
-    left_basis: Tensor | None
-    right_basis: Tensor | None
-    second_moment: Tensor | None
-    matrix_shape: tuple[int, ...]
+    Read-only properties, so any dataclass with these fields (narrower types included) conforms.
+    """
+
+    @property
+    def left(self) -> Tensor | None: ...
+    @property
+    def right(self) -> Tensor | None: ...
+    @property
+    def left_basis(self) -> Tensor | None: ...
+    @property
+    def right_basis(self) -> Tensor | None: ...
+    @property
+    def second_moment(self) -> Tensor | None: ...
+    @property
+    def matrix_shape(self) -> tuple[int, ...]: ...
 
 
 def probe_shape(param: Tensor) -> tuple[int, int]:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Gradients processed per chunk are capped at about this many elements (~128 MiB in float32).
-_CHUNK_ELEMENTS = 1 << 25
+# Gradients processed per chunk are capped at about this many elements (64 MiB in float32).
+_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
