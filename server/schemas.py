@@ -96,7 +96,10 @@ class MetricsOut(BaseModel):
     job_id: int
     names: list[str]
     max_points: int
-    bucket_width: int
+    bucket_width: int = Field(..., description="steps per bucket; buckets are [k*width, (k+1)*width)")
+    source: str = Field(
+        ..., description="'raw' points or 'rollup/<width>' (pre-bucketed series of ended runs)"
+    )
     series: list[SeriesOut]
     aggregates: list[AggregateOut]
 

@@ -19,10 +19,11 @@ import pytest
 from sqlalchemy import create_engine, func, select, text, update
 
 from server.crud.metrics import insert_fisher, insert_metrics
+from server.crud.rollups import build_rollups
 from server.db.models import ApiKey, FisherValue, Job, MetricPoint, Run
 from server.db.session import get_engine, session_scope
 from server.db.types import utcnow
-from server.downsample import downsample_minmax
+from server.downsample import bucket_width, downsample_minmax
 from tests.conftest import tiny_job
 
 
@@ -290,17 +291,18 @@ def test_downsampled_series_match_the_oracle_and_keep_spikes(api: Any) -> None:
     )
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["bucket_width"] == 15 and body["names"] == ["train_loss"]
-    assert len(body["series"]) == 4 and body["aggregates"] == []
+    # 3000 steps in <= 200 buckets aligned at step 0: width 16 gives 188 (15 would give 201)
+    assert body["bucket_width"] == bucket_width(1, 3000, 200) == 16 and body["names"] == ["train_loss"]
+    assert body["source"] == "raw" and len(body["series"]) == 4 and body["aggregates"] == []
     for series in body["series"]:
-        expected = downsample_minmax(data[(series["run_id"], "train_loss")], 200)
+        expected = downsample_minmax(data[(series["run_id"], "train_loss")], 16)
         assert len(series["step"]) == len(expected) <= 200
         assert series["step"] == [b.step for b in expected]
         assert series["count"] == [b.count for b in expected]
         assert series["min"] == pytest.approx([b.min for b in expected], rel=1e-12)
         assert series["max"] == pytest.approx([b.max for b in expected], rel=1e-12)
         assert series["value"] == pytest.approx([b.mean for b in expected], rel=1e-9)
-        assert max(series["max"]) == 50.0  # the one-step spike survives 15x downsampling
+        assert max(series["max"]) == 50.0  # the one-step spike survives 16x downsampling
 
     # run and step-range filters; an unbucketed window returns the points themselves
     rid = job["runs"][0]["id"]
@@ -333,6 +335,54 @@ def test_aggregates_across_seeds(api: Any) -> None:
             assert agg["mean"][i] == pytest.approx(mean, rel=1e-12)
             assert agg["min"][i] == min(values) and agg["max"][i] == max(values)
             assert agg["std"][i] == pytest.approx(std, rel=1e-6, abs=1e-9)
+
+
+def _finish_and_roll_up(settings: Any, job: dict[str, Any]) -> None:
+    with session_scope(settings.database_url) as session:
+        session.execute(update(Run).where(Run.job_id == job["id"]).values(status="succeeded"))
+    with get_engine(settings.database_url).begin() as conn:
+        for run in job["runs"]:
+            assert build_rollups(conn, run["id"])
+
+
+def test_rollup_reads_equal_raw_reads(api: Any) -> None:
+    """Ended runs are read from rollups: same buckets as from the raw points, any width."""
+    job = api.post("/jobs", json=tiny_job(seeds=(0, 1))).json()
+    data = _seed_metrics(api.settings, job["id"], 3000)
+    url = f"/jobs/{job['id']}/metrics"
+    params = {"max_points": 200, "name": ["train_loss", "lr"], "view": "both"}
+    raw = api.get(url, params=params).json()
+    with get_engine(api.settings.database_url).begin() as conn:
+        assert not build_rollups(conn, job["runs"][0]["id"])  # still queued: no rollups yet
+    _finish_and_roll_up(api.settings, job)
+    rolled = api.get(url, params=params).json()
+    assert raw["source"] == "raw" and rolled["source"] == "rollup/16"
+    assert rolled["bucket_width"] == raw["bucket_width"] == 16
+    for a, b in zip(raw["series"] + raw["aggregates"], rolled["series"] + rolled["aggregates"], strict=True):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            if isinstance(value, list) and value and isinstance(value[0], float):
+                assert b[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+            else:
+                assert b[key] == value, key
+
+    # a width that is not a rollup width: the next multiple of the rollup level, checked vs the oracle
+    body = api.get(url, params={"max_points": 150, "name": "train_loss", "view": "runs"}).json()
+    assert body["source"] == "rollup/16" and body["bucket_width"] == 32
+    for series in body["series"]:
+        expected = downsample_minmax(data[(series["run_id"], "train_loss")], 32)
+        assert series["step"] == [b.step for b in expected] and series["count"] == [b.count for b in expected]
+        assert series["value"] == pytest.approx([b.mean for b in expected], rel=1e-9)
+        assert series["max"] == [b.max for b in expected] and max(series["max"]) == 50.0
+
+    # a step window or a run without rollups falls back to the raw points
+    windowed = api.get(
+        url, params={"max_points": 100, "step_min": 10, "step_max": 2000, "view": "runs"}
+    ).json()
+    assert windowed["source"] == "raw" and min(min(s["step"]) for s in windowed["series"]) == 10
+    with session_scope(api.settings.database_url) as session:
+        session.execute(update(Run).where(Run.id == job["runs"][0]["id"]).values(rollup_built=False))
+    assert api.get(url, params={"max_points": 100, "view": "runs"}).json()["source"] == "raw"
 
 
 def test_csv_exports_are_full_fidelity(api: Any) -> None:

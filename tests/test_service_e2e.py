@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from server.db.models import FisherValue, MetricPoint, Run
+from server.db.models import FisherValue, MetricPoint, MetricRollup, Run
 from server.db.session import session_scope
 from tests.conftest import tiny_job
 
@@ -94,6 +94,9 @@ def test_job_runs_to_success(any_settings: Any, api_factory: Any, worker_factory
         assert run["summary"]["final_step"] == STEPS and run["summary"]["final_val_loss"] > 0
     check_complete(api, job, STEPS)
     check_fisher(api, job, STEPS)
+    with session_scope(settings.database_url) as session:  # each worker rolled up its ended run
+        assert set(session.scalars(select(Run.rollup_built)).all()) == {True}
+        assert session.scalar(select(func.count()).select_from(MetricRollup)) > 0
     summary = list(csv.DictReader(io.StringIO(api.get(f"/jobs/{job['id']}/summary.csv").text)))
     assert [s["status"] for s in summary] == ["succeeded"] * 4 and all(
         float(s["final_val_loss"]) > 0 for s in summary

@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, event, func, inspect, select, text, update
 from server.crud import jobs as jobs_crud
 from server.crud import runs as runs_crud
 from server.db import migrate
-from server.db.models import Job, MetricPoint, Run
+from server.db.models import Job, MetricPoint, MetricRollup, Run
 from server.db.session import get_engine, session_scope
 from server.db.types import utcnow
 from tests.conftest import tiny_job
@@ -286,6 +286,41 @@ def test_reconciler_requeues_runs_of_dead_workers(db: Any) -> None:
     assert reconcile_once(db).enqueued == []  # requeued once, not on every pass
     again = claim(db, dead)
     assert again is not None and again.attempt == 2
+
+
+def test_reconciler_backfills_rollups_of_runs_that_ended_without_them(db: Any) -> None:
+    job = make_job(db)
+    run_id = job.runs[0].id
+    c = claim(db, run_id)
+    with get_engine(db.database_url).begin() as conn:
+        from server.crud.metrics import insert_metrics
+
+        insert_metrics(conn, [(run_id, "train_loss", s, 1.0 / s, 0.0) for s in range(1, 101)])
+    with session_scope(db.database_url) as session:
+        assert runs_crud.finish_run(session, c, status="succeeded", reason=None, final_step=100, summary={})
+    assert reconcile_once(db).rolled_up == []  # just ended: left to its own worker for a minute
+    with session_scope(db.database_url) as session:
+        session.execute(
+            update(Run).where(Run.id == run_id).values(finished_at=utcnow() - timedelta(minutes=5))
+        )
+    assert reconcile_once(db).rolled_up == [run_id]
+    with session_scope(db.database_url) as session:
+        rows = session.execute(
+            select(MetricRollup.width, func.count(), func.sum(MetricRollup.n))
+            .where(MetricRollup.run_id == run_id)
+            .group_by(MetricRollup.width)
+            .order_by(MetricRollup.width)
+        ).all()
+    # every level covers all 100 points; bucket counts follow step // width over steps 1..100
+    assert [(w, n, total) for w, n, total in rows] == [
+        (4, 26, 100),
+        (16, 7, 100),
+        (64, 2, 100),
+        (256, 1, 100),
+        (1024, 1, 100),
+        (4096, 1, 100),
+    ]
+    assert reconcile_once(db).rolled_up == []
 
 
 # --- first_seed sweeps ---------------------------------------------------------------------------------

@@ -378,6 +378,10 @@ def execute_claimed(claim: runs_crud.Claim, settings: Settings, *, device: str |
             run_seconds=elapsed,
         )
         new_runs = runs_crud.expand_next_stage(session, claim.job_id) if finished else []
+    if finished:
+        from server.crud.rollups import build_rollups_safely
+
+        build_rollups_safely(settings.database_url, claim.run_id)
     if new_runs:
         from worker.celery_app import enqueue_run
 

@@ -33,6 +33,7 @@ Enqueue = Callable[[Settings, int, str], str]
 class ReconcileReport:
     requeued: list[int]
     enqueued: list[int]
+    rolled_up: list[int]
 
 
 def _publish(settings: Settings, run_ids: list[int], enqueue: Enqueue) -> list[int]:
@@ -68,7 +69,34 @@ def reconcile_once(settings: Settings, enqueue: Enqueue | None = None) -> Reconc
         orphans = runs_crud.unenqueued_runs(session, now - timedelta(seconds=UNENQUEUED_GRACE_S))
     to_publish = sorted(set(requeued) | set(orphans))
     enqueued = _publish(settings, to_publish, enqueue)
-    return ReconcileReport(requeued=requeued, enqueued=enqueued)
+    return ReconcileReport(requeued=requeued, enqueued=enqueued, rolled_up=backfill_rollups(settings))
+
+
+def backfill_rollups(settings: Settings, limit: int = 5) -> list[int]:
+    """Roll up runs that ended without rollups (their worker died right after finishing them).
+
+    Runs that ended less than a minute ago are left to their own worker, which builds them right
+    after finishing; doing it here too would only duplicate the work.
+    """
+    from sqlalchemy import select
+
+    from server.crud.rollups import build_rollups_safely
+    from server.db.models import TERMINAL, Run
+    from server.db.session import get_engine
+
+    cutoff = utcnow() - timedelta(seconds=60)
+    with get_engine(settings.database_url).connect() as conn:
+        run_ids = list(
+            conn.execute(
+                select(Run.id)
+                .where(
+                    Run.status.in_(sorted(TERMINAL)), Run.rollup_built.is_(False), Run.finished_at < cutoff
+                )
+                .order_by(Run.id)
+                .limit(limit)
+            ).scalars()
+        )
+    return [run_id for run_id in run_ids if build_rollups_safely(settings.database_url, run_id)]
 
 
 def run_forever(settings: Settings, stop: threading.Event, enqueue: Enqueue | None = None) -> None:

@@ -17,8 +17,8 @@ from sqlalchemy import Connection, Select, and_, func, literal_column, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from server.db.models import FisherValue, MetricPoint, Run
-from server.downsample import bucket_width, finite_or_none
+from server.db.models import FisherValue, MetricPoint, MetricRollup, Run
+from server.downsample import ROLLUP_WIDTHS, bucket_width, finite_or_none, rollup_plan
 
 MetricRow = tuple[int, str, int, float | None, float]  # run_id, name, step, value, wall_time
 FisherRowT = tuple[int, int, str, str, str, float | None]  # run_id, step, layer, method, metric, value
@@ -98,10 +98,15 @@ class MetricFilter:
     step_min: int | None = None
     step_max: int | None = None
 
-    def apply(self, query: Select[Any]) -> Select[Any]:
-        query = query.join(Run, Run.id == MetricPoint.run_id).where(Run.job_id == self.job_id)
+    def run_condition(self, column: Any) -> Any:
+        """``column`` (a run id column) restricted to this job's (selected) runs."""
+        runs = select(Run.id).where(Run.job_id == self.job_id)
         if self.run_ids:
-            query = query.where(MetricPoint.run_id.in_(list(self.run_ids)))
+            runs = runs.where(Run.id.in_(list(self.run_ids)))
+        return column.in_(runs.scalar_subquery())
+
+    def apply(self, query: Select[Any]) -> Select[Any]:
+        query = query.where(self.run_condition(MetricPoint.run_id))
         if self.names:
             query = query.where(MetricPoint.name.in_(list(self.names)))
         if self.step_min is not None:
@@ -122,98 +127,157 @@ class Series:
     std: list[float | None] = field(default_factory=list)
 
 
-def step_range(session: Session, flt: MetricFilter) -> tuple[int, int] | None:
-    lo, hi = session.execute(flt.apply(select(func.min(MetricPoint.step), func.max(MetricPoint.step)))).one()
-    return None if lo is None else (int(lo), int(hi))
+@dataclass
+class Plan:
+    """How a downsampled read is computed: bucket width, and the rollup level used (None: raw)."""
+
+    width: int
+    rollup: int | None
+    step_min: int
+    step_max: int
+
+    @property
+    def source(self) -> str:
+        return "raw" if self.rollup is None else f"rollup/{self.rollup}"
 
 
-def downsampled_series(session: Session, flt: MetricFilter, max_points: int) -> tuple[list[Series], int]:
-    """Per (run, metric) series bucketed to at most ``max_points`` buckets; returns the width."""
-    rng = step_range(session, flt)
-    if rng is None:
-        return [], 1
-    lo, hi = rng
-    width = bucket_width(lo, hi, max_points)
-    bucket = (
-        ((MetricPoint.step - lo) // width).label("bucket") if width > 1 else MetricPoint.step.label("bucket")
+def _rollups_cover(session: Session, flt: MetricFilter) -> bool:
+    """Rollups answer the read when it has no step window and every selected run has them."""
+    if flt.step_min is not None or flt.step_max is not None:
+        return False
+    missing = session.scalar(
+        select(func.count()).where(flt.run_condition(Run.id), Run.rollup_built.is_(False))
     )
-    query = flt.apply(
-        select(
-            MetricPoint.run_id,
-            MetricPoint.name,
-            bucket,
-            func.min(MetricPoint.step),
-            func.avg(MetricPoint.value),
-            func.min(MetricPoint.value),
-            func.max(MetricPoint.value),
-            func.count(),
+    return not missing
+
+
+def plan_read(session: Session, flt: MetricFilter, max_points: int) -> Plan | None:
+    """Step range and bucket width of a read (None when nothing matches)."""
+    use_rollups = _rollups_cover(session, flt)
+    if use_rollups:
+        query = select(func.min(MetricRollup.step_first), func.max(MetricRollup.step_last)).where(
+            flt.run_condition(MetricRollup.run_id), MetricRollup.width == ROLLUP_WIDTHS[-1]
         )
-    ).group_by(MetricPoint.run_id, MetricPoint.name, literal_column("bucket"))
-    query = query.order_by(MetricPoint.run_id, MetricPoint.name, literal_column("bucket"))
+        if flt.names:
+            query = query.where(MetricRollup.name.in_(list(flt.names)))
+    else:
+        query = flt.apply(select(func.min(MetricPoint.step), func.max(MetricPoint.step)))
+    lo, hi = session.execute(query).one()
+    if lo is None:
+        return None
+    lo, hi = int(lo), int(hi)
+    plan = rollup_plan(lo, hi, max_points) if use_rollups else None
+    if plan is None:
+        return Plan(width=bucket_width(lo, hi, max_points), rollup=None, step_min=lo, step_max=hi)
+    level, width = plan
+    return Plan(width=width, rollup=level, step_min=lo, step_max=hi)
+
+
+def _run_buckets(flt: MetricFilter, plan: Plan) -> Any:
+    """Subquery: one row per (run, metric, bucket) with first step, count, non-null count, sum, min,
+    max — from the raw points or from the rollup level; identical results either way."""
+    if plan.rollup is None:
+        point = MetricPoint
+        bucket = (point.step // plan.width) if plan.width > 1 else point.step
+        query = flt.apply(
+            select(
+                point.run_id.label("run_id"),
+                point.name.label("name"),
+                bucket.label("bkt"),
+                func.min(point.step).label("step"),
+                func.count().label("n"),
+                func.count(point.value).label("nv"),
+                func.sum(point.value).label("total"),
+                func.min(point.value).label("vmin"),
+                func.max(point.value).label("vmax"),
+            )
+        ).group_by(point.run_id, point.name, literal_column("bkt"))
+        return query.subquery("run_buckets")
+    r = MetricRollup
+    ratio = plan.width // plan.rollup
+    query = select(
+        r.run_id.label("run_id"),
+        r.name.label("name"),
+        (r.bucket // ratio).label("bkt") if ratio > 1 else r.bucket.label("bkt"),
+        func.min(r.step_first).label("step"),
+        func.sum(r.n).label("n"),
+        func.sum(r.n_value).label("nv"),
+        func.sum(r.sum_value).label("total"),
+        func.min(r.min_value).label("vmin"),
+        func.max(r.max_value).label("vmax"),
+    ).where(flt.run_condition(r.run_id), r.width == plan.rollup)
+    if flt.names:
+        query = query.where(r.name.in_(list(flt.names)))
+    query = query.group_by(r.run_id, r.name, literal_column("bkt"))
+    return query.subquery("run_buckets")
+
+
+def _mean(total: Any, nv: Any) -> float | None:
+    if total is None or not nv:
+        return None
+    return finite_or_none(float(total) / int(nv))
+
+
+def downsampled_series(
+    session: Session, flt: MetricFilter, max_points: int
+) -> tuple[list[Series], Plan | None]:
+    """Per (run, metric) series in at most ``max_points`` step buckets."""
+    plan = plan_read(session, flt, max_points)
+    if plan is None:
+        return [], None
+    b = _run_buckets(flt, plan)
+    query = select(b.c.run_id, b.c.name, b.c.step, b.c.n, b.c.nv, b.c.total, b.c.vmin, b.c.vmax).order_by(
+        b.c.run_id, b.c.name, b.c.bkt
+    )
     out: list[Series] = []
     current: Series | None = None
-    for run_id, name, _b, step, mean, vmin, vmax, count in session.execute(query):
+    for run_id, name, step, n, nv, total, vmin, vmax in session.execute(query):
         if current is None or current.key != (run_id, name):
             current = Series(key=(run_id, name))
             out.append(current)
         current.step.append(int(step))
-        current.value.append(finite_or_none(mean))
+        current.value.append(_mean(total, nv))
         current.min.append(finite_or_none(vmin))
         current.max.append(finite_or_none(vmax))
-        current.count.append(int(count))
-    return out, width
+        current.count.append(int(n))
+    return out, plan
 
 
-def aggregated_series(session: Session, flt: MetricFilter, max_points: int) -> tuple[list[Series], int]:
-    """Across seeds, per (run label, metric): mean/min/max/sample-std per step, then bucketed.
+def aggregated_series(
+    session: Session, flt: MetricFilter, max_points: int
+) -> tuple[list[Series], Plan | None]:
+    """Across seeds, per (run label, metric, bucket): the mean of the seeds' bucket means, the min
+    and max over all seeds' points, and the sample standard deviation of the seeds' bucket means
+    (unbucketed, that is the per-step spread across seeds). ``count`` is the number of seeds.
 
-    The per-step statistics are computed first (inner query) so a bucket's ``std`` is the average
-    seed-to-seed spread, not the spread over time within the bucket. SQLite lacks ``stddev``, so
-    variance is ``n/(n-1)·(E[v²] − E[v]²)`` on both backends and the square root is taken here.
+    SQLite lacks ``stddev``, so the variance is ``n/(n-1)·(E[x²] − E[x]²)`` on both backends and
+    the square root is taken here.
     """
-    rng = step_range(session, flt)
-    if rng is None:
-        return [], 1
-    lo, hi = rng
-    width = bucket_width(lo, hi, max_points)
-    v = MetricPoint.value
-    n = func.count(v)
-    var = (func.avg(v * v) - func.avg(v) * func.avg(v)) * n * 1.0 / func.nullif(n - 1, 0)
-    per_step = (
-        flt.apply(
-            select(
-                Run.label.label("label"),
-                MetricPoint.name.label("name"),
-                MetricPoint.step.label("step"),
-                func.avg(v).label("mean"),
-                func.min(v).label("vmin"),
-                func.max(v).label("vmax"),
-                var.label("var"),
-                n.label("n"),
-            )
-        )
-        .group_by(Run.label, MetricPoint.name, MetricPoint.step)
-        .subquery()
-    )
-    bucket = ((per_step.c.step - lo) // width) if width > 1 else per_step.c.step
+    plan = plan_read(session, flt, max_points)
+    if plan is None:
+        return [], None
+    b = _run_buckets(flt, plan)
+    x = b.c.total * 1.0 / func.nullif(b.c.nv, 0)
+    n = func.count(x)
+    var = (func.avg(x * x) - func.avg(x) * func.avg(x)) * n * 1.0 / func.nullif(n - 1, 0)
     query = (
         select(
-            per_step.c.label,
-            per_step.c.name,
-            bucket.label("bucket"),
-            func.min(per_step.c.step),
-            func.avg(per_step.c.mean),
-            func.min(per_step.c.vmin),
-            func.max(per_step.c.vmax),
-            func.avg(per_step.c.var),
-            func.max(per_step.c.n),
+            Run.label,
+            b.c.name,
+            func.min(b.c.step),
+            func.avg(x),
+            func.min(b.c.vmin),
+            func.max(b.c.vmax),
+            var,
+            n,
         )
-        .group_by(per_step.c.label, per_step.c.name, literal_column("bucket"))
-        .order_by(per_step.c.label, per_step.c.name, literal_column("bucket"))
+        .join(Run, Run.id == b.c.run_id)
+        .group_by(Run.label, b.c.name, b.c.bkt)
+        .order_by(Run.label, b.c.name, b.c.bkt)
     )
     out: list[Series] = []
     current: Series | None = None
-    for label, name, _b, step, mean, vmin, vmax, var, count in session.execute(query):
+    for label, name, step, mean, vmin, vmax, variance, count in session.execute(query):
         if current is None or current.key != (label, name):
             current = Series(key=(label, name))
             out.append(current)
@@ -221,10 +285,10 @@ def aggregated_series(session: Session, flt: MetricFilter, max_points: int) -> t
         current.value.append(finite_or_none(mean))
         current.min.append(finite_or_none(vmin))
         current.max.append(finite_or_none(vmax))
-        var_f = finite_or_none(var)
+        var_f = finite_or_none(variance)
         current.std.append(None if var_f is None else max(var_f, 0.0) ** 0.5)
         current.count.append(int(count or 0))
-    return out, width
+    return out, plan
 
 
 def metric_names(session: Session, job_id: int) -> list[str]:

@@ -20,6 +20,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -121,6 +122,8 @@ class Run(Base):
     # Wall-clock seconds spent training across all attempts (excludes time waiting in the queue).
     run_seconds: Mapped[float | None] = mapped_column(Float)
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # True once the run's metric rollups exist (built when the run ends; see server.crud.rollups).
+    rollup_built: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
 
     job: Mapped[Job] = relationship(back_populates="runs")
 
@@ -136,6 +139,26 @@ class MetricPoint(Base):
     # Nullable because SQLite stores NaN as NULL; readers render NULL as NaN.
     value: Mapped[float | None] = mapped_column(Float(precision=53))
     wall_time: Mapped[float] = mapped_column(Float(precision=53), nullable=False)
+
+
+class MetricRollup(Base):
+    """Pre-bucketed metric series of an ended run at widths 4, 16, 64, … steps (``bucket = step //
+    width``): chart reads of long series aggregate a few thousand rollup rows instead of every
+    point. Sums and counts (not means) are stored so buckets combine exactly into wider ones."""
+
+    __tablename__ = "metric_rollups"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    width: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step_first: Mapped[int] = mapped_column(Integer, nullable=False)
+    step_last: Mapped[int] = mapped_column(Integer, nullable=False)
+    n: Mapped[int] = mapped_column(Integer, nullable=False)
+    n_value: Mapped[int] = mapped_column(Integer, nullable=False)
+    sum_value: Mapped[float | None] = mapped_column(Float(precision=53))
+    min_value: Mapped[float | None] = mapped_column(Float(precision=53))
+    max_value: Mapped[float | None] = mapped_column(Float(precision=53))
 
 
 class FisherValue(Base):

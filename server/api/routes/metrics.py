@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -53,7 +54,7 @@ def get_metrics(
         Literal["runs", "aggregate", "both"],
         Query(description="per-run series, per-label aggregates across seeds (mean/min/max/std), or both"),
     ] = "both",
-) -> JSONResponse:
+) -> Response:
     if step_min is not None and step_max is not None and step_min > step_max:
         raise ApiError(422, "step_min must not exceed step_max", loc=["query", "step_min"])
     if max_points is not None and max_points > settings.max_points_per_series:
@@ -75,12 +76,12 @@ def get_metrics(
     if status in TERMINAL:
         cached = cache.get(job_id, key)
         if cached is not None:
-            return JSONResponse(cached)
+            return Response(cached, media_type="application/json")
     flt = metrics_crud.MetricFilter(job_id, run_id or (), name or (), step_min, step_max)
     runs = _runs(session, job_id)
-    series_out, aggregates_out, width = [], [], 1
+    series_out, aggregates_out, plan = [], [], None
     if view in ("runs", "both"):
-        series, width = metrics_crud.downsampled_series(session, flt, points)
+        series, plan = metrics_crud.downsampled_series(session, flt, points)
         for s in series:
             rid, metric = s.key
             label, seed = runs[rid]
@@ -98,7 +99,7 @@ def get_metrics(
                 }
             )
     if view in ("aggregate", "both"):
-        aggs, width = metrics_crud.aggregated_series(session, flt, points)
+        aggs, plan = metrics_crud.aggregated_series(session, flt, points)
         for s in aggs:
             label, metric = s.key
             aggregates_out.append(
@@ -118,13 +119,16 @@ def get_metrics(
         "job_id": job_id,
         "names": names,
         "max_points": points,
-        "bucket_width": width,
+        "bucket_width": plan.width if plan else 1,
+        "source": plan.source if plan else "raw",
         "series": series_out,
         "aggregates": aggregates_out,
     }
+    # Serialised once: cache hits send the stored bytes without re-encoding ~100k floats.
+    body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
     if status in TERMINAL:
-        cache.put(job_id, key, payload)
-    return JSONResponse(payload)
+        cache.put(job_id, key, body)
+    return Response(body, media_type="application/json")
 
 
 @router.get("/fisher", response_model=FisherOut, summary="Fisher-fidelity diagnostics")
