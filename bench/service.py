@@ -73,6 +73,9 @@ TINY = {
     ],
 }
 METRICS = ("train_loss", "lr", "grad_norm", "step_time", "val_loss")
+# uvicorn's supervisor replaces a worker that misses its health check (default 5 s); with 50
+# clients saturating 2 shared cores a busy worker can miss it, which shows up as dropped requests.
+HEALTHCHECK_S = 60
 
 
 # --- environment ---------------------------------------------------------------------------------
@@ -215,6 +218,9 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, settings: Settings, workers: int, **env: str) -> None:
+        import tempfile
+
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - read in restarts()
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, **settings.env(), "DYKAF_RECONCILE": "0", "PYTHONPATH": str(ROOT), **env}
@@ -250,6 +256,12 @@ class Server:
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise RuntimeError("API server did not start")
             time.sleep(0.2)
+
+    def restarts(self) -> int:
+        """Worker processes the uvicorn supervisor replaced (missed health checks, crashes)."""
+        self.log.seek(0)
+        text_log = self.log.read().decode(errors="replace")
+        return text_log.count("Child process") + text_log.count("died")
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -346,6 +358,7 @@ def bench_api(settings: Settings, points: int, clients: int, duration: float, wo
     async def read(client: Any) -> Any:
         return await client.get(f"/api/v1/jobs/{job_id}/metrics", params=read_params)
 
+    restarts = 0
     server = Server(settings, workers, DYKAF_READ_CACHE_ENTRIES="0")
     try:
         out.append(
@@ -361,6 +374,7 @@ def bench_api(settings: Settings, points: int, clients: int, duration: float, wo
             )
         )
     finally:
+        restarts += server.restarts()
         server.stop()
     server = Server(settings, workers)
     try:
@@ -371,7 +385,12 @@ def bench_api(settings: Settings, points: int, clients: int, duration: float, wo
             )
         )
     finally:
+        restarts += server.restarts()
         server.stop()
+    out += [
+        "",
+        f"uvicorn worker restarts during the runs: {restarts} (health-check timeout {HEALTHCHECK_S} s).",
+    ]
     return out
 
 

@@ -47,8 +47,9 @@ def rollup_plan(step_min: int, step_max: int, max_points: int) -> tuple[int, int
     usable = [w for w in ROLLUP_WIDTHS if w <= finest]
     if not usable:
         return None
-    level = usable[-1]
-    return level, bucket_width(step_min, step_max, max_points, multiple_of=level)
+    width = bucket_width(step_min, step_max, max_points, multiple_of=usable[-1])
+    # the widest rollup level that divides the width: fewer rows to combine, identical buckets
+    return max(w for w in ROLLUP_WIDTHS if width % w == 0), width
 
 
 @dataclass(frozen=True)

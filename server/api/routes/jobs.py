@@ -13,7 +13,7 @@ from server.auth import read_access, require_key
 from server.core.config import Settings
 from server.crud import jobs as jobs_crud
 from server.crud import runs as runs_crud
-from server.db.models import STATUSES, ApiKey, Job, Run
+from server.db.models import STATUSES, TERMINAL, ApiKey, Job, Run
 from server.errors import ApiError
 from server.observability import JOBS_SUBMITTED
 from server.schemas import JobOut, JobPage, JobSummaryOut, Progress, RunOut
@@ -77,8 +77,18 @@ def run_out(run: Run) -> RunOut:
     )
 
 
+def counts_of(runs: list[Run]) -> jobs_crud.RunCounts:
+    """Run counts of loaded runs, without a query."""
+    counts = jobs_crud.RunCounts({}, 0, 0)
+    for run in runs:
+        counts.by_status[run.status] = counts.by_status.get(run.status, 0) + 1
+        counts.steps_total += run.total_steps
+        counts.steps_done += run.total_steps if run.status in TERMINAL else run.step
+    return counts
+
+
 def job_detail(session: Session, job: Job, warnings: list[str] | None = None) -> JobOut:
-    counts = jobs_crud.run_counts(session, [job.id])[job.id]
+    counts = counts_of(list(job.runs))
     base = f"{API_PREFIX}/jobs/{job.id}"
     return JobOut(
         **job_summary(job, counts).model_dump(),
@@ -171,8 +181,7 @@ def create_job(
     check_limits(spec, settings)
     job, warnings = submit(session, settings, spec, api_key_id=key.id)
     response.headers["Location"] = f"{API_PREFIX}/jobs/{job.id}"
-    session.expire_all()
-    return job_detail(session, _get_job(session, job.id), warnings)
+    return job_detail(session, job, warnings)  # the rows just written, no reload
 
 
 @router.get(
