@@ -306,8 +306,9 @@ async function renderCharts() {
     renderFisher(),
   ]);
   const width = state.agg ? state.agg.bucket_width : 1;
+  const source = state.agg && String(state.agg.source || '').startsWith('rollup') ? ', read from pre-bucketed rollups' : '';
   $('#curves-note').textContent = width > 1
-    ? `Each point summarises ${width} steps (mean; the band keeps min/max across seeds). The CSV exports have every point.`
+    ? `Each point summarises ${width} steps (bucket mean${source}; the min–max band keeps spikes visible). The CSV exports have every point.`
     : '';
   if (state.firstRender) {
     state.firstRender = false;
