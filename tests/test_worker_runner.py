@@ -275,3 +275,25 @@ def test_csv_sink_writes_wide_rows(tmp_path: Path) -> None:
     assert rows[1]["train_loss"] == "nan"
     fisher = list(csv.DictReader((tmp_path / "f.csv").open()))
     assert fisher[0]["metric"] == "kron_rel_err" and float(fisher[0]["value"]) == 0.25
+
+
+@pytest.mark.parametrize(("optimizer", "shadow"), [("dykaf", "dykaf"), ("soap", "soap_shampoo")])
+def test_own_factors_equal_the_matching_shadow_with_clipping(optimizer: str, shadow: str) -> None:
+    """The monitor sees the clipped gradients the optimizer sees, so a DyKAF (SOAP) run's own
+    factors are its DyKAF (SOAP) shadow's: their Kronecker errors must coincide. A tiny clip norm
+    makes clipping rescale every step, which would break this if the monitor saw raw gradients."""
+    pytest.importorskip("dykaf.fisher")
+    (spec,) = _run(
+        [{"name": optimizer, "hyperparameters": {"precondition_frequency": 1}}],
+        steps=6,
+        fisher_every=3,
+        fisher_window=4,
+        grad_clip=0.01,
+    )
+    sink = MemorySink()
+    assert execute_run(spec, sink).status == "succeeded"
+    values = {(row[0], row[1], row[2], row[3]): row[4] for row in sink.fisher}
+    pairs = [(k, v) for k, v in values.items() if k[2] == "own" and k[3] == "kron_rel_err"]
+    assert pairs, "the run's own factors were not reported"
+    for (step, layer, _, metric), own_value in pairs:
+        assert own_value == pytest.approx(values[(step, layer, shadow, metric)], rel=1e-4, abs=1e-6)

@@ -310,14 +310,17 @@ class _Run:
         if not math.isfinite(train_loss):
             self.sink.log_metrics(self.step, metrics, self.wall_time())
             raise Diverged(f"non-finite training loss ({train_loss}) at step {self.step}")
-        if self.fisher is not None:
-            self.fisher.observe()
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         metrics["grad_norm"] = grad_norm
         if not math.isfinite(grad_norm):
             self.sink.log_metrics(self.step, metrics, self.wall_time())
             raise Diverged(f"non-finite gradient norm ({grad_norm}) at step {self.step}")
+        if self.fisher is not None:
+            # After clipping: the shadow estimators and the Fisher window see exactly the gradient
+            # stream the optimizer sees, so "own" and the shadows are comparable (and a DyKAF run's
+            # own factors equal its DyKAF shadow's).
+            self.fisher.observe()
         before = measure.snapshot(self.params) if log_this else None
         step_start = measure.now(self.device)
         self.optimizer.step()
