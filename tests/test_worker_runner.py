@@ -297,3 +297,19 @@ def test_own_factors_equal_the_matching_shadow_with_clipping(optimizer: str, sha
     assert pairs, "the run's own factors were not reported"
     for (step, layer, _, metric), own_value in pairs:
         assert own_value == pytest.approx(values[(step, layer, shadow, metric)], rel=1e-4, abs=1e-6)
+
+
+def test_resumed_run_reports_the_same_fisher_rows(tmp_path: Path) -> None:
+    """The monitor's windows and shadow factors travel in the checkpoint."""
+    pytest.importorskip("dykaf.fisher")
+    (spec,) = _run([{"name": "dykaf"}], steps=8, checkpoint_every=4, fisher_every=2, fisher_window=3)
+    full_sink = MemorySink()
+    assert execute_run(spec, full_sink, checkpoint_dir=tmp_path / "full").status == "succeeded"
+    assert execute_run(spec, _CrashAt(6), checkpoint_dir=tmp_path / "resumed").status == "failed"
+    resumed_sink = MemorySink()
+    assert execute_run(spec, resumed_sink, checkpoint_dir=tmp_path / "resumed").status == "succeeded"
+    full = {tuple(row[:4]): row[4] for row in full_sink.fisher if row[0] > 4}
+    resumed = {tuple(row[:4]): row[4] for row in resumed_sink.fisher}
+    assert full.keys() == resumed.keys() and full
+    for key, value in full.items():
+        assert resumed[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

@@ -230,6 +230,9 @@ class _Run:
             "scheduler": self.scheduler.state_dict(),
             "rng": _rng_state(self.device),
             "tracker": {**self.tracker.state(), "wall_offset": self.wall_time()},
+            # The probes' gradient windows and shadow factors: without them a resumed run's Fisher
+            # rows would restart from scratch and differ from an uninterrupted run's.
+            "fisher": self.fisher.state_dict() if self.fisher is not None else None,
         }
         ckpt.save_checkpoint(self.checkpoint_dir, self.step, payload)
 
@@ -246,6 +249,8 @@ class _Run:
         self.scheduler.load_state_dict(payload["scheduler"])
         _set_rng_state(payload["rng"], self.device)
         self.tracker.load(payload["tracker"])
+        if self.fisher is not None and payload.get("fisher") is not None:
+            self.fisher.load_state_dict(payload["fisher"])
         self.step = int(payload["step"])
         if (
             payload.get("data_position", self.step * self.task_spec.grad_accum)
