@@ -361,6 +361,9 @@ def bench_api(settings: Settings, points: int, clients: int, duration: float, wo
     restarts = 0
     server = Server(settings, workers, DYKAF_READ_CACHE_ENTRIES="0")
     try:
+        # unloaded latency first: one client, a few seconds per endpoint
+        out.append(row("POST /jobs, 1 client", asyncio.run(_load(server.base, 1, 5, submit))))
+        out.append(row("GET metrics, cache off, 1 client", asyncio.run(_load(server.base, 1, 5, read))))
         out.append(
             row(
                 "POST /jobs (2 runs, 2 Redis publishes)",

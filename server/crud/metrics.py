@@ -54,12 +54,26 @@ _SQLITE_FISHER = (
 )
 
 
+LOAD_TABLES_READY = "dykaf_load_tables"
+
+
+def prepare_pg_connection(dbapi_conn: Any, record: Any) -> None:
+    """Pool ``connect`` hook: create the session's load tables once per connection (committed),
+    instead of a ``CREATE TEMP TABLE IF NOT EXISTS`` round trip in every flush."""
+    with dbapi_conn.cursor() as cur:
+        for create, *_ in _PG_LOADS.values():
+            cur.execute(create)
+    dbapi_conn.commit()
+    record.info[LOAD_TABLES_READY] = True
+
+
 def _pg_copy_merge(conn: Connection, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
     create, copy_sql, types, merge = _PG_LOADS[table]
     dbapi = conn.dialect.loaded_dbapi
     try:
         with conn.connection.driver_connection.cursor() as cur:  # the same transaction as ``conn``
-            cur.execute(create)
+            if not conn.connection.info.get(LOAD_TABLES_READY):  # an engine without the hook
+                cur.execute(create)
             with cur.copy(copy_sql) as copy:
                 copy.set_types(list(types))
                 for row in rows:

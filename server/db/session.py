@@ -42,7 +42,16 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    if parsed.get_backend_name() == "postgresql":
+        event.listen(engine, "connect", _pg_connect)
+    return engine
+
+
+def _pg_connect(dbapi_conn: Any, record: Any) -> None:
+    from server.crud.metrics import prepare_pg_connection
+
+    prepare_pg_connection(dbapi_conn, record)
 
 
 def get_engine(url: str) -> Engine:
