@@ -45,7 +45,9 @@ class PreconditionerState:
 
     ``left``/``right`` are the Kronecker factors (None: identity side, beyond ``max_precond_dim``),
     ``left_basis``/``right_basis`` their eigenbases, ``second_moment`` the ``m × n`` Adam second
-    moment in the rotated basis (materialised from its vectors for ``rank1``).
+    moment in the rotated basis (materialised from its vectors for ``rank1``). ``beta`` (the factor
+    decay), ``init`` and ``updates`` (gradients folded into the factors so far) let the Fisher
+    diagnostics recognise factors identical to one of their shadows and reuse them.
     """
 
     left: Tensor | None
@@ -55,6 +57,9 @@ class PreconditionerState:
     second_moment: Tensor
     matrix_shape: tuple[int, int]
     factor_rule: str
+    beta: float | None = None
+    init: str | None = None
+    updates: int | None = None
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
@@ -314,6 +319,10 @@ class DyKAF(Optimizer):
             second_moment=second,
             matrix_shape=state["matrix_shape"],
             factor_rule=group["factor_rule"],
+            beta=factor_beta(group),
+            init=group["init"],
+            # The initialising step folds in the first gradient and leaves ``step`` at 0.
+            updates=int(state["step"]) + 1,
         )
 
     # ------------------------------------------------------------------ checkpoints

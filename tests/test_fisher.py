@@ -316,11 +316,11 @@ def _make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
     return cls(model.parameters(), lr=3e-3, precondition_frequency=3)
 
 
-def _train(kind: str, with_monitor: bool, steps: int = 9) -> tuple[nn.Module, list]:
+def _train(kind: str, with_monitor: bool, steps: int = 9, reuse_own: bool = True) -> tuple[nn.Module, list]:
     torch.manual_seed(0)
     model = _TinyLM()
     optimizer = _make_optimizer(kind, model)
-    monitor = FisherMonitor(model, optimizer, window=4) if with_monitor else None
+    monitor = FisherMonitor(model, optimizer, window=4, reuse_own=reuse_own) if with_monitor else None
     data = torch.randint(0, 17, (steps, 4, 8), generator=_gen(1))
     rows: list = []
     for step in range(steps):
@@ -361,13 +361,55 @@ def test_monitor_never_changes_the_training_trajectory(kind: str) -> None:
 
 @pytest.mark.parametrize(("kind", "shadow"), [("dykaf", "dykaf"), ("soap", "soap_shampoo")])
 def test_own_factors_agree_with_the_matching_shadow(kind: str, shadow: str) -> None:
-    _, rows = _train(kind, with_monitor=True)
+    """Forced shadows (``reuse_own=False``): the optimizer's factors equal the matching shadow's."""
+    _, rows = _train(kind, with_monitor=True, reuse_own=False)
     last = max(r.step for r in rows)
     by_key = {(r.layer, r.method, r.metric): r.value for r in rows if r.step == last}
     layers = {r.layer for r in rows}
     for layer in layers:
         own, mine = by_key[(layer, "own", "kron_rel_err")], by_key[(layer, shadow, "kron_rel_err")]
         assert math.isclose(own, mine, rel_tol=1e-4, abs_tol=1e-5), (layer, own, mine)
+
+
+@pytest.mark.parametrize(("kind", "shadow"), [("dykaf", "dykaf"), ("soap", "soap_shampoo")])
+def test_reusing_own_factors_reports_the_same_rows(kind: str, shadow: str) -> None:
+    """The linked shadow is not run, yet every row matches the forced-shadow run."""
+    torch.manual_seed(0)
+    model = _TinyLM()
+    monitor = FisherMonitor(model, _make_optimizer(kind, model), window=4)
+    _, forced = _train(kind, with_monitor=True, reuse_own=False)
+    _, reused = _train(kind, with_monitor=True)
+    assert [r[:4] for r in reused] == [r[:4] for r in forced]
+    for a, b in zip(reused, forced, strict=True):
+        assert math.isclose(a.value, b.value, rel_tol=1e-4, abs_tol=1e-6), (a, b)
+    # ...and the shadow really was linked (not updated) in the reusing monitor.
+    g = _gen(5)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        monitor.observe()
+        monitor.optimizer.step()
+    for probe in monitor.probes.values():
+        assert probe.linked == shadow
+        assert probe.shadows[shadow].left is None
+
+
+def test_mismatching_optimizer_state_is_never_linked() -> None:
+    lib = pytest.importorskip("dykaf")
+    model = nn.Linear(6, 5, bias=False)
+    cases = [
+        lib.DyKAF(model.parameters(), init="eps"),  # different initialisation
+        lib.DyKAF(model.parameters(), shampoo_beta=0.5),  # different β than the probe's
+    ]
+    for optimizer in cases:
+        monitor = FisherMonitor(model, optimizer, layers=["weight"], window=3, beta=0.9)
+        g = _gen(6)
+        for _ in range(3):
+            model.weight.grad = torch.randn(5, 6, generator=g)
+            monitor.observe()
+            optimizer.step()
+        (probe,) = monitor.probes.values()
+        assert probe.linked is None and all(s.left is not None for s in probe.shadows.values())
 
 
 def test_beta_defaults_to_the_optimizers_factor_decay() -> None:

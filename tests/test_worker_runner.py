@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -278,11 +279,15 @@ def test_csv_sink_writes_wide_rows(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("optimizer", "shadow"), [("dykaf", "dykaf"), ("soap", "soap_shampoo")])
-def test_own_factors_equal_the_matching_shadow_with_clipping(optimizer: str, shadow: str) -> None:
+def test_own_factors_equal_the_matching_shadow_with_clipping(
+    optimizer: str, shadow: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The monitor sees the clipped gradients the optimizer sees, so a DyKAF (SOAP) run's own
-    factors are its DyKAF (SOAP) shadow's: their Kronecker errors must coincide. A tiny clip norm
-    makes clipping rescale every step, which would break this if the monitor saw raw gradients."""
-    pytest.importorskip("dykaf.fisher")
+    factors are its DyKAF (SOAP) shadow's. The monitor therefore reuses them instead of running that
+    shadow; here a forced-shadow run (``reuse_own=False``) checks the equality itself, and that the
+    reused path reports the same rows. A tiny clip norm makes clipping rescale every step, which
+    would break this if the monitor saw raw gradients."""
+    fisher = pytest.importorskip("dykaf.fisher")
     (spec,) = _run(
         [{"name": optimizer, "hyperparameters": {"precondition_frequency": 1}}],
         steps=6,
@@ -290,6 +295,10 @@ def test_own_factors_equal_the_matching_shadow_with_clipping(optimizer: str, sha
         fisher_window=4,
         grad_clip=0.01,
     )
+    reused_sink = MemorySink()
+    assert execute_run(spec, reused_sink).status == "succeeded"
+    forced = functools.partial(fisher.FisherMonitor, reuse_own=False)
+    monkeypatch.setattr(optim, "fisher_monitor_class", lambda: forced)
     sink = MemorySink()
     assert execute_run(spec, sink).status == "succeeded"
     values = {(row[0], row[1], row[2], row[3]): row[4] for row in sink.fisher}
@@ -297,6 +306,10 @@ def test_own_factors_equal_the_matching_shadow_with_clipping(optimizer: str, sha
     assert pairs, "the run's own factors were not reported"
     for (step, layer, _, metric), own_value in pairs:
         assert own_value == pytest.approx(values[(step, layer, shadow, metric)], rel=1e-4, abs=1e-6)
+    reused = {(row[0], row[1], row[2], row[3]): row[4] for row in reused_sink.fisher}
+    assert reused.keys() == values.keys()
+    for key, value in values.items():
+        assert reused[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
 def test_resumed_run_reports_the_same_fisher_rows(tmp_path: Path) -> None:

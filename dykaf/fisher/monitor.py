@@ -49,6 +49,12 @@ class FisherMonitor:
     ``layers``: ``"auto"`` (at most ``max_layers`` representative hidden matrices) or parameter
     names. ``beta`` defaults per layer to the optimizer's factor decay. ``methods`` are the shadow
     estimators run on the side (all of ``SHADOW_METHODS`` by default).
+
+    ``reuse_own`` (default True): when the training optimizer's factors for a probed layer are
+    exactly what one shadow would compute (DyKAF with ``kron`` init → ``dykaf``/``dykaf_seq``, SOAP →
+    ``soap_shampoo``; same β, shape and history, see ``LayerProbe.link``), that shadow is not run
+    and its rows are computed from the optimizer's factors. Rows and values are unchanged; False
+    forces every shadow to run (for checking that equality).
     """
 
     def __init__(
@@ -63,9 +69,11 @@ class FisherMonitor:
         methods: Iterable[str] = SHADOW_METHODS,
         tol: float | None = None,
         max_iter: int = 100,
+        reuse_own: bool = True,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
+        self.reuse_own = reuse_own
         params = dict(model.named_parameters())
         methods = tuple(methods)
         self.probes: dict[str, LayerProbe] = {
@@ -89,7 +97,10 @@ class FisherMonitor:
     @torch.no_grad()
     def observe(self) -> None:
         """Record this step's gradients of the probed layers; call after backward, before step()."""
+        state_of = getattr(self.optimizer, "preconditioner_state", None) if self.reuse_own else None
         for probe in self.probes.values():
+            if callable(state_of) and not probe.link_decided:
+                probe.link(state_of(probe.param))
             probe.observe()
 
     @torch.no_grad()

@@ -48,6 +48,11 @@ class OwnState(Protocol):
     def matrix_shape(self) -> tuple[int, ...]: ...
 
 
+def _own_field(own: object, name: str) -> object:
+    """An optional ``PreconditionerState`` field (``factor_rule``, ``beta``, ``init``, ``updates``)."""
+    return getattr(own, name, None)
+
+
 def probe_shape(param: Tensor) -> tuple[int, int]:
     """The matrix a parameter is probed as: ``(shape[0], prod(rest))``; needs ≥ 2 dimensions."""
     if param.ndim < 2:
@@ -91,6 +96,10 @@ class LayerProbe:
         self.tol = tol
         self.max_iter = max_iter
         self.shadows = {m: ShadowFactors(SHADOW_RULES[m]) for m in methods}
+        # The shadow whose factors are the optimizer's own (see ``link``): not updated here, its
+        # metrics are computed from ``own.left``/``own.right`` at report time.
+        self.linked: str | None = None
+        self.link_decided = False
         self.ring: Tensor | None = None
         self.head = 0  # next slot to write
         self.count = 0  # filled slots
@@ -108,11 +117,46 @@ class LayerProbe:
             self.ring = torch.zeros(self.window, *self.shape, dtype=self.dtype, device=grad.device)
         slot = self.ring[self.head]
         slot.copy_(grad.detach().reshape(self.shape))
-        for shadow in self.shadows.values():
-            shadow.update(slot, self.beta)
+        for method, shadow in self.shadows.items():
+            if method != self.linked:
+                shadow.update(slot, self.beta)
         self.head = (self.head + 1) % self.window
         self.count = min(self.count + 1, self.window)
         self.observed += 1
+
+    def link(self, own: OwnState | None) -> bool:
+        """Stop updating the shadow whose factors the optimizer already holds; True once linked.
+
+        Call before ``observe`` with the optimizer's state for this parameter (both must have seen
+        the same gradients so far). A shadow is linked when the optimizer's factors are two-sided,
+        in the probe's matrix shape and dtype, produced by the same rule with the same β (and the
+        ``kron`` initialisation for the projector-splitting rules) from exactly as many gradients
+        as the shadow has seen: the same pure functions of the same inputs, so the factors are
+        equal and updating the shadow would only repeat the optimizer's work. Decided once: a
+        mismatching optimizer state never links. ``None`` (optimizer not initialised yet) waits.
+        """
+        if self.link_decided or own is None:
+            return self.linked is not None
+        self.link_decided = True
+        rule = _own_field(own, "factor_rule")
+        method = next((m for m, s in self.shadows.items() if s.rule == rule), None)
+        if method is None or own.left is None or own.right is None:
+            return False
+        shadow = self.shadows[method]
+        beta = _own_field(own, "beta")
+        init = _own_field(own, "init")
+        if (
+            tuple(int(d) for d in own.matrix_shape) != self.shape
+            or own.left.dtype != self.dtype
+            or beta is None
+            or float(beta) != self.beta  # type: ignore[arg-type]
+            or (rule != "ema" and init != "kron")
+            or _own_field(own, "updates") != shadow.steps
+        ):
+            return False
+        self.linked = method
+        shadow.left = shadow.right = None  # the optimizer's factors stand in from now on
+        return True
 
     # ------------------------------------------------------------------ on request
     def fisher(self) -> WeightedFisher | None:
@@ -144,15 +188,24 @@ class LayerProbe:
         ]
         if fisher.norm_sq() > 0.0:
             out += self._optimal_metrics(fisher)
-            if own is not None:
-                out += _own_metrics(fisher, own)
+            shadow_rows: list[tuple[str, str, float]] = []
+            linked_err: float | None = None
+            rows, cols = self.shape
             for method, shadow in self.shadows.items():
-                if shadow.left is not None and shadow.right is not None:
-                    rows, cols = self.shape
+                left, right = shadow.left, shadow.right
+                if method == self.linked:
+                    left, right = (None, None) if own is None else (own.left, own.right)
+                if left is not None and right is not None:
                     err, mass = fisher.spectral_metrics(
-                        spectral(shadow.left, rows, fisher.grads), spectral(shadow.right, cols, fisher.grads)
+                        spectral(left, rows, fisher.grads), spectral(right, cols, fisher.grads)
                     )
-                    out += [(method, names.KRON_REL_ERR, err), (method, names.DIAG_MASS, mass)]
+                    shadow_rows += [(method, names.KRON_REL_ERR, err), (method, names.DIAG_MASS, mass)]
+                    if method == self.linked:
+                        linked_err = err
+            if own is not None:
+                # Linked: own's Kronecker error is the linked shadow's (same factors), not recomputed.
+                out += _own_metrics(fisher, own, linked_err)
+            out += shadow_rows
         return [(method, metric, value) for method, metric, value in out if math.isfinite(value)]
 
     def _optimal_metrics(self, fisher: WeightedFisher) -> list[tuple[str, str, float]]:
@@ -179,6 +232,8 @@ class LayerProbe:
             "count": self.count,
             "observed": self.observed,
             "shadows": {m: (s.left, s.right, s.steps) for m, s in self.shadows.items()},
+            "linked": self.linked,
+            "link_decided": self.link_decided,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -187,6 +242,9 @@ class LayerProbe:
         ring = state["ring"]
         self.ring = None if ring is None else ring.to(device=device, dtype=self.dtype)
         self.head, self.count, self.observed = int(state["head"]), int(state["count"]), int(state["observed"])
+        linked = state.get("linked")
+        self.linked = linked if linked in self.shadows else None
+        self.link_decided = bool(state.get("link_decided", False))
         for method, (left, right, steps) in state["shadows"].items():
             if method in self.shadows:
                 shadow = self.shadows[method]
@@ -195,7 +253,9 @@ class LayerProbe:
                 shadow.steps = int(steps)
 
 
-def _own_metrics(fisher: WeightedFisher, own: OwnState) -> list[tuple[str, str, float]]:
+def _own_metrics(
+    fisher: WeightedFisher, own: OwnState, kron_rel_err: float | None = None
+) -> list[tuple[str, str, float]]:
     """Metrics of the training optimizer's own preconditioner.
 
     The optimizer may reshape a >2-D tensor differently from the probe; ``H`` does not depend on
@@ -209,7 +269,9 @@ def _own_metrics(fisher: WeightedFisher, own: OwnState) -> list[tuple[str, str, 
         return []
     view = fisher.reshaped(*shape)
     out: list[tuple[str, str, float]] = []
-    if own.left is not None or own.right is not None:
+    if kron_rel_err is not None:
+        out.append((names.OWN, names.KRON_REL_ERR, kron_rel_err))
+    elif own.left is not None or own.right is not None:
         out.append((names.OWN, names.KRON_REL_ERR, view.kron_rel_err(own.left, own.right)))
     diag = view.rotated_diag(own.left_basis, own.right_basis)
     out.append((names.OWN, names.DIAG_MASS, view.diag_mass(diag)))
