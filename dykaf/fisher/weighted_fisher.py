@@ -7,8 +7,8 @@ number the diagnostics need is a Gram product of the stored gradients ``G_i`` (r
 * ``⟨H, A⊗B⟩ = Σ_i w_i ⟨G_i, A G_i B⟩``, ``‖A⊗B‖ = ‖A‖‖B‖``              — ``O(W mn(m+n))``
 * ``diag(Qᵀ H Q) = Σ_i w_i (Q_Lᵀ G_i Q_R)∘²`` for ``Q = Q_L ⊗ Q_R``      — ``O(W mn(m+n))``
 * the optimal Kronecker approximation of ``H``: the top singular pair of the Van Loan–Pitsianis
-  rearrangement ``Σ_i w_i G_i ⊗ G_i``, found by power iteration on ``B ↦ Σ_i w_i G_i B G_iᵀ`` and its
-  adjoint ``A ↦ Σ_i w_i G_iᵀ A G_i``                                      — ``O(W mn(m+n))`` per step
+  rearrangement ``Σ_i w_i G_i ⊗ G_i``, found by Lanczos on ``T*T`` with ``T: B ↦ Σ_i w_i G_i B G_iᵀ``
+  and its adjoint ``T*: A ↦ Σ_i w_i G_iᵀ A G_i``                           — ``O(W mn(m+n))`` per step
 
 Work is chunked over the window so that the peak extra memory stays near one chunk of gradients
 rather than several copies of the window. ``dense.py`` computes the same numbers from an explicit
@@ -39,11 +39,12 @@ class Spectral:
 
 @dataclass(frozen=True)
 class OptimalKronecker:
-    """Best Frobenius Kronecker approximation ``σ · A ⊗ B`` of ``H`` (``‖A‖ = ‖B‖ = 1``, both PSD).
+    """Best Frobenius Kronecker approximation ``σ · A ⊗ B`` of ``H`` (``‖A‖ = ‖B‖ = 1``, symmetric;
+    PSD at convergence).
 
-    ``iterations``/``converged`` say how the power iteration ended; ``sigma`` is ``⟨H, A⊗B⟩`` for the
-    returned pair, so ``sqrt(1 − σ²/‖H‖²)`` is the exact relative error of that pair (an upper bound
-    on the floor that meets it at convergence).
+    ``iterations``/``converged`` say how the Lanczos iteration ended (``T*T`` applications);
+    ``sigma`` is ``⟨H, A⊗B⟩`` for the returned pair, so ``sqrt(1 − σ²/‖H‖²)`` is the exact
+    relative error of that pair (an upper bound on the floor that meets it at convergence).
     """
 
     left: Tensor
@@ -230,34 +231,71 @@ class WeightedFisher:
         return out
 
     def optimal_kronecker(self, *, tol: float | None = None, max_iter: int = 100) -> OptimalKronecker:
-        """Top singular pair of the rearranged ``H`` by alternating power iteration (no RNG).
+        """Top singular pair of the rearranged ``H`` by Lanczos on ``T*T`` (no RNG).
+
+        ``T: B ↦ Σ w_i G_i B G_iᵀ`` and its adjoint ``T*: A ↦ Σ w_i G_iᵀ A G_i``; the top eigenvector
+        ``B`` of the symmetric PSD ``T*T`` is the right singular vector, ``A = T(B)/‖T(B)‖`` the left
+        one, ``σ = ‖T(B)‖``. Each Lanczos step costs one ``T`` and one ``T*`` application (the price
+        of one sweep of alternating power iteration) and its Krylov space contains the power
+        iterate, so the Ritz value is never below power iteration's σ² after as many sweeps — and
+        where the top singular values crowd (small windows on large layers, typical of GPT
+        gradients) it converges in far fewer steps (e.g. 4 instead of 10 on a 512×128 layer).
+        Full reorthogonalisation; the ``T(v_j)`` are kept so ``A`` needs no extra application.
 
         Starts from ``B0 ∝ Σ w_i G_iᵀ G_i`` (the window's Shampoo right factor): PSD, so it cannot be
         orthogonal to the PSD top singular vector. (Warm starts from the last report's optimum or
-        from the shadow DyKAF factor saved no sweeps on GPT gradients, so there are none.) Each
-        sweep ``A ← T(B)/‖T(B)‖``, ``B ← T*(A)/‖T*(A)‖`` raises ``σ = ‖T*(A)‖`` monotonically.
+        from the shadow DyKAF factor saved no sweeps on GPT gradients, so there are none.)
 
-        Stop when the squared relative error ``1 − σ²/‖H‖²`` falls by less than ``tol`` in a sweep
-        (default 1e-12 in float64, 1e-6 otherwise, where rounding noise would keep it moving): the
-        reported error is then settled, and where the floor is high (σ² ≪ ‖H‖², typical for small
-        windows on large layers, where the top singular values crowd and power iteration is slow)
-        this stops long before a test on σ itself would.
+        Stop when the squared relative error ``1 − σ²/‖H‖²`` falls by less than ``tol`` in a step
+        (default 1e-12 in float64, 1e-6 otherwise, where rounding noise would keep it moving), or
+        when the Krylov space is exhausted: the reported error is then settled. ``sigma`` is
+        ``⟨A, T(B)⟩`` of the returned unit pair, so ``sqrt(1 − σ²/‖H‖²)`` is that pair's exact error.
         """
         if tol is None:
             tol = 1e-12 if self.grads.dtype == torch.float64 else 1e-6
         h_norm_sq = self.norm_sq()
-        right = _unit(self.right_gram())
-        sigma = previous = 0.0
-        left = right.new_zeros(self.shape[0], self.shape[0])
-        for iteration in range(1, max_iter + 1):
-            left = _unit(self.apply_right(right))
-            new_right = self.apply_left(left)
-            # ⟨A, T(B_new)⟩ = ⟨T*(A), B_new⟩ = ‖T*(A)‖: σ of the returned pair (A, B_new).
-            previous, sigma = sigma, float(torch.linalg.norm(new_right.double()))
-            right = _unit(new_right)
-            if (sigma * sigma - previous * previous) <= tol * h_norm_sq:
-                return OptimalKronecker(left, right, sigma, iteration, True)
-        return OptimalKronecker(left, right, sigma, max_iter, False)
+        cols = self.shape[1]
+        max_steps = max(1, min(max_iter, cols * (cols + 1) // 2))  # dimension of symmetric n × n
+        basis = [_unit(self.right_gram())]
+        images: list[Tensor] = []  # T(v_j)
+        alphas: list[float] = []
+        offdiag: list[float] = []
+        previous = 0.0
+        coeffs = torch.ones(1, dtype=torch.float64)
+        converged = False
+        steps = 0
+        while steps < max_steps:
+            steps += 1
+            image = self.apply_right(basis[-1])
+            images.append(image)
+            w = self.apply_left(image)
+            alphas.append(float(torch.sum(w.double() * basis[-1].double())))
+            for _ in range(2):  # full reorthogonalisation, twice (Kahan–Parlett) for float32
+                for v in basis:
+                    w = w - torch.sum(w * v) * v
+            beta = float(torch.linalg.norm(w.double()))
+            tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+            if offdiag:
+                off = torch.tensor(offdiag, dtype=torch.float64)
+                tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
+            values, vectors = torch.linalg.eigh(tri)
+            theta, coeffs = max(float(values[-1]), 0.0), vectors[:, -1]
+            exhausted = beta <= 1e-7 * math.sqrt(max(abs(alphas[0]), torch.finfo(w.dtype).tiny))
+            if exhausted or theta - previous <= tol * h_norm_sq:
+                converged = True
+                break
+            previous = theta
+            offdiag.append(beta)
+            basis.append(w / beta)
+        coeffs = coeffs.to(basis[0].dtype)
+        right = sum((c * v for c, v in zip(coeffs, basis, strict=False)), torch.zeros_like(basis[0]))
+        if float(torch.trace(right)) < 0.0:  # the PSD representative of ±B
+            right, coeffs = -right, -coeffs
+        right_norm = torch.linalg.norm(right).clamp_min(torch.finfo(right.dtype).tiny)
+        image = sum((c * t for c, t in zip(coeffs, images, strict=False)), torch.zeros_like(images[0]))
+        image = image / right_norm  # T(B) for the unit B
+        sigma = float(torch.linalg.norm(image.double()))
+        return OptimalKronecker(_unit(image), right / right_norm, sigma, steps, converged)
 
 
 def _unit(mat: Tensor) -> Tensor:
