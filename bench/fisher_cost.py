@@ -251,6 +251,11 @@ class TrainingCost:
     observe_ms: float
     report_ms: float
     fisher_every: int
+    label: str = "AdamW"
+    power_iterations: list[int] | None = None
+
+    def overhead_at(self, fisher_every: int) -> float:
+        return (self.observe_ms + self.report_ms / fisher_every) / self.step_ms
 
     @property
     def overhead_isolated(self) -> float:
@@ -302,6 +307,73 @@ def bench_training(
         report_ms=1e3 * statistics.median(report_times),
         fisher_every=fisher_every,
     )
+
+
+def bench_worker(
+    device: torch.device, optimizer_name: str, steps: int, fisher_every: int, window: int, max_layers: int
+) -> TrainingCost:
+    """The embedded GPT task at the worker's ``TaskSpec`` defaults, stepped like ``worker.training.runner``
+    (micro-batch, backward, clip to ``grad_clip``, observe, optimizer step; no eval, no logging)."""
+    import torch.nn.functional as F
+
+    from worker.lm.data import WindowBatches
+    from worker.lm.task import build_task
+    from worker.spec import TaskSpec
+    from worker.training import optim
+
+    spec = TaskSpec()
+    task = build_task(spec, 0)
+    model = task.model.to(device)
+    named = task.trainable_parameters()
+    params = [p for _, p in named]
+    optimizer = optim.build_optimizer(optimizer_name, named, {}, {n: task.roles[n] for n, _ in named})
+    monitor = FisherMonitor(model, optimizer, window=window, max_layers=max_layers)
+    batches = WindowBatches(task.train_tokens, spec.context, spec.batch_size, 0)
+    clock = Clock(device)
+    position = [0]
+
+    def train_step(observe: bool) -> None:
+        position[0] += 1
+        inputs, targets = (t.to(device) for t in batches.batch(position[0]))
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null():
+            logits = task.logits(model, inputs)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, spec.grad_clip if spec.grad_clip > 0 else math.inf)
+        if observe:
+            monitor.observe()
+        optimizer.step()
+
+    for _ in range(max(3, window)):  # warm-up, fills the window, links own factors
+        train_step(observe=True)
+    plain, observed = [], []
+    block = max(2, steps // 4)
+    for _ in range(4):
+        plain.append(clock.time(lambda: [train_step(False) for _ in range(block)]) / block)
+        observed.append(clock.time(lambda: [train_step(True) for _ in range(block)]) / block)
+    train_step(observe=False)
+    observe_times = [clock.time(monitor.observe) for _ in range(5)]
+    report_times = [clock.time(lambda: monitor.report(0)) for _ in range(3)]
+    linked = [p.linked for p in monitor.probes.values() if p.linked]
+    return TrainingCost(
+        batch=spec.batch_size,
+        seq=spec.context,
+        params_m=sum(p.numel() for p in params) / 1e6,
+        layers=[f"{name} {tuple(p.param.shape)}" for name, p in monitor.probes.items()],
+        step_ms=1e3 * statistics.median(plain),
+        step_with_observe_ms=1e3 * statistics.median(observed),
+        observe_ms=1e3 * statistics.median(observe_times),
+        report_ms=1e3 * statistics.median(report_times),
+        fisher_every=fisher_every,
+        label=f"{optimizer_name} (own factors reused for: {', '.join(sorted(set(linked))) or 'none'})",
+        power_iterations=[p.last_power_iterations for p in monitor.probes.values()],
+    )
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
 
 
 # ---------------------------------------------------------------------------- output
@@ -357,6 +429,37 @@ def render(device: torch.device, command: str, layers: list[LayerCost], training
     return "\n".join(lines) + "\n"
 
 
+def render_worker(command: str, results: list[TrainingCost], cadences: list[int]) -> str:
+    t0 = results[0]
+    lines = [
+        "## Overhead on the embedded GPT task (worker `TaskSpec` defaults)",
+        "",
+        f"Command: `{command}`  ",
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; model {t0.params_m:.2f} M "
+        f"params, batch {t0.batch} × {t0.seq} tokens, grad clip as the runner; probes "
+        + ", ".join(t0.layers)
+        + ".",
+        "",
+        "| optimizer | step ms | step + observe ms | observe ms | report ms | Lanczos steps | "
+        + " | ".join(f"overhead @ every {c}" for c in cadences)
+        + " |",
+        "|---|---:|---:|---:|---:|---|" + "---:|" * len(cadences),
+    ]
+    for t in results:
+        lines.append(
+            f"| {t.label} | {t.step_ms:.1f} | {t.step_with_observe_ms:.1f} | {t.observe_ms:.2f} "
+            f"| {t.report_ms:.1f} | {t.power_iterations} | "
+            + " | ".join(f"{100 * t.overhead_at(c):.1f}%" for c in cadences)
+            + " |"
+        )
+    lines += [
+        "",
+        "overhead = (observe + report / fisher_every) / plain step (observe and report timed in isolation; "
+        "the step + observe column is the in-loop check of the observe part).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _measured_window(layers: list[LayerCost], shape: tuple[int, int]) -> int:
     return max(c.window for c in layers if c.shape == shape and c.measured)
 
@@ -381,6 +484,15 @@ def main(argv: list[str] | None = None) -> None:
         "GMAC; default 75 with --quick on CPU, else no limit",
     )
     parser.add_argument("--no-training", action="store_true", help="skip part 2")
+    parser.add_argument(
+        "--worker",
+        default=None,
+        help="only measure the embedded GPT task at the worker's TaskSpec defaults, for these "
+        "comma-separated optimizers (e.g. adamw,dykaf,soap)",
+    )
+    parser.add_argument("--window", type=int, default=32, help="probe window W (--worker)")
+    parser.add_argument("--max-layers", type=int, default=None, help="probed layers (--worker)")
+    parser.add_argument("--cadences", default="50,100,250", help="fisher_every values to tabulate (--worker)")
     parser.add_argument("--output", type=Path, default=None, help="also write the markdown here")
     args = parser.parse_args(argv)
 
@@ -394,6 +506,29 @@ def main(argv: list[str] | None = None) -> None:
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     windows = [int(w) for w in args.windows.split(",")]
 
+    if args.worker:
+        from dykaf.fisher.monitor import DEFAULT_MONITOR_LAYERS
+
+        cadences = [int(c) for c in args.cadences.split(",")]
+        results = []
+        for name in args.worker.split(","):
+            results.append(
+                bench_worker(
+                    device,
+                    name,
+                    steps=8 if args.quick else 20,
+                    fisher_every=cadences[0],
+                    window=args.window,
+                    max_layers=args.max_layers or DEFAULT_MONITOR_LAYERS,
+                )
+            )
+            print(results[-1], flush=True)
+        text = render_worker(command, results, cadences)
+        print(text)
+        if args.output is not None:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(text)
+        return
     bench_layer(32, 16, 4, device, repeats=1)  # one-time library and allocator initialisation
     max_gmac = args.max_gmac
     if max_gmac is None and args.quick and device.type == "cpu":

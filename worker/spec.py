@@ -174,7 +174,14 @@ class TaskSpec(StrictModel):
     eval_every: int = Field(50, ge=1, le=MAX_STEPS)
     eval_batches: int = Field(8, ge=1, le=10_000, description="validation micro-batches per evaluation")
     log_every: int = Field(10, ge=1, le=MAX_STEPS)
-    fisher_every: int = Field(0, ge=0, le=MAX_STEPS, description="Fisher diagnostics cadence; 0 disables")
+    fisher_every: int = Field(
+        0,
+        ge=0,
+        le=MAX_STEPS,
+        description="Fisher diagnostics cadence in steps; 0 disables. Each step also pays the probes' "
+        "shadow updates: on the default task (2 probed layers, window 32) ≈ 3-6 % per step, plus a report "
+        "≈ 4-5 steps long every fisher_every steps (250: ≈ +2 %); see dykaf/fisher/README.md 'Cost'",
+    )
     fisher_window: int = Field(32, ge=1, le=10_000)
     fisher_layers: Literal["auto"] | list[str] = "auto"
     checkpoint_every: int = Field(0, ge=0, le=MAX_STEPS, description="0 = only at cancel and at the end")

@@ -21,7 +21,12 @@ from torch import Tensor, nn
 
 from dykaf.fisher.probe import DEFAULT_BETA, DEFAULT_WINDOW, LayerProbe
 from dykaf.fisher.rows import SHADOW_METHODS, FisherRow
-from dykaf.fisher.selection import DEFAULT_MAX_LAYERS, select_layers
+from dykaf.fisher.selection import select_layers
+
+# Layers the monitor probes by default ("auto"): the attention input projection and the MLP
+# up-projection of the first block. Each probed layer costs about 5 SOAP factor updates per step
+# (3 with a DyKAF run's own factors reused); see README "Cost".
+DEFAULT_MONITOR_LAYERS = 2
 
 
 def optimizer_beta(optimizer: torch.optim.Optimizer | None, param: Tensor) -> float:
@@ -65,7 +70,7 @@ class FisherMonitor:
         window: int = DEFAULT_WINDOW,
         beta: float | None = None,
         *,
-        max_layers: int = DEFAULT_MAX_LAYERS,
+        max_layers: int = DEFAULT_MONITOR_LAYERS,
         methods: Iterable[str] = SHADOW_METHODS,
         tol: float | None = None,
         max_iter: int = 100,
