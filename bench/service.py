@@ -459,6 +459,121 @@ def bench_csv(settings: Settings, points: int) -> list[str]:
     return out
 
 
+# --- phase: GPU worker (embedded stack on a CUDA machine) ------------------------------------
+def bench_gpu(device: str = "cuda") -> list[str]:
+    """A real Celery worker started the way ``dykaf-lab worker --queue gpu --gpu 0`` starts one
+    (CUDA_VISIBLE_DEVICES, DYKAF_WORKER_DEVICE=cuda, solo pool) trains a small job from the
+    embedded stack (SQLite + SQLAlchemy broker; no PostgreSQL/Redis needed), then the stored rows are
+    checked: every run on cuda, metrics and Fisher rows complete, rollups built, CSV complete."""
+    import tempfile
+
+    from server.csv_export import metrics_csv
+    from server.db.models import FisherValue, Job
+    from server.db.session import session_factory
+    from worker.celery_app import enqueue_run
+    from worker.cli_service import celery_worker_argv
+
+    tmp = Path(tempfile.mkdtemp(prefix="dykaf-gpu-"))
+    settings = Settings(data_dir=tmp, heartbeat_s=0.5, flush_every_s=0.5, reconcile=False)
+    migrate.upgrade(settings.database_url)
+    steps = 300
+    spec = JobSpec.model_validate(
+        {
+            **TINY,
+            "name": "gpu-check",
+            "device": device,
+            "seeds": [0, 1],
+            "task": {
+                **TINY["task"],
+                "n_layer": 2,
+                "n_head": 4,
+                "d_model": 128,
+                "context": 128,
+                "batch_size": 32,
+                "steps": steps,
+                "warmup_steps": 20,
+                "log_every": 1,
+                "eval_every": 100,
+                "fisher_every": 50,
+                "checkpoint_every": 50,
+            },
+        }
+    )
+    with session_scope(settings.database_url) as session:
+        job = jobs_crud.create_job(session, spec, auto_queue="gpu")
+        job_id, runs = job.id, [(run.id, run.queue) for run in job.runs]
+    env = {
+        **os.environ,
+        **settings.env(),
+        "DYKAF_WORKER_DEVICE": device,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    if device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = "0"  # what `dykaf-lab worker --gpu 0` sets
+    log_path = tmp / "worker.log"
+    with open(log_path, "wb") as log_file:
+        worker = subprocess.Popen(
+            celery_worker_argv("gpu" if device == "cuda" else "cpu", "gpu0@%h"),
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        t0 = time.perf_counter()
+        for run_id, queue in runs:
+            enqueue_run(settings, run_id, queue)
+        status = "queued"
+        while time.perf_counter() - t0 < 400 and worker.poll() is None:
+            with session_scope(settings.database_url) as session:
+                status = session.get(Job, job_id).status
+            if status in ("succeeded", "failed", "diverged", "cancelled"):
+                break
+            time.sleep(1)
+        elapsed = time.perf_counter() - t0
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+    lines = [
+        "## GPU worker check",
+        "",
+        f"Job status **{status}** after {elapsed:.0f} s (worker start included).",
+        "",
+        "| run | status | device | attempt | step | final val loss | step ms | metric rows | Fisher rows |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    ok = status == "succeeded"
+    with session_scope(settings.database_url) as session:
+        for run in session.scalars(select(Run).where(Run.job_id == job_id).order_by(Run.index)):
+            n_metrics = count_points(settings, [run.id])
+            n_fisher = session.scalar(
+                select(func.count()).select_from(FisherValue).where(FisherValue.run_id == run.id)
+            )
+            train = session.scalar(
+                select(func.count())
+                .select_from(MetricPoint)
+                .where(MetricPoint.run_id == run.id, MetricPoint.name == "train_loss")
+            )
+            summary = run.summary or {}
+            lines.append(
+                f"| {run.label} s{run.seed} | {run.status} | {run.device} | {run.attempt} | {run.step} | "
+                f"{summary.get('final_val_loss', float('nan')):.4f} | {summary.get('step_time_ms', 0):.1f} | "
+                f"{n_metrics} | {n_fisher} |"
+            )
+            ok = ok and run.device == device and train == steps and n_fisher > 0 and run.rollup_built
+    csv_rows = (
+        sum(chunk.count("\n") for chunk in metrics_csv(session_factory(settings.database_url), job_id)) - 1
+    )
+    with session_scope(settings.database_url) as session:
+        total = count_points(settings, [r for r, _ in runs])
+    ok = ok and csv_rows == total
+    lines += [
+        "",
+        f"metrics.csv rows {csv_rows} = stored points {total}; check {'PASSED' if ok else 'FAILED'}.",
+    ]
+    if not ok:
+        lines += ["", "```", log_path.read_text(errors="replace")[-6000:], "```"]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -476,7 +591,15 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--api-workers", type=int, default=2)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--device", default="cuda", help="gpu phase: cuda, or cpu for a dry run")
     args = parser.parse_args()
+
+    if args.phases == "gpu":  # on a CUDA machine without PostgreSQL/Redis
+        text_out = "\n".join(["# Service GPU check", "", *bench_gpu(args.device)])
+        print(text_out)
+        if args.out:
+            args.out.write_text(text_out + "\n")
+        return
 
     import tempfile
 
