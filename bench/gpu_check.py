@@ -74,7 +74,7 @@ def cuda_tests(dry_run: bool) -> dict[str, Any]:
     if missing("pytest"):
         return {"skipped": "pytest is not installed"}
     files = [str(p) for p in sorted((ROOT / "tests").glob("test_*.py")) if "cuda" in p.read_text()]
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "-rs", *files]
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "-rfEs", *files]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     tail = proc.stdout.strip().splitlines()[-1:] or [proc.stderr.strip()[-300:]]

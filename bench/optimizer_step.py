@@ -172,7 +172,10 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="*", help="d_model values (default by device)")
     parser.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS))
     parser.add_argument("--json", type=Path, help="write the result as JSON here")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared CPU)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     result = run(args.device, args.widths, tuple(args.optimizers))

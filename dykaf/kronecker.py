@@ -182,9 +182,11 @@ def update_sequential(left: Tensor, right: Tensor, grad: Tensor, beta: float) ->
     y = g @ v0 @ g.T
     k = s * u0 + y
     tiny = torch.finfo(g.dtype).tiny
-    k_norm = torch.linalg.matrix_norm(k)
-    u1 = k / k_norm.clamp_min(tiny)
-    s_tilde = k_norm - _inner(u1, y)
+    u1 = k / torch.linalg.matrix_norm(k).clamp_min(tiny)
+    # Backward S-step. ``Ŝ − ⟨U1, ĜV0Ĝᵀ⟩`` equals ``s⟨U1, U0⟩`` exactly (``Ŝ = ⟨U1, K⟩``), and the
+    # latter has no cancellation: when the new gradient dominates, the difference of two nearly
+    # equal numbers lost most float32 digits (CPU and CUDA then drifted apart by 1e-4 in 10 steps).
+    s_tilde = s * _inner(u1, u0)
     m_mat = s_tilde * v0 + g.T @ u1 @ g
     m_norm = torch.linalg.matrix_norm(m_mat)
     v1 = m_mat / m_norm.clamp_min(tiny)
