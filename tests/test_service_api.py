@@ -243,6 +243,20 @@ def test_cancel_queued_job_then_rerun_and_delete(api: Any) -> None:
     assert rerun.json()["rerun_of"] == job["id"] and rerun.json()["status"] == "queued"
     assert rerun.json()["spec"] == body["spec"]
 
+    # a stored spec that no longer validates (here: the step cap was lowered) is a 422, not a 500
+    api.app.state.settings = api.settings.with_(max_steps=5)
+    r = api.post(f"/jobs/{job['id']}/rerun")
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "task", "steps"]
+    api.app.state.settings = api.settings
+    with session_scope(api.settings.database_url) as session:  # a stored spec that no longer parses
+        stored = session.get(Job, job["id"])
+        stored.spec = {**stored.spec, "task": {**stored.spec["task"], "steps": 0}}
+    r = api.post(f"/jobs/{job['id']}/rerun")
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["spec", "task", "steps"]
+    with session_scope(api.settings.database_url) as session:
+        stored = session.get(Job, job["id"])
+        stored.spec = body["spec"]
+
     # a job with queued runs cannot be deleted; a finished one can, with everything it owns
     assert api.delete(f"/jobs/{rerun.json()['id']}").status_code == 409
     run_id = body["runs"][0]["id"]

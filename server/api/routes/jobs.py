@@ -6,6 +6,8 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from server.api.deps import get_session, get_settings
@@ -249,7 +251,12 @@ def rerun_job(
     settings: Annotated[Settings, Depends(get_settings)],
 ) -> JobOut:
     original = _get_job(session, job_id)
-    spec = JobSpec.model_validate(original.spec)
+    try:  # re-validated: limits or data roots may have changed since the original submission
+        spec = JobSpec.model_validate(original.spec)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**err, "loc": ("spec", *err["loc"])} for err in exc.errors(include_url=False)]
+        ) from None
     check_limits(spec, settings)
     job, warnings = submit(session, settings, spec, api_key_id=key.id, rerun_of=job_id)
     response.headers["Location"] = f"{API_PREFIX}/jobs/{job.id}"
