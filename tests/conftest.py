@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -211,30 +210,11 @@ class WorkerProcess:
         env.pop("DYKAF_REQUIRE_SERVICES", None)
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        # Exactly the command `dykaf-lab worker` runs, so the tests exercise the production setup.
+        from worker.cli_service import celery_worker_argv
+
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.celery_app",
-                "worker",
-                "-P",
-                "solo",
-                "-c",
-                "1",
-                "--prefetch-multiplier",
-                "1",
-                "-Q",
-                "gpu,cpu",
-                "-n",
-                f"{name}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "-l",
-                "INFO",
-            ],
+            celery_worker_argv("gpu,cpu", f"{name}@%h"),
             cwd=ROOT,
             env=env,
             stdout=self._log,
