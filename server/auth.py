@@ -18,6 +18,7 @@ from server.core.config import Settings
 from server.crud.api_keys import verify_token
 from server.db.models import ApiKey
 from server.errors import ApiError
+from server.ratelimit import retry_after_header
 
 bearer = HTTPBearer(auto_error=False, description="An API key created with `dykaf-lab keys create`")
 
@@ -46,9 +47,21 @@ def require_key(
     session: Annotated[Session, Depends(get_session)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> ApiKey:
-    """Dependency for write endpoints."""
+    """Dependency for write endpoints: a valid key, within its write rate (``server.ratelimit``)."""
     key = _check(session, credentials)
     request.state.api_key_id = key.id
+    limiter = getattr(request.app.state, "write_limiter", None)
+    if limiter is not None:
+        wait = limiter.acquire(key.id)
+        if wait > 0:
+            raise ApiError(
+                429,
+                f"write rate limit of {limiter.rate_per_min:g} per minute exceeded for this API key; "
+                f"retry in {wait:.1f} s",
+                loc=["header", "Authorization"],
+                type_="rate_limited",
+                headers={"Retry-After": retry_after_header(wait)},
+            )
     return key
 
 

@@ -290,6 +290,11 @@ class OptimizerSpec(StrictModel):
     def display(self) -> str:
         return self.label or self.name
 
+    def sweep_size(self) -> int:
+        """Number of sweep points, computed without building them (a grid can be astronomically
+        large: 11 hyperparameters x 16 values is 16**11 points, which must be refused, not built)."""
+        return math.prod(len(values) for values in self.sweep.values())
+
     def sweep_points(self) -> list[dict[str, Any]]:
         """Every combination of the sweep values (``[{}]`` when there is no sweep)."""
         if not self.sweep:
@@ -373,7 +378,7 @@ class JobSpec(StrictModel):
 
     def run_count(self) -> int:
         """Number of runs the job will execute (both stages for ``first_seed`` selection)."""
-        points = sum(len(opt.sweep_points()) for opt in self.optimizers)
+        points = sum(opt.sweep_size() for opt in self.optimizers)
         if self.sweep_selection == "first_seed":
             return points + len(self.optimizers) * (len(self.seeds) - 1)
         return points * len(self.seeds)

@@ -49,6 +49,9 @@ class Settings:
     max_runs_per_job: int = 256
     max_body_bytes: int = 1_048_576
     reads_require_key: bool = False
+    # Writes (submit, cancel, rerun, delete) allowed per API key per minute, bursts up to the same
+    # number; over it the API answers 429 with Retry-After. 0 disables the limit.
+    write_rate_per_min: float = 600.0
     # Liveness of runs: the worker heartbeats every ``heartbeat_s``; a running run whose heartbeat
     # is older than ``stale_after_s`` is considered orphaned (its worker died) and is requeued by
     # the reconciler, which runs every ``reconcile_every_s``.
@@ -93,6 +96,7 @@ class Settings:
             "max_runs_per_job": _env_int("DYKAF_MAX_RUNS_PER_JOB", cls.max_runs_per_job),
             "max_body_bytes": _env_int("DYKAF_MAX_BODY_BYTES", cls.max_body_bytes),
             "reads_require_key": _env_bool("DYKAF_READS_REQUIRE_KEY", cls.reads_require_key),
+            "write_rate_per_min": _env_float("DYKAF_WRITE_RATE_PER_MIN", cls.write_rate_per_min),
             "heartbeat_s": _env_float("DYKAF_HEARTBEAT_S", cls.heartbeat_s),
             "stale_after_s": _env_float("DYKAF_STALE_AFTER_S", cls.stale_after_s),
             "reconcile_every_s": _env_float("DYKAF_RECONCILE_EVERY_S", cls.reconcile_every_s),
@@ -131,6 +135,7 @@ class Settings:
             "DYKAF_MAX_RUNS_PER_JOB": str(self.max_runs_per_job),
             "DYKAF_MAX_BODY_BYTES": str(self.max_body_bytes),
             "DYKAF_READS_REQUIRE_KEY": "1" if self.reads_require_key else "0",
+            "DYKAF_WRITE_RATE_PER_MIN": str(self.write_rate_per_min),
             "DYKAF_HEARTBEAT_S": str(self.heartbeat_s),
             "DYKAF_STALE_AFTER_S": str(self.stale_after_s),
             "DYKAF_RECONCILE_EVERY_S": str(self.reconcile_every_s),

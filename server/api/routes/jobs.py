@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from server.api.deps import get_session, get_settings
+from server.api.deps import JobId, get_session, get_settings
 from server.auth import read_access, require_key
 from server.core.config import Settings
 from server.crud import jobs as jobs_crud
@@ -218,13 +218,13 @@ def list_jobs(
     dependencies=[Depends(read_access)],
     summary="A job with its runs, progress and summaries",
 )
-def get_job(job_id: int, session: Annotated[Session, Depends(get_session)]) -> JobOut:
+def get_job(job_id: JobId, session: Annotated[Session, Depends(get_session)]) -> JobOut:
     return job_detail(session, _get_job(session, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a job (its runs keep their data)")
 def cancel_job(
-    job_id: int,
+    job_id: JobId,
     _key: Annotated[ApiKey, Depends(require_key)],
     session: Annotated[Session, Depends(get_session)],
     settings: Annotated[Settings, Depends(get_settings)],
@@ -244,7 +244,7 @@ def cancel_job(
     "/{job_id}/rerun", status_code=201, response_model=JobOut, summary="Submit a new job with the same spec"
 )
 def rerun_job(
-    job_id: int,
+    job_id: JobId,
     response: Response,
     key: Annotated[ApiKey, Depends(require_key)],
     session: Annotated[Session, Depends(get_session)],
@@ -266,7 +266,7 @@ def rerun_job(
 
 @router.delete("/{job_id}", status_code=204, summary="Delete a finished job and all its data")
 def delete_job(
-    job_id: int,
+    job_id: JobId,
     request: Request,
     _key: Annotated[ApiKey, Depends(require_key)],
     session: Annotated[Session, Depends(get_session)],

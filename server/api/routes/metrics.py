@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from server.api.deps import get_session, get_settings
+from server.api.deps import DB_INT_MAX, JobId, RunIdItem, get_session, get_settings
 from server.auth import read_access
 from server.cache import ReadCache
 from server.core.config import Settings
@@ -41,14 +41,16 @@ def _runs(session: Session, job_id: int) -> dict[int, tuple[str, int]]:
     "/metrics", response_model=MetricsOut, summary="Downsampled metric series (per run and across seeds)"
 )
 def get_metrics(
-    job_id: int,
+    job_id: JobId,
     request: Request,
     session: Annotated[Session, Depends(get_session)],
     settings: Annotated[Settings, Depends(get_settings)],
-    run_id: Annotated[list[int] | None, Query(description="restrict to these runs (repeatable)")] = None,
+    run_id: Annotated[
+        list[RunIdItem] | None, Query(description="restrict to these runs (repeatable)")
+    ] = None,
     name: Annotated[list[str] | None, Query(description="restrict to these metrics (repeatable)")] = None,
-    step_min: Annotated[int | None, Query(ge=0)] = None,
-    step_max: Annotated[int | None, Query(ge=0)] = None,
+    step_min: Annotated[int | None, Query(ge=0, le=DB_INT_MAX)] = None,
+    step_max: Annotated[int | None, Query(ge=0, le=DB_INT_MAX)] = None,
     max_points: Annotated[int | None, Query(ge=1, description="buckets per series (server caps it)")] = None,
     view: Annotated[
         Literal["runs", "aggregate", "both"],
@@ -133,9 +135,9 @@ def get_metrics(
 
 @router.get("/fisher", response_model=FisherOut, summary="Fisher-fidelity diagnostics")
 def get_fisher(
-    job_id: int,
+    job_id: JobId,
     session: Annotated[Session, Depends(get_session)],
-    run_id: Annotated[list[int] | None, Query()] = None,
+    run_id: Annotated[list[RunIdItem] | None, Query()] = None,
     layer: Annotated[list[str] | None, Query()] = None,
     method: Annotated[list[str] | None, Query()] = None,
     metric: Annotated[list[str] | None, Query()] = None,
@@ -175,7 +177,7 @@ _CSV_DOC = {200: {"content": {"text/csv": {}}, "description": "CSV stream"}}
 
 @router.get("/metrics.csv", response_class=StreamingResponse, responses=_CSV_DOC, summary="All metric points")
 def get_metrics_csv(
-    job_id: int,
+    job_id: JobId,
     request: Request,
     session: Annotated[Session, Depends(get_session)],
     settings: Annotated[Settings, Depends(get_settings)],
@@ -188,7 +190,7 @@ def get_metrics_csv(
 
 @router.get("/summary.csv", response_class=StreamingResponse, responses=_CSV_DOC, summary="One row per run")
 def get_summary_csv(
-    job_id: int,
+    job_id: JobId,
     request: Request,
     session: Annotated[Session, Depends(get_session)],
     settings: Annotated[Settings, Depends(get_settings)],
@@ -201,7 +203,7 @@ def get_summary_csv(
 
 @router.get("/fisher.csv", response_class=StreamingResponse, responses=_CSV_DOC, summary="All Fisher rows")
 def get_fisher_csv(
-    job_id: int,
+    job_id: JobId,
     request: Request,
     session: Annotated[Session, Depends(get_session)],
     settings: Annotated[Settings, Depends(get_settings)],
