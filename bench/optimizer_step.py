@@ -138,7 +138,8 @@ def run(device: str, widths: list[int] | None, optimizers: tuple[str, ...]) -> d
                     "dykaf_extra_floor_ms": floor * 1e3 if name.startswith("dykaf") else None,
                 }
             )
-        print(f"  done {m}x{n}", file=sys.stderr, flush=True)
+        done = ", ".join(f"{name} {res['step_s'] * 1e3:.2f} ms" for name, res in results.items())
+        print(f"  {m}x{n}: {done}", file=sys.stderr, flush=True)
     return {"device": describe(device), "matmul_tflops": rate / 1e12, "rows": rows}
 
 
