@@ -1,0 +1,257 @@
+"""Mixed API load on loopback while a worker writes metrics.
+
+    python bench/load.py --clients 100 --duration 60 --out bench/results/load.md
+
+Starts a real stack on this machine: a temporary PostgreSQL database (``--pg-url``, an admin URL;
+dropped afterwards), Redis under a random key prefix (``--redis-url``), an API server (uvicorn,
+``--api-workers`` processes) and one Celery worker training a long single-run job (a metric point
+per step, flushed every 0.5 s). Then ``--clients`` concurrent httpx clients (one asyncio process,
+keep-alive) loop for ``--duration`` seconds, each request drawn at random:
+
+* 10 % ``POST /api/v1/jobs`` (a 2-run job: validation, rows written, 2 tasks published),
+* 45 % ``GET /api/v1/jobs/{id}`` status polls of the running job or a submitted one,
+* 45 % ``GET /api/v1/jobs/{id}/metrics?max_points=200`` of the running job (the read cache does
+  not apply: the job is not finished, so every read aggregates in PostgreSQL).
+
+Reports throughput, p50/p99 latency and errors per kind, and the metric points the worker stored
+during the window (it must keep writing under load). The per-key write limit is turned off for
+the run (``DYKAF_WRITE_RATE_PER_MIN=0``), otherwise the submissions would measure the 429 path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from service import TINY, Postgres, Server  # noqa: E402
+
+from server.core.config import Settings  # noqa: E402
+from server.crud.api_keys import create_key  # noqa: E402
+from server.db import migrate  # noqa: E402
+from server.db.session import session_scope  # noqa: E402
+
+KINDS = ("submit", "status", "metrics")
+WEIGHTS = (0.10, 0.45, 0.45)
+
+
+def metric_count(settings: Settings) -> int:
+    from sqlalchemy import func, select
+
+    from server.db.models import MetricPoint
+
+    with session_scope(settings.database_url) as session:
+        return int(session.scalar(select(func.count()).select_from(MetricPoint)) or 0)
+
+
+def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+    from worker.cli_service import celery_worker_argv
+
+    env = {**os.environ, **settings.env(), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        celery_worker_argv("gpu,cpu", f"load-{uuid.uuid4().hex[:6]}@%h"),
+        cwd=ROOT,
+        env=env,
+        stdout=open(log_path, "ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+async def run_load(base: str, token: str, job_id: int, clients: int, duration: float) -> dict[str, Any]:
+    import httpx
+
+    lat: dict[str, list[float]] = {k: [] for k in KINDS}
+    errors: dict[str, dict[str, int]] = {k: {} for k in KINDS}
+    known = [job_id]
+    auth = {"Authorization": f"Bearer {token}"}
+    body = {**TINY, "name": "load", "seeds": [0]}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    rng = random.Random(0)
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
+        stop_at = time.perf_counter() + duration
+
+        async def one_client() -> None:
+            while time.perf_counter() < stop_at:
+                kind = rng.choices(KINDS, WEIGHTS)[0]
+                t0 = time.perf_counter()
+                try:
+                    if kind == "submit":
+                        r = await client.post("/api/v1/jobs", json=body, headers=auth)
+                        if r.status_code == 201:
+                            known.append(r.json()["id"])
+                    elif kind == "status":
+                        r = await client.get(f"/api/v1/jobs/{rng.choice(known)}")
+                    else:
+                        r = await client.get(f"/api/v1/jobs/{job_id}/metrics", params={"max_points": 200})
+                    key = str(r.status_code) if r.status_code >= 400 else ""
+                except Exception as exc:  # counted, not raised
+                    key = type(exc).__name__
+                if key:
+                    errors[kind][key] = errors[kind].get(key, 0) + 1
+                else:
+                    lat[kind].append(time.perf_counter() - t0)
+
+        t_start = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        elapsed = time.perf_counter() - t_start
+
+    def pct(values: list[float], p: float) -> float:
+        values = sorted(values)
+        return values[min(len(values) - 1, int(p * len(values)))] * 1000 if values else float("nan")
+
+    rows = {}
+    for kind in [*KINDS, "all"]:
+        values = [v for k in KINDS for v in lat[k]] if kind == "all" else lat[kind]
+        errs = sum(sum(e.values()) for e in errors.values()) if kind == "all" else sum(errors[kind].values())
+        rows[kind] = {
+            "n": len(values),
+            "errors": errs,
+            "p50": pct(values, 0.50),
+            "p99": pct(values, 0.99),
+            "mean": statistics.fmean(values) * 1000 if values else float("nan"),
+            "rps": len(values) / elapsed,
+        }
+    return {"rows": rows, "errors": errors, "elapsed": elapsed, "submitted": len(known) - 1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--pg-url",
+        default=os.environ.get("DYKAF_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+    )
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("DYKAF_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--api-workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    import tempfile
+
+    import redis
+
+    tmp = Path(tempfile.mkdtemp(prefix="dykaf-load-"))
+    pg = Postgres(args.pg_url)
+    prefix = f"dykaf-load-{uuid.uuid4().hex[:8]}:"
+    settings = Settings(
+        data_dir=tmp / "lab",
+        database_url=pg.url,
+        broker_url=args.redis_url,
+        broker_key_prefix=prefix,
+        reconcile=False,
+        auto_queue="cpu",
+        flush_every_s=0.5,
+        heartbeat_s=1.0,
+        write_rate_per_min=0,
+    )
+    server = worker = None
+    try:
+        migrate.upgrade(settings.database_url)
+        with session_scope(settings.database_url) as session:
+            _, token = create_key(session, "load")
+        server = Server(settings, args.api_workers, DYKAF_WRITE_RATE_PER_MIN="0")
+        import httpx
+
+        long_job = {
+            **TINY,
+            "name": "writer",
+            "seeds": [0],
+            "task": {
+                **TINY["task"],
+                "steps": 200_000,
+                "log_every": 1,
+                "eval_every": 100_000,
+                "fisher_every": 100_000,
+                "checkpoint_every": 100_000,
+            },
+            "optimizers": [TINY["optimizers"][0]],
+        }
+        r = httpx.post(
+            f"{server.base}/api/v1/jobs", json=long_job, headers={"Authorization": f"Bearer {token}"}
+        )
+        r.raise_for_status()
+        job_id = r.json()["id"]
+        worker = start_worker(settings, tmp / "worker.log")
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{server.base}/api/v1/jobs/{job_id}").json()["runs"][0]["step"] < 50:
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise RuntimeError(
+                    "worker did not start writing:\n" + (tmp / "worker.log").read_text()[-3000:]
+                )
+            time.sleep(0.5)
+        before = metric_count(settings)
+        result = asyncio.run(run_load(server.base, token, job_id, args.clients, args.duration))
+        written = metric_count(settings) - before
+        restarts = server.restarts()
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGQUIT)
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        if server is not None:
+            server.stop()
+        pg.drop()
+        client = redis.Redis.from_url(args.redis_url)
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+    cmd = " ".join(["python", "bench/load.py", *sys.argv[1:]])
+    lines = [
+        "# Mixed API load while a worker writes metrics",
+        "",
+        f"Machine: {os.cpu_count()} CPUs ({platform.machine()}), shared with other work; "
+        f"PostgreSQL {pg.version} and Redis on localhost; Python {platform.python_version()}.",
+        "",
+        f"Command: `{cmd}`",
+        "",
+        f"{args.clients} concurrent clients (one asyncio process, httpx, keep-alive) for "
+        f"{result['elapsed']:.0f} s; "
+        f"uvicorn with {args.api_workers} worker processes; one Celery worker training a single-run job "
+        f"throughout (a point per step, 10 metrics). Mix: 10 % submissions (2-run job), 45 % status polls, "
+        f"45 % downsampled metric reads of the running job (max_points=200, not cacheable).",
+        "",
+        "| kind | requests | errors | p50 ms | p99 ms | mean ms | req/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for kind, row in result["rows"].items():
+        lines.append(
+            f"| {kind} | {row['n']:,} | {row['errors']} | {row['p50']:.0f} | {row['p99']:.0f} | "
+            f"{row['mean']:.0f} | {row['rps']:.1f} |"
+        )
+    lines += [
+        "",
+        f"Errors by kind and status: {result['errors']}",
+        f"Jobs submitted during the window: {result['submitted']:,}. Metric points the worker stored "
+        f"during the window: {written:,} ({written / result['elapsed']:.0f}/s). "
+        f"uvicorn worker restarts: {restarts}.",
+        "",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+
+
+if __name__ == "__main__":
+    main()
