@@ -614,6 +614,7 @@ def main() -> None:
         broker_url=args.redis_url,
         broker_key_prefix=prefix,
         reconcile=False,
+        write_rate_per_min=0,  # measure submissions, not the per-key 429 path
     )
     report = [
         "# Service benchmark",
