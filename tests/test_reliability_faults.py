@@ -6,7 +6,8 @@ Covered (beyond ``test_service_e2e.py``'s single kill -9 and cancel):
 * an unusable checkpoint directory makes the run ``failed`` with a reason naming the path;
 * a worker SIGKILLed twice on the same run: the run finishes once, every step's metrics once;
 * a private Redis (AOF, ``appendfsync always`` as in docker-compose) SIGKILLed and restarted with
-  jobs queued: no accepted run is lost and none runs twice;
+  jobs queued, and again under a worker busy with a run: no accepted run is lost and none runs
+  twice;
 * a private PostgreSQL stopped and restarted while a run writes metrics: ``/readyz`` answers 503
   while it is down and recovers, and no metric point is lost or duplicated.
 
@@ -379,3 +380,29 @@ def test_postgres_restart_mid_run_loses_and_duplicates_no_metric(
     assert run["attempt"] == 1
     assert_each_step_once(api, job, steps)
     assert "metric flush failed" in worker.log() or "heartbeat for run" in worker.log()
+
+
+def test_redis_crash_while_a_worker_runs_loses_and_duplicates_nothing(
+    tmp_path: Path, pg_url: str, private_redis: PrivateRedis, api_factory: Any, worker_factory: Any
+) -> None:
+    """The broker dies under a busy worker: the run in progress finishes (once), and the runs still
+    queued in Redis are delivered after the restart (once each). No reconciler runs."""
+    from server.core.config import Settings
+
+    settings = Settings(data_dir=tmp_path / "lab", database_url=pg_url, broker_url=private_redis.url, **FAST)
+    api = api_factory(settings)
+    long_body = tiny_job(name="busy", steps=200, eval_every=1000, fisher_every=1000, checkpoint_every=50)
+    long_body["optimizers"] = long_body["optimizers"][:1]
+    busy = api.post("/jobs", json=long_body).json()
+    queued = [api.post("/jobs", json=tiny_job(name=f"q{i}", steps=6)).json() for i in range(2)]
+    worker = worker_factory(settings, name="busy")
+    wait_run_step(api, busy["id"], 10)
+    private_redis.crash()
+    time.sleep(1.0)
+    private_redis.start()
+    for job in [busy, *queued]:
+        done = api.wait_job(job["id"], TERMINAL, timeout=180)
+        assert done["status"] == "succeeded", (done, worker.log()[-3000:])
+        assert all(run["attempt"] == 1 for run in done["runs"]), done["runs"]
+        assert_each_step_once(api, done, 200 if job is busy else 6)
+    assert "Connection to broker lost" in worker.log()  # the fault really hit the busy worker
