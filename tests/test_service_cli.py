@@ -74,6 +74,9 @@ class Up:
         return time.monotonic() - t0
 
 
+LONG_STEPS = 1500
+
+
 def cli(*args: str, data_dir: Path, server: str, **env: str) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "DYKAF_DATA_DIR": str(data_dir), "DYKAF_SERVER": server, **env}
     return subprocess.run(
@@ -97,7 +100,11 @@ def test_up_client_ctrl_c_and_restart(tmp_path: Path) -> None:
     long_job = tmp_path / "long.yaml"
     long_job.write_text(
         yaml.safe_dump(
-            tiny_job(name="long", steps=200, checkpoint_every=10, eval_every=200, fisher_every=0)
+            # Long enough that it cannot finish between "step >= 30" and the Ctrl-C taking effect on
+            # an idle machine (a tiny step takes a few ms): the run must be interrupted and resumed.
+            tiny_job(
+                name="long", steps=LONG_STEPS, checkpoint_every=10, eval_every=LONG_STEPS, fisher_every=0
+            )
             | {"optimizers": [{"name": "adamw", "hyperparameters": {"lr": 0.003}}]}
         )
     )
@@ -158,12 +165,13 @@ def test_up_client_ctrl_c_and_restart(tmp_path: Path) -> None:
         r = cli("watch", str(long["id"]), data_dir=data, server=up.base)
         assert r.returncode == 0, r.stdout + r.stderr
         run = httpx.get(f"{up.base}/api/v1/jobs/{long['id']}").json()["runs"][0]
-        assert run["attempt"] == 2 and run["step"] == 200
+        assert run["attempt"] == 2 and run["step"] == LONG_STEPS
         assert run["summary"]["resumed_from_step"] >= 30
         rows = list(
             csv.DictReader(httpx.get(f"{up.base}/api/v1/jobs/{long['id']}/metrics.csv").text.splitlines())
         )
-        assert sorted(int(x["step"]) for x in rows if x["name"] == "train_loss") == list(range(1, 201))
+        steps = sorted(int(x["step"]) for x in rows if x["name"] == "train_loss")
+        assert steps == list(range(1, LONG_STEPS + 1))
         r = cli("cancel", str(long["id"]), data_dir=data, server=up.base)
         assert r.returncode == 0 and "succeeded" in r.stdout  # cancelling a finished job changes nothing
     finally:
