@@ -106,6 +106,13 @@ def finish_run(
     }
     if final_step is not None:
         values["step"] = final_step
+    return _update_owned_run(session, claim, values, run_seconds)
+
+
+def _update_owned_run(
+    session: Session, claim: Claim, values: dict[str, Any], run_seconds: float | None
+) -> bool:
+    """Apply ``values`` only while this claim still owns the running run (fenced by attempt)."""
     if run_seconds is not None:
         values["run_seconds"] = func.coalesce(Run.run_seconds, 0.0) + run_seconds
     result = session.execute(
@@ -139,17 +146,7 @@ def release_run(session: Session, claim: Claim, *, run_seconds: float | None = N
         "queued_at": utcnow(),
         "error": "requeued: its worker shut down",
     }
-    if run_seconds is not None:
-        values["run_seconds"] = func.coalesce(Run.run_seconds, 0.0) + run_seconds
-    result = session.execute(
-        update(Run)
-        .where(Run.id == claim.run_id, Run.attempt == claim.attempt, Run.status == RUNNING)
-        .values(**values)
-    )
-    if result.rowcount != 1:
-        return False
-    recompute_job(session, claim.job_id)
-    return True
+    return _update_owned_run(session, claim, values, run_seconds)
 
 
 def requeue_stale(session: Session, stale_before: datetime) -> list[int]:
