@@ -497,3 +497,13 @@ def test_submit_survives_a_broker_outage(sqlite_settings: Any, api_factory: Any)
         assert conn.execute(text("SELECT count(*) FROM kombu_message WHERE visible")).scalar() == 2
     broker.dispose()
     assert reconcile_once(sqlite_settings).enqueued == []  # published once, not on every pass
+
+
+def test_plain_postgresql_urls_use_psycopg3() -> None:
+    from server.core.config import Settings
+
+    assert Settings(database_url="postgresql://u@h/db").database_url == "postgresql+psycopg://u@h/db"
+    assert Settings(database_url="postgres://u@h/db").database_url == "postgresql+psycopg://u@h/db"
+    kept = "postgresql+psycopg://u@h/db"
+    assert Settings(database_url=kept).database_url == kept
+    assert Settings(database_url="sqlite:///x.db").database_url == "sqlite:///x.db"

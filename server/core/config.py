@@ -29,6 +29,17 @@ def _env_float(name: str, default: float) -> float:
     return default if raw in (None, "") else float(raw)
 
 
+def with_psycopg_driver(url: str) -> str:
+    """``postgresql://`` and ``postgres://`` URLs (what most hosts hand out) use psycopg 3.
+
+    SQLAlchemy would otherwise pick psycopg2, which the project does not install.
+    """
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service processes need to agree on.
@@ -81,6 +92,7 @@ class Settings:
         object.__setattr__(self, "data_dir", data_dir)
         if not self.database_url:
             object.__setattr__(self, "database_url", f"sqlite:///{(data_dir / 'lab.db').resolve()}")
+        object.__setattr__(self, "database_url", with_psycopg_driver(self.database_url))
         if not self.broker_url:
             object.__setattr__(self, "broker_url", f"sqla+sqlite:///{(data_dir / 'broker.db').resolve()}")
 
