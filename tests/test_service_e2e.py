@@ -20,22 +20,12 @@ from sqlalchemy import func, select
 from server.db.models import FisherValue, MetricPoint, MetricRollup, Run
 from server.db.session import session_scope
 from tests.conftest import tiny_job
+from worker.training.measure import METRIC_NAMES
 
 STEPS = 12
 STEPS_LONG = 600
 # Metrics the runner logs at every step (log_every=1); val_loss/val_ppl come every eval_every=6.
-PER_STEP = {
-    "train_loss",
-    "lr",
-    "grad_norm",
-    "update_norm",
-    "fwd_bwd_time",
-    "optimizer_time",
-    "step_time",
-    "tokens_per_s",
-    "train_time",
-    "peak_memory_mb",
-}
+PER_STEP = set(METRIC_NAMES) - {"val_loss", "val_ppl"}
 
 
 def check_complete(api: Any, job: dict[str, Any], steps: int) -> list[dict[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -175,40 +176,29 @@ def _csv_response(request: Request, job_id: int, kind: str, body: object) -> Str
 _CSV_DOC = {200: {"content": {"text/csv": {}}, "description": "CSV stream"}}
 
 
-@router.get("/metrics.csv", response_class=StreamingResponse, responses=_CSV_DOC, summary="All metric points")
-def get_metrics_csv(
-    job_id: JobId,
-    request: Request,
-    session: Annotated[Session, Depends(get_session)],
-    settings: Annotated[Settings, Depends(get_settings)],
-) -> StreamingResponse:
-    _marker(session, job_id)
-    return _csv_response(
-        request, job_id, "metrics", metrics_csv(session_factory(settings.database_url), job_id)
+def _add_csv_route(kind: str, streamer: Callable[..., Iterator[str]], summary: str) -> None:
+    """One streamed full-fidelity CSV endpoint (``/{kind}.csv``); the three differ only in the rows."""
+
+    def endpoint(
+        job_id: JobId,
+        request: Request,
+        session: Annotated[Session, Depends(get_session)],
+        settings: Annotated[Settings, Depends(get_settings)],
+    ) -> StreamingResponse:
+        _marker(session, job_id)
+        return _csv_response(request, job_id, kind, streamer(session_factory(settings.database_url), job_id))
+
+    router.add_api_route(
+        f"/{kind}.csv",
+        endpoint,
+        methods=["GET"],
+        name=f"get_{kind}_csv",
+        response_class=StreamingResponse,
+        responses=_CSV_DOC,
+        summary=summary,
     )
 
 
-@router.get("/summary.csv", response_class=StreamingResponse, responses=_CSV_DOC, summary="One row per run")
-def get_summary_csv(
-    job_id: JobId,
-    request: Request,
-    session: Annotated[Session, Depends(get_session)],
-    settings: Annotated[Settings, Depends(get_settings)],
-) -> StreamingResponse:
-    _marker(session, job_id)
-    return _csv_response(
-        request, job_id, "summary", summary_csv(session_factory(settings.database_url), job_id)
-    )
-
-
-@router.get("/fisher.csv", response_class=StreamingResponse, responses=_CSV_DOC, summary="All Fisher rows")
-def get_fisher_csv(
-    job_id: JobId,
-    request: Request,
-    session: Annotated[Session, Depends(get_session)],
-    settings: Annotated[Settings, Depends(get_settings)],
-) -> StreamingResponse:
-    _marker(session, job_id)
-    return _csv_response(
-        request, job_id, "fisher", fisher_csv(session_factory(settings.database_url), job_id)
-    )
+_add_csv_route("metrics", metrics_csv, "All metric points")
+_add_csv_route("summary", summary_csv, "One row per run")
+_add_csv_route("fisher", fisher_csv, "All Fisher rows")
