@@ -253,17 +253,27 @@ class TrainingCost:
     fisher_every: int
     label: str = "AdamW"
     power_iterations: list[int] | None = None
+    # Steps before each report on which a scheduled monitor runs its shadows (None: every step).
+    horizon: int | None = None
+    # Measured end to end over whole report cycles: (cadence, plain ms/step, monitored ms/step).
+    end_to_end: tuple[int, float, float] | None = None
+
+    def active_fraction(self, fisher_every: int) -> float:
+        """Share of steps that pay an observe under ``observe(step)`` with ``report_every``."""
+        return 1.0 if self.horizon is None else min(fisher_every, self.horizon) / fisher_every
 
     def overhead_at(self, fisher_every: int) -> float:
-        return (self.observe_ms + self.report_ms / fisher_every) / self.step_ms
+        observe = self.observe_ms * self.active_fraction(fisher_every)
+        return (observe + self.report_ms / fisher_every) / self.step_ms
 
     @property
     def overhead_isolated(self) -> float:
-        return (self.observe_ms + self.report_ms / self.fisher_every) / self.step_ms
+        return self.overhead_at(self.fisher_every)
 
     @property
     def overhead_measured(self) -> float:
-        return (self.step_with_observe_ms - self.step_ms + self.report_ms / self.fisher_every) / self.step_ms
+        observe = (self.step_with_observe_ms - self.step_ms) * self.active_fraction(self.fisher_every)
+        return (observe + self.report_ms / self.fisher_every) / self.step_ms
 
 
 def bench_training(
@@ -306,14 +316,27 @@ def bench_training(
         observe_ms=1e3 * statistics.median(observe_times),
         report_ms=1e3 * statistics.median(report_times),
         fisher_every=fisher_every,
+        horizon=max(monitor.horizons.values()),
     )
 
 
 def bench_worker(
-    device: torch.device, optimizer_name: str, steps: int, fisher_every: int, window: int, max_layers: int
+    device: torch.device,
+    optimizer_name: str,
+    steps: int,
+    fisher_every: int,
+    window: int,
+    max_layers: int,
+    end_to_end: int | None = None,
 ) -> TrainingCost:
     """The embedded GPT task at the worker's ``TaskSpec`` defaults, stepped like ``worker.training.runner``
-    (micro-batch, backward, clip to ``grad_clip``, observe, optimizer step; no eval, no logging)."""
+    (micro-batch, backward, clip to ``grad_clip``, observe, optimizer step; no eval, no logging).
+
+    Components are timed in isolation (observe with the shadows running, report); with
+    ``end_to_end`` (a cadence) the bench also times whole report cycles of that many steps, plain
+    against monitored exactly as the runner does it (``observe(step)`` on a ``report_every``
+    schedule and one report at the cycle's end), alternating two cycles of each.
+    """
     import torch.nn.functional as F
 
     from worker.lm.data import WindowBatches
@@ -332,7 +355,7 @@ def bench_worker(
     clock = Clock(device)
     position = [0]
 
-    def train_step(observe: bool) -> None:
+    def train_step(observer: Callable[[], None] | None) -> None:
         position[0] += 1
         inputs, targets = (t.to(device) for t in batches.batch(position[0]))
         optimizer.zero_grad(set_to_none=True)
@@ -341,21 +364,24 @@ def bench_worker(
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, spec.grad_clip if spec.grad_clip > 0 else math.inf)
-        if observe:
-            monitor.observe()
+        if observer is not None:
+            observer()
         optimizer.step()
 
     for _ in range(max(3, window)):  # warm-up, fills the window, links own factors
-        train_step(observe=True)
+        train_step(monitor.observe)
     plain, observed = [], []
     block = max(2, steps // 4)
     for _ in range(4):
-        plain.append(clock.time(lambda: [train_step(False) for _ in range(block)]) / block)
-        observed.append(clock.time(lambda: [train_step(True) for _ in range(block)]) / block)
-    train_step(observe=False)
+        plain.append(clock.time(lambda: [train_step(None) for _ in range(block)]) / block)
+        observed.append(clock.time(lambda: [train_step(monitor.observe) for _ in range(block)]) / block)
+    train_step(None)
     observe_times = [clock.time(monitor.observe) for _ in range(5)]
     report_times = [clock.time(lambda: monitor.report(0)) for _ in range(3)]
     linked = [p.linked for p in monitor.probes.values() if p.linked]
+    cycles = None
+    if end_to_end:
+        cycles = _end_to_end(model, optimizer, window, max_layers, end_to_end, train_step, clock)
     return TrainingCost(
         batch=spec.batch_size,
         seq=spec.context,
@@ -368,7 +394,35 @@ def bench_worker(
         fisher_every=fisher_every,
         label=f"{optimizer_name} (own factors reused for: {', '.join(sorted(set(linked))) or 'none'})",
         power_iterations=[p.last_power_iterations for p in monitor.probes.values()],
+        horizon=max(monitor.horizons.values()),
+        end_to_end=cycles,
     )
+
+
+def _end_to_end(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    window: int,
+    max_layers: int,
+    every: int,
+    train_step: Callable[[Callable[[], None] | None], None],
+    clock: Clock,
+) -> tuple[int, float, float]:
+    """Median ms/step of ``every``-step cycles without and with a scheduled monitor (2 of each)."""
+    scheduled = FisherMonitor(model, optimizer, window=window, max_layers=max_layers, report_every=every)
+    step = [0]
+
+    def monitored_cycle() -> None:
+        for _ in range(every):
+            step[0] += 1
+            train_step(lambda: scheduled.observe(step[0]))
+        scheduled.report(step[0])
+
+    plain, monitored = [], []
+    for _ in range(2):
+        plain.append(clock.time(lambda: [train_step(None) for _ in range(every)]) / every)
+        monitored.append(clock.time(monitored_cycle) / every)
+    return every, 1e3 * statistics.median(plain), 1e3 * statistics.median(monitored)
 
 
 @contextmanager
@@ -454,9 +508,28 @@ def render_worker(command: str, results: list[TrainingCost], cadences: list[int]
         )
     lines += [
         "",
-        "overhead = (observe + report / fisher_every) / plain step (observe and report timed in isolation; "
-        "the step + observe column is the in-loop check of the observe part).",
+        "overhead = (observe × active steps + report) / (fisher_every × plain step), observe and report "
+        f"timed in isolation; a scheduled monitor (`report_every`) runs its shadows on the last "
+        f"{t0.horizon} steps before each report (shadow_tail 1e-3 at β = 0.95) and fills its ring on "
+        "the last W, so the active share is min(fisher_every, horizon) / fisher_every. The step + "
+        "observe column is the in-loop check of the observe part.",
     ]
+    measured = [t for t in results if t.end_to_end is not None]
+    if measured:
+        lines += [
+            "",
+            "End to end (whole report cycles as the runner runs them: `observe(step)` on the schedule "
+            "and one report per cycle; median of 2 alternated cycles each):",
+            "",
+            "| optimizer | fisher_every | plain ms/step | monitored ms/step | overhead |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for t in measured:
+            every, plain, monitored = t.end_to_end  # type: ignore[misc]
+            lines.append(
+                f"| {t.label} | {every} | {plain:.1f} | {monitored:.1f} "
+                f"| {100 * (monitored / plain - 1):.1f}% |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -493,6 +566,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=32, help="probe window W (--worker)")
     parser.add_argument("--max-layers", type=int, default=None, help="probed layers (--worker)")
     parser.add_argument("--cadences", default="50,100,250", help="fisher_every values to tabulate (--worker)")
+    parser.add_argument(
+        "--end-to-end",
+        type=int,
+        default=None,
+        metavar="EVERY",
+        help="also time whole report cycles of EVERY steps, plain vs monitored (--worker)",
+    )
     parser.add_argument("--output", type=Path, default=None, help="also write the markdown here")
     args = parser.parse_args(argv)
 
@@ -520,6 +600,7 @@ def main(argv: list[str] | None = None) -> None:
                     fisher_every=cadences[0],
                     window=args.window,
                     max_layers=args.max_layers or DEFAULT_MONITOR_LAYERS,
+                    end_to_end=args.end_to_end,
                 )
             )
             print(results[-1], flush=True)

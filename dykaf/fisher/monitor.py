@@ -2,11 +2,18 @@
 
 Usage, every step::
 
+    monitor = FisherMonitor(model, optimizer, report_every=fisher_every)
+    ...
     loss.backward()
-    monitor.observe()          # cheap: copy probed grads, one shadow factor update per method
+    monitor.observe(step)      # copy probed grads, one shadow factor update per method (when due)
     optimizer.step()
     if step % fisher_every == 0:
         sink.log_fisher(monitor.report(step))
+
+With ``report_every`` and the step number, ``observe`` only does the work the next report can
+see: the ring is filled during the last ``window`` steps before it and the shadows run during the
+last ``shadow_horizon`` steps (older gradients weigh < ``shadow_tail`` in a β-decayed estimator).
+Without them every step pays the full observe (reports may then come at any step).
 
 The monitor only reads gradients and optimizer state: training is bit-identical with or without it.
 """
@@ -29,17 +36,27 @@ from dykaf.fisher.selection import select_layers
 DEFAULT_MONITOR_LAYERS = 2
 
 
-def optimizer_beta(optimizer: torch.optim.Optimizer | None, param: Tensor) -> float:
-    """The factor decay the optimizer uses for ``param``: ``shampoo_beta``, else ``betas[1]``, else 0.95.
+# Shadows skip updates whose gradients would weigh less than this in the next report's factors.
+DEFAULT_SHADOW_TAIL = 1e-3
 
-    Measuring against the Fisher the optimizer itself tries to track makes "own" comparable to
-    the shadows.
+
+def optimizer_beta(optimizer: torch.optim.Optimizer | None, param: Tensor) -> float:
+    """The Kronecker-factor decay the optimizer uses for ``param``, else 0.95.
+
+    For a Kronecker-factored optimizer (its group has ``shampoo_beta``: DyKAF, SOAP) that is
+    ``shampoo_beta``, else ``betas[1]``, exactly as the optimizer decays its factors; measuring
+    against the Fisher the optimizer itself tries to track makes "own" comparable to the shadows.
+    Other optimizers (AdamW, Muon, SGD, ...) have no factors: their ``betas[1]`` decays a diagonal
+    second moment (AdamW's 0.999 would make ``H``'s weights flat over the window while the shadows
+    average ~1000 steps), so their runs use the factor optimizers' default, 0.95.
     """
     if optimizer is None:
         return DEFAULT_BETA
     for group in optimizer.param_groups:
         if any(p is param for p in group["params"]):
-            if group.get("shampoo_beta") is not None:
+            if "shampoo_beta" not in group:
+                return DEFAULT_BETA
+            if group["shampoo_beta"] is not None:
                 return float(group["shampoo_beta"])
             betas = group.get("betas")
             if isinstance(betas, Sequence) and len(betas) > 1:
@@ -54,6 +71,12 @@ class FisherMonitor:
     ``layers``: ``"auto"`` (at most ``max_layers`` representative hidden matrices) or parameter
     names. ``beta`` defaults per layer to the optimizer's factor decay. ``methods`` are the shadow
     estimators run on the side (all of ``SHADOW_METHODS`` by default).
+
+    ``report_every`` (the caller's ``fisher_every``; None = reports at any step) and ``last_step``
+    (the run's final step, also reported at when given): the steps ``report`` will be called at,
+    which lets ``observe(step)`` skip the work no report can see (module docstring);
+    ``shadow_tail`` bounds the weight of the history the shadows drop by restarting before each
+    report.
 
     ``reuse_own`` (default True): when the training optimizer's factors for a probed layer are
     exactly what one shadow would compute (DyKAF with ``kron`` init → ``dykaf``/``dykaf_seq``, SOAP →
@@ -75,10 +98,20 @@ class FisherMonitor:
         tol: float | None = None,
         max_iter: int = 100,
         reuse_own: bool = True,
+        report_every: int | None = None,
+        last_step: int | None = None,
+        shadow_tail: float = DEFAULT_SHADOW_TAIL,
     ) -> None:
+        if report_every is not None and report_every < 1:
+            raise ValueError(f"report_every must be ≥ 1 (or None), got {report_every}")
+        if last_step is not None and last_step < 1:
+            raise ValueError(f"last_step must be ≥ 1 (or None), got {last_step}")
         self.model = model
         self.optimizer = optimizer
         self.reuse_own = reuse_own
+        self.report_every = report_every
+        self.last_step = last_step
+        self.shadow_tail = shadow_tail
         params = dict(model.named_parameters())
         methods = tuple(methods)
         self.probes: dict[str, LayerProbe] = {
@@ -93,6 +126,7 @@ class FisherMonitor:
             )
             for name in select_layers(model, layers, max_layers)
         }
+        self.horizons = {name: probe.shadow_horizon(shadow_tail) for name, probe in self.probes.items()}
 
     @property
     def layers(self) -> list[str]:
@@ -100,13 +134,44 @@ class FisherMonitor:
         return list(self.probes)
 
     @torch.no_grad()
-    def observe(self) -> None:
-        """Record this step's gradients of the probed layers; call after backward, before step()."""
+    def observe(self, step: int | None = None) -> None:
+        """Record this step's gradients of the probed layers; call after backward, before step().
+
+        ``step`` (with ``report_every``): the step about to be taken. Only the work the next
+        scheduled report can see is done: the ring records the last ``window`` steps before it,
+        the shadows run for the last ``horizons[layer]`` steps, restarting from scratch when they
+        enter that stretch after a skipped one (steps count down by one between reports, so the
+        entry is always at ``horizon - 1`` steps to go).
+        """
         state_of = getattr(self.optimizer, "preconditioner_state", None) if self.reuse_own else None
-        for probe in self.probes.values():
-            if callable(state_of) and not probe.link_decided:
+        until_report = self.steps_until_report(step)
+        for name, probe in self.probes.items():
+            linking = callable(state_of) and not probe.link_decided
+            if linking:
                 probe.link(state_of(probe.param))
-            probe.observe()
+            if until_report is None:
+                probe.observe()
+                continue
+            horizon = self.horizons[name]
+            truncated = self.report_every is not None and self.report_every > horizon
+            # Until the link is decided the shadows must see every gradient the optimizer sees.
+            feed = linking or not truncated or until_report < horizon
+            if truncated and until_report == horizon - 1:
+                probe.restart_shadows()
+            probe.observe(record=until_report < probe.window, feed_shadows=feed)
+
+    def is_report_step(self, step: int) -> bool:
+        """Whether ``step`` is one of the steps the schedule reports at (always True without one)."""
+        return self.steps_until_report(step) in (None, 0)
+
+    def steps_until_report(self, step: int | None) -> int | None:
+        """Steps from ``step`` to the next scheduled report (0 = report at ``step``); None = unknown."""
+        if step is None or self.report_every is None:
+            return None
+        until = (-step) % self.report_every
+        if self.last_step is not None and step <= self.last_step:
+            until = min(until, self.last_step - step)
+        return until
 
     @torch.no_grad()
     def report(self, step: int) -> list[FisherRow]:

@@ -108,21 +108,55 @@ class LayerProbe:
 
     # ------------------------------------------------------------------ per step
     @torch.no_grad()
-    def observe(self, grad: Tensor | None = None) -> None:
-        """Record ``grad`` (default ``param.grad``; None → nothing to record this step)."""
+    def observe(self, grad: Tensor | None = None, *, record: bool = True, feed_shadows: bool = True) -> None:
+        """Record ``grad`` (default ``param.grad``; None → nothing to record this step).
+
+        ``record`` writes it into the ring, ``feed_shadows`` updates the shadows that run; a caller
+        that knows when the next report is (``FisherMonitor`` with ``report_every``) turns either
+        off on steps whose gradient cannot influence that report (see ``shadow_horizon``).
+        """
         grad = self.param.grad if grad is None else grad
-        if grad is None:
+        if grad is None or not (record or feed_shadows):
             return
-        if self.ring is None:
-            self.ring = torch.zeros(self.window, *self.shape, dtype=self.dtype, device=grad.device)
-        slot = self.ring[self.head]
-        slot.copy_(grad.detach().reshape(self.shape))
+        matrix = grad.detach().reshape(self.shape)
+        if record:
+            if self.ring is None:
+                self.ring = torch.zeros(self.window, *self.shape, dtype=self.dtype, device=grad.device)
+            slot = self.ring[self.head]
+            slot.copy_(matrix)
+            matrix = slot
+            self.head = (self.head + 1) % self.window
+            self.count = min(self.count + 1, self.window)
+            self.observed += 1
+        elif matrix.dtype != self.dtype:
+            matrix = matrix.to(self.dtype)
+        if feed_shadows:
+            for method, shadow in self.shadows.items():
+                if method != self.linked:
+                    shadow.update(matrix, self.beta)
+
+    def shadow_horizon(self, tail: float) -> int:
+        """Steps a shadow must see before a report so that older gradients weigh at most ``tail``.
+
+        The shadows' factors are β-decayed sums (exactly for the EMA rule; the projector-splitting
+        rules track the same decayed sum and forget their start the same way), so history older
+        than ``k`` steps carries weight ``β^k``: restarting the shadows ``k = log(tail)/log β``
+        steps before each report changes their factors by at most ``tail`` of their mass, while
+        sparing the per-step shadow updates on the other ``fisher_every − k`` steps. Never shorter
+        than the window, so the shadows always cover every gradient of ``H``.
+        """
+        if not 0.0 < tail < 1.0:
+            raise ValueError(f"tail must be in (0, 1), got {tail}")
+        if self.beta == 0.0:
+            return self.window
+        return max(self.window, math.ceil(math.log(tail) / math.log(self.beta)))
+
+    def restart_shadows(self) -> None:
+        """Drop the running shadows' factors; the next fed gradient starts them afresh."""
         for method, shadow in self.shadows.items():
             if method != self.linked:
-                shadow.update(slot, self.beta)
-        self.head = (self.head + 1) % self.window
-        self.count = min(self.count + 1, self.window)
-        self.observed += 1
+                shadow.left = shadow.right = None
+                shadow.steps = 0
 
     def link(self, own: OwnState | None) -> bool:
         """Stop updating the shadow whose factors the optimizer already holds; True once linked.

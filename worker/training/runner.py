@@ -194,7 +194,12 @@ class _Run:
         monitor_cls = optim.fisher_monitor_class() if t.fisher_every > 0 else None
         if monitor_cls is not None:
             self.fisher = monitor_cls(
-                self.model, self.optimizer, layers=t.fisher_layers, window=t.fisher_window
+                self.model,
+                self.optimizer,
+                layers=t.fisher_layers,
+                window=t.fisher_window,
+                report_every=t.fisher_every,
+                last_step=t.steps,
             )
         elif t.fisher_every > 0:
             log.warning(
@@ -325,7 +330,7 @@ class _Run:
             # After clipping: the shadow estimators and the Fisher window see exactly the gradient
             # stream the optimizer sees, so "own" and the shadows are comparable (and a DyKAF run's
             # own factors equal its DyKAF shadow's).
-            self.fisher.observe()
+            self.fisher.observe(self.step)
         before = measure.snapshot(self.params) if log_this else None
         step_start = measure.now(self.device)
         self.optimizer.step()
@@ -378,7 +383,7 @@ class _Run:
                 metrics["train_time"] = self.tracker.train_time
                 metrics["peak_memory_mb"] = self.tracker.peak_memory_mb = self.memory.sample()
                 self.sink.log_metrics(self.step, metrics, self.wall_time())
-            if self.fisher is not None and self.step % t.fisher_every == 0:
+            if self.fisher is not None and self.fisher.is_report_step(self.step):
                 self.sink.log_fisher(self.fisher.report(self.step))
             if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                 self.save()

@@ -103,7 +103,7 @@ async function fetchFisher() {
   ]);
   state.fisher = fisherMeans([...mine.series, ...own.series]);
   state.fisherNote = state.fisher.size === 0
-    ? (ACTIVE.has(job.status) ? 'No Fisher diagnostics yet; they appear every task.fisher_every steps.' : 'No Fisher diagnostics were recorded.')
+    ? (ACTIVE.has(job.status) ? 'No Fisher diagnostics yet; they appear every task.fisher_every steps and at the last step.' : 'No Fisher diagnostics were recorded.')
     : '';
 }
 
