@@ -6,12 +6,17 @@ Starts a real stack on this machine: a temporary PostgreSQL database (``--pg-url
 dropped afterwards), Redis under a random key prefix (``--redis-url``), an API server (uvicorn,
 ``--api-workers`` processes) and one Celery worker training a long single-run job (a metric point
 per step, flushed every 0.5 s). Then ``--clients`` concurrent httpx clients (one asyncio process,
-keep-alive) loop for ``--duration`` seconds, each request drawn at random:
+keep-alive) loop for ``--duration`` seconds. Each client is a user: request, then think for a
+uniform 0.5–1.5 × ``--think`` seconds (default 1 s, a dashboard polling about once a second), so
+100 clients offer about 100 requests/s; ``--think 0`` turns the clients into a closed loop that
+measures saturation throughput (latency is then clients / throughput by Little's law). Each
+request is drawn at random:
 
 * 10 % ``POST /api/v1/jobs`` (a 2-run job: validation, rows written, 2 tasks published),
 * 45 % ``GET /api/v1/jobs/{id}`` status polls of the running job or a submitted one,
-* 45 % ``GET /api/v1/jobs/{id}/metrics?max_points=200`` of the running job (the read cache does
-  not apply: the job is not finished, so every read aggregates in PostgreSQL).
+* 45 % ``GET /api/v1/jobs/{id}/metrics?max_points=200`` of the running job (the job is not
+  finished, so the API aggregates in PostgreSQL at most once per ``live_read_ttl_s`` per process
+  and serves the stored bytes in between; ``--live-ttl 0`` makes every read aggregate).
 
 Reports throughput, p50/p99 latency and errors per kind, and the metric points the worker stored
 during the window (it must keep writing under load). The per-key write limit is turned off for
@@ -40,7 +45,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from service import TINY, Postgres, Server  # noqa: E402
 
-from server.core.config import Settings  # noqa: E402
+from server.core.config import HTTP_KEEP_ALIVE_S, Settings  # noqa: E402
 from server.crud.api_keys import create_key  # noqa: E402
 from server.db import migrate  # noqa: E402
 from server.db.session import session_scope  # noqa: E402
@@ -71,7 +76,9 @@ def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
     )
 
 
-async def run_load(base: str, token: str, job_id: int, clients: int, duration: float) -> dict[str, Any]:
+async def run_load(
+    base: str, token: str, job_id: int, clients: int, duration: float, think: float
+) -> dict[str, Any]:
     import httpx
 
     lat: dict[str, list[float]] = {k: [] for k in KINDS}
@@ -104,6 +111,8 @@ async def run_load(base: str, token: str, job_id: int, clients: int, duration: f
                     errors[kind][key] = errors[kind].get(key, 0) + 1
                 else:
                     lat[kind].append(time.perf_counter() - t0)
+                if think > 0:
+                    await asyncio.sleep(think * rng.uniform(0.5, 1.5))
 
         t_start = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(clients)))
@@ -140,6 +149,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--api-workers", type=int, default=2)
+    parser.add_argument(
+        "--think",
+        type=float,
+        default=1.0,
+        help="mean think time per client, s (0: closed loop)",
+    )
+    parser.add_argument("--live-ttl", type=float, default=None, help="API's DYKAF_LIVE_READ_TTL_S")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -160,6 +176,7 @@ def main() -> None:
         flush_every_s=0.5,
         heartbeat_s=1.0,
         write_rate_per_min=0,
+        **({} if args.live_ttl is None else {"live_read_ttl_s": args.live_ttl}),
     )
     server = worker = None
     try:
@@ -197,7 +214,7 @@ def main() -> None:
                 )
             time.sleep(0.5)
         before = metric_count(settings)
-        result = asyncio.run(run_load(server.base, token, job_id, args.clients, args.duration))
+        result = asyncio.run(run_load(server.base, token, job_id, args.clients, args.duration, args.think))
         written = metric_count(settings) - before
         restarts = server.restarts()
     finally:
@@ -225,10 +242,18 @@ def main() -> None:
         f"Command: `{cmd}`",
         "",
         f"{args.clients} concurrent clients (one asyncio process, httpx, keep-alive) for "
-        f"{result['elapsed']:.0f} s; "
+        f"{result['elapsed']:.0f} s, "
+        + (
+            f"each thinking 0.5–1.5 × {args.think:g} s between requests (offered ≈ "
+            f"{args.clients / args.think:.0f} req/s); "
+            if args.think > 0
+            else "closed loop without think time (saturation: latency ≈ clients / throughput); "
+        )
+        + f"API keep-alive {HTTP_KEEP_ALIVE_S} s, running-job reads cached "
+        f"{settings.live_read_ttl_s:g} s; "
         f"uvicorn with {args.api_workers} worker processes; one Celery worker training a single-run job "
         f"throughout (a point per step, 10 metrics). Mix: 10 % submissions (2-run job), 45 % status polls, "
-        f"45 % downsampled metric reads of the running job (max_points=200, not cacheable).",
+        f"45 % downsampled metric reads of the running job (max_points=200).",
         "",
         "| kind | requests | errors | p50 ms | p99 ms | mean ms | req/s |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import func, select, text, update  # noqa: E402
 
-from server.core.config import Settings  # noqa: E402
+from server.core.config import HTTP_KEEP_ALIVE_S, Settings  # noqa: E402
 from server.crud import jobs as jobs_crud  # noqa: E402
 from server.crud.api_keys import create_key  # noqa: E402
 from server.crud.metrics import insert_metrics  # noqa: E402
@@ -237,6 +237,8 @@ class Server:
                 str(self.port),
                 "--workers",
                 str(workers),
+                "--timeout-keep-alive",
+                str(HTTP_KEEP_ALIVE_S),
                 "--log-level",
                 "warning",
                 "--no-access-log",

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from server.api.deps import get_session, get_settings
 from server.core.config import Settings
-from server.crud.api_keys import verify_token
+from server.crud.api_keys import touch_last_used, verify_token
 from server.db.models import ApiKey
 from server.errors import ApiError
 from server.ratelimit import retry_after_header
@@ -39,6 +39,7 @@ def _check(session: Session, credentials: HTTPAuthorizationCredentials | None) -
     key = verify_token(session, credentials.credentials)
     if key is None:
         raise _unauthorized("invalid or revoked API key")
+    touch_last_used(session.get_bind(), key.id)  # type: ignore[arg-type]
     return key
 
 

@@ -1,45 +1,77 @@
-"""A small in-process cache for expensive reads of *finished* jobs.
+"""A small in-process cache for expensive downsampled reads.
 
 Metric data of a job whose runs have all ended never changes again (until the job is deleted), so
-a downsampled read can be served from memory; the entry is keyed by the job's ``updated_at`` too,
-which makes any later write to the job (e.g. a rerun of a run) a miss. Jobs still running are never
-cached. Each API replica has its own cache; correctness does not depend on sharing it.
+its reads are kept until evicted; the key includes the job's ``updated_at`` too, which makes any
+later write to the job (e.g. a rerun of a run) a miss. Reads of a job still running are kept for
+``ttl`` seconds only (``Settings.live_read_ttl_s``, 1 s by default): a live chart polling every few
+seconds sees data at most that old, and a hundred dashboards watching one job cost one aggregation
+per second instead of a hundred. Concurrent misses of one key are computed once (``single_flight``).
+Each API replica has its own cache; correctness does not depend on sharing it.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from typing import Any
+
+Key = tuple[int, Hashable]
 
 
 class ReadCache:
-    def __init__(self, max_entries: int = 256) -> None:
+    def __init__(self, max_entries: int = 256, clock: Any = time.monotonic) -> None:
         self.max_entries = max_entries
-        self._data: OrderedDict[tuple[int, Hashable], Any] = OrderedDict()
+        self._clock = clock
+        self._data: OrderedDict[Key, tuple[Any, float | None]] = OrderedDict()
         self._lock = threading.Lock()
+        self._flights: dict[Key, tuple[threading.Lock, int]] = {}
         self.hits = 0
         self.misses = 0
 
     def get(self, job_id: int, key: Hashable) -> Any | None:
         with self._lock:
-            value = self._data.get((job_id, key))
-            if value is None:
+            entry = self._data.get((job_id, key))
+            if entry is not None and entry[1] is not None and entry[1] <= self._clock():
+                del self._data[(job_id, key)]
+                entry = None
+            if entry is None:
                 self.misses += 1
                 return None
             self._data.move_to_end((job_id, key))
             self.hits += 1
-            return value
+            return entry[0]
 
-    def put(self, job_id: int, key: Hashable, value: Any) -> None:
-        if self.max_entries <= 0:
+    def put(self, job_id: int, key: Hashable, value: Any, ttl: float | None = None) -> None:
+        """Store ``value``; with ``ttl`` (seconds) it expires, without it only eviction drops it."""
+        if self.max_entries <= 0 or (ttl is not None and ttl <= 0):
             return
+        expires = None if ttl is None else self._clock() + ttl
         with self._lock:
-            self._data[(job_id, key)] = value
+            self._data[(job_id, key)] = (value, expires)
             self._data.move_to_end((job_id, key))
             while len(self._data) > self.max_entries:
                 self._data.popitem(last=False)
+
+    @contextmanager
+    def single_flight(self, job_id: int, key: Hashable) -> Iterator[None]:
+        """Hold a per-key lock: a thread that missed computes while the others wait, then hit."""
+        full = (job_id, key)
+        with self._lock:
+            lock, users = self._flights.get(full, (threading.Lock(), 0))
+            self._flights[full] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                lock, users = self._flights[full]
+                if users <= 1:
+                    del self._flights[full]
+                else:
+                    self._flights[full] = (lock, users - 1)
 
     def invalidate(self, job_id: int) -> None:
         with self._lock:

@@ -172,7 +172,10 @@ def test_worker_killed_twice_on_one_run_finishes_once(
 
 # --- private servers ---------------------------------------------------------------------------------
 class PrivateRedis:
-    def __init__(self) -> None:
+    """A private redis-server; ``persistent=False`` runs it without AOF/RDB, so a restart empties it."""
+
+    def __init__(self, persistent: bool = True) -> None:
+        self.persistent = persistent
         if shutil.which("redis-server") is None:
             service_unavailable("redis-server binary not found (needed for the Redis restart test)")
         self.dir = Path(tempfile.mkdtemp(prefix="dykaf-redis-"))
@@ -192,7 +195,7 @@ class PrivateRedis:
                 "--save",
                 "",
                 "--appendonly",
-                "yes",
+                "yes" if self.persistent else "no",
                 "--appendfsync",
                 "always",
                 "--dir",
@@ -335,6 +338,56 @@ def test_redis_crash_with_jobs_queued_loses_and_duplicates_nothing(
 
     client = redis.Redis.from_url(private_redis.url)
     assert sum(client.llen(key) for key in client.scan_iter() if client.type(key) == b"list") == 0
+
+
+def test_redis_restart_without_persistence_republishes_every_queued_run_once(
+    tmp_path: Path, pg_url: str, api_factory: Any, worker_factory: Any
+) -> None:
+    """A Redis without persistence comes back empty: the database still holds the accepted runs,
+    and the reconciler (the real loop) republishes each once, after two passes agree it is lost."""
+    import threading
+
+    import redis
+
+    from server.core.config import Settings
+    from worker.reconcile import run_forever
+
+    volatile = PrivateRedis(persistent=False)
+    stop = threading.Event()
+    try:
+        settings = Settings(data_dir=tmp_path / "lab", database_url=pg_url, broker_url=volatile.url, **FAST)
+        api = api_factory(settings)
+        jobs = [api.post("/jobs", json=tiny_job(name=f"v{i}", steps=6)).json() for i in range(2)]
+        n_runs = sum(len(job["runs"]) for job in jobs)
+        client = redis.Redis.from_url(volatile.url)
+
+        def queued_messages() -> int:
+            return sum(client.llen(key) for key in client.scan_iter() if client.type(key) == b"list")
+
+        assert queued_messages() == n_runs
+        volatile.crash()
+        volatile.start()
+        assert queued_messages() == 0  # the messages are gone; the runs are still "queued"
+        reconciler = threading.Thread(
+            target=run_forever, args=(settings.with_(reconcile_every_s=0.5), stop), daemon=True
+        )
+        reconciler.start()
+        deadline = time.monotonic() + 30
+        while queued_messages() < n_runs:
+            assert time.monotonic() < deadline, f"only {queued_messages()} of {n_runs} republished"
+            time.sleep(0.2)
+        time.sleep(1.5)  # three more passes: messages are held now, nothing is published again
+        assert queued_messages() == n_runs
+        worker_factory(settings, name="after-volatile-restart")
+        for job in jobs:
+            done = api.wait_job(job["id"], TERMINAL, timeout=180)
+            assert done["status"] == "succeeded", done
+            assert all(run["attempt"] == 1 for run in done["runs"]), done["runs"]
+            assert_each_step_once(api, done, 6)
+        assert queued_messages() == 0
+    finally:
+        stop.set()
+        volatile.close()
 
 
 # --- (e) PostgreSQL restarted while a run writes metrics --------------------------------------------

@@ -208,6 +208,25 @@ def test_revocation_is_immediate_and_no_table_holds_a_plaintext_token(
         assert token[12:] not in everything  # the secret part, beyond the displayed prefix
 
 
+def test_last_used_is_recorded_at_most_once_a_minute(sqlite_settings: Any, api_factory: Any) -> None:
+    from server.crud.api_keys import create_key
+
+    api = api_factory(sqlite_settings.with_(write_rate_per_min=0))
+    with session_scope(api.settings.database_url) as session:
+        _, idle = create_key(session, "idle")
+
+    def last_used() -> dict[str, Any]:
+        with session_scope(api.settings.database_url) as session:
+            return {key.name: key.last_used_at for key in session.scalars(select(ApiKey))}
+
+    assert last_used() == {"test": None, "idle": None}
+    assert api.post("/jobs", json=tiny_job()).status_code == 201
+    first = last_used()["test"]
+    assert first is not None and last_used()["idle"] is None
+    assert api.post("/jobs", json=tiny_job()).status_code == 201
+    assert last_used()["test"] == first  # within the minute: no second write
+
+
 # --- (d) per-key write rate limit --------------------------------------------------------------------
 def test_write_rate_limit_is_per_key_and_answers_429(sqlite_settings: Any, api_factory: Any) -> None:
     from server.crud.api_keys import create_key

@@ -41,9 +41,7 @@ def make_job(settings: Any, **kwargs: Any) -> Job:
 
 def claim(settings: Any, run_id: int, worker: str = "w", stale_s: float = 30.0) -> runs_crud.Claim | None:
     with session_scope(settings.database_url) as session:
-        return runs_crud.claim_run(
-            session, run_id, worker=worker, device="cpu", stale_before=utcnow() - timedelta(seconds=stale_s)
-        )
+        return runs_crud.claim_run(session, run_id, worker=worker, device="cpu", stale_after_s=stale_s)
 
 
 def run_row(settings: Any, run_id: int) -> Run:
@@ -109,6 +107,36 @@ def test_redelivery_is_a_noop_until_the_heartbeat_goes_stale(db: Any) -> None:
     row = run_row(db, run_id)
     assert (row.status, row.step, row.summary) == ("succeeded", 12, {"final_val_loss": 2.5})
     assert claim(db, run_id) is None  # finished: never claimed again
+
+
+def test_staleness_is_judged_by_the_database_clock(pg_settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose clock runs two minutes late must not look dead to the reconciler, and one
+    whose clock runs ahead must not hide a dead run: both sides read PostgreSQL's now()."""
+    import server.crud.runs as runs_module
+    import server.db.clock as clock_module
+
+    def skew_local_clock(seconds: float) -> None:
+        for module in (runs_module, clock_module):
+            monkeypatch.setattr(module, "utcnow", lambda: utcnow() + timedelta(seconds=seconds))
+
+    migrate.upgrade(pg_settings.database_url)
+    job = make_job(pg_settings)
+    run_id = job.runs[0].id
+    skew_local_clock(-120)  # the worker's clock is two minutes late
+    owned = claim(pg_settings, run_id)
+    assert owned is not None
+    with session_scope(pg_settings.database_url) as session:
+        assert runs_crud.heartbeat(session, run_id, owned.attempt, step=3) == (True, False)
+        db_time = session.scalar(select(func.now()))
+    beat = run_row(pg_settings, run_id).heartbeat_at
+    assert abs((beat - db_time).total_seconds()) < 5, (beat, db_time)
+    with session_scope(pg_settings.database_url) as session:
+        assert runs_crud.requeue_stale(session, stale_after_s=30.0) == []
+    # A run silent for 60 s by the database's clock is requeued even by a checker whose own clock
+    # runs two minutes late (it would see the heartbeat as 60 s in the future).
+    age_heartbeat(pg_settings, run_id, 60)
+    with session_scope(pg_settings.database_url) as session:
+        assert runs_crud.requeue_stale(session, stale_after_s=30.0) == [run_id]
 
 
 def test_cancelled_runs_are_not_claimed(db: Any) -> None:

@@ -279,14 +279,17 @@ def keys_create(name: Annotated[str, typer.Option(help="who or what the key is f
 
 @keys_app.command("list")
 def keys_list() -> None:
-    """List keys (id, prefix, name, created, revoked)."""
+    """List keys (id, prefix, name, created, last used, revoked)."""
     from server.crud.api_keys import list_keys
     from server.db.session import session_scope
 
     with session_scope(_settings().database_url) as session:
         for row in list_keys(session):
             revoked = f" revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else ""
-            out.print(f"{row.id}\t{row.prefix}…\t{row.name}\t{row.created_at:%Y-%m-%d %H:%M}{revoked}")
+            used = f"{row.last_used_at:%Y-%m-%d %H:%M}" if row.last_used_at else "never used"
+            out.print(
+                f"{row.id}\t{row.prefix}…\t{row.name}\t{row.created_at:%Y-%m-%d %H:%M}\t{used}{revoked}"
+            )
 
 
 @keys_app.command("revoke")
@@ -367,8 +370,16 @@ def api(
         from server.db import migrate as m
 
         m.upgrade(_settings().database_url)
+    from server.core.config import HTTP_KEEP_ALIVE_S
+
     uvicorn.run(
-        "server.main:create_app", factory=True, host=host, port=port, workers=workers, log_level="info"
+        "server.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        timeout_keep_alive=HTTP_KEEP_ALIVE_S,
     )
 
 
@@ -451,6 +462,7 @@ def up(
     no_example: Annotated[bool, typer.Option("--no-example", help="do not submit the example job")] = False,
 ) -> None:
     """Embedded mode: SQLite + SQLAlchemy broker + API + one worker, started and stopped together."""
+    from server.core.config import HTTP_KEEP_ALIVE_S
     from server.db import migrate as m
 
     settings = _settings(data_dir=data_dir)
@@ -485,6 +497,8 @@ def up(
                     host,
                     "--port",
                     str(port),
+                    "--timeout-keep-alive",
+                    str(HTTP_KEEP_ALIVE_S),
                     "--log-level",
                     "warning",
                 ],

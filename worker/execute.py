@@ -22,7 +22,6 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,6 @@ from server.crud import runs as runs_crud
 from server.crud.metrics import FisherRowT, MetricRow, insert_fisher, insert_metrics
 from server.db.models import CANCELLED, FAILED, SUCCEEDED
 from server.db.session import get_engine, session_scope
-from server.db.types import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -284,10 +282,9 @@ def run_task(run_id: int, settings: Settings, *, task_id: str | None = None) -> 
         row = session.get(Run, run_id)
         spec_device = (row.spec or {}).get("device", "auto") if row is not None else "auto"
     device = device_label(spec_device, settings.worker_device)
-    stale_before = utcnow() - timedelta(seconds=settings.stale_after_s)
     with session_scope(settings.database_url) as session:
         claim = runs_crud.claim_run(
-            session, run_id, worker=worker_name(), device=device, stale_before=stale_before
+            session, run_id, worker=worker_name(), device=device, stale_after_s=settings.stale_after_s
         )
     if claim is None:
         log.info("run %s not claimable (already running elsewhere, finished or cancelled)", run_id)

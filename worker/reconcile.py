@@ -5,7 +5,11 @@ presumed dead (killed, OOM, machine lost) and the run goes back to ``queued`` wi
 message; the next worker claims it and resumes from the run's last checkpoint. Every step is a
 conditional UPDATE, so any number of reconcilers (API replicas, workers) can run concurrently and
 a run is requeued once. Runs whose submit-time publish failed (broker down) have no task id and
-are published here once the broker is back.
+are published here once the broker is back. Queued runs whose message the broker lost (Redis
+restarted without persistence) are republished once two passes in a row found their task id
+missing from the broker (``worker.broker_messages``; a message in flight between queue and
+worker is missing for an instant, never for a whole pass interval). A republished run can at
+worst get two messages; the claim lets only one of them run it.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from server.core.config import Settings
 from server.crud import runs as runs_crud
@@ -34,6 +38,23 @@ class ReconcileReport:
     requeued: list[int]
     enqueued: list[int]
     rolled_up: list[int]
+    republished: list[int] = field(default_factory=list)
+
+
+@dataclass
+class LostMessages:
+    """Queued runs whose message the broker did not hold at the last pass: ``run id → task id``.
+
+    A run is republished only when a second pass finds the same task id still missing.
+    """
+
+    suspects: dict[int, str] = field(default_factory=dict)
+
+    def confirm(self, missing: dict[int, str]) -> list[int]:
+        """Record this pass's missing runs; return those missing (same task id) last pass too."""
+        lost = [run_id for run_id, task_id in missing.items() if self.suspects.get(run_id) == task_id]
+        self.suspects = {run_id: task for run_id, task in missing.items() if run_id not in lost}
+        return sorted(lost)
 
 
 def _publish(settings: Settings, run_ids: list[int], enqueue: Enqueue) -> list[int]:
@@ -54,22 +75,51 @@ def _publish(settings: Settings, run_ids: list[int], enqueue: Enqueue) -> list[i
     return done
 
 
-def reconcile_once(settings: Settings, enqueue: Enqueue | None = None) -> ReconcileReport:
-    """One pass: requeue stale running runs, publish queued runs that have no broker message."""
+def reconcile_once(
+    settings: Settings, enqueue: Enqueue | None = None, lost: LostMessages | None = None
+) -> ReconcileReport:
+    """One pass: requeue stale running runs, publish queued runs that have no broker message.
+
+    ``lost`` carries the lost-message suspects from the previous pass (``run_forever`` keeps one);
+    without it no lost message is republished, since that needs two passes' agreement.
+    """
     if enqueue is None:
         from worker.celery_app import enqueue_run
 
         enqueue = enqueue_run
     now = utcnow()
     with session_scope(settings.database_url) as session:
-        requeued = runs_crud.requeue_stale(session, now - timedelta(seconds=settings.stale_after_s))
+        requeued = runs_crud.requeue_stale(session, settings.stale_after_s)
     if requeued:
         log.warning("requeued runs with stale heartbeats: %s", requeued)
     with session_scope(settings.database_url) as session:
         orphans = runs_crud.unenqueued_runs(session, now - timedelta(seconds=UNENQUEUED_GRACE_S))
-    to_publish = sorted(set(requeued) | set(orphans))
+    republish = _lost_message_runs(settings, lost, now) if lost is not None else []
+    if republish:
+        log.warning("republishing queued runs whose broker message was lost: %s", republish)
+    to_publish = sorted(set(requeued) | set(orphans) | set(republish))
     enqueued = _publish(settings, to_publish, enqueue)
-    return ReconcileReport(requeued=requeued, enqueued=enqueued, rolled_up=backfill_rollups(settings))
+    return ReconcileReport(
+        requeued=requeued,
+        enqueued=enqueued,
+        rolled_up=backfill_rollups(settings),
+        republished=[run_id for run_id in republish if run_id in enqueued],
+    )
+
+
+def _lost_message_runs(settings: Settings, lost: LostMessages, now: datetime) -> list[int]:
+    """Queued runs whose task id the broker has not held for two passes in a row."""
+    from worker.broker_messages import held_task_ids
+
+    with session_scope(settings.database_url) as session:
+        published = runs_crud.enqueued_runs(session, now - timedelta(seconds=UNENQUEUED_GRACE_S))
+    if not published:
+        lost.confirm({})
+        return []
+    held = held_task_ids(settings, {queue for _, _, queue in published})
+    if held is None:  # broker down or not inspectable: decide nothing this pass
+        return []
+    return lost.confirm({run_id: task_id for run_id, task_id, _ in published if task_id not in held})
 
 
 def backfill_rollups(settings: Settings, limit: int = 5) -> list[int]:
@@ -100,9 +150,10 @@ def backfill_rollups(settings: Settings, limit: int = 5) -> list[int]:
 
 
 def run_forever(settings: Settings, stop: threading.Event, enqueue: Enqueue | None = None) -> None:
+    lost = LostMessages()
     while not stop.wait(settings.reconcile_every_s):
         try:
-            reconcile_once(settings, enqueue)
+            reconcile_once(settings, enqueue, lost)
         except Exception:  # keep reconciling through transient DB/broker outages
             log.exception("reconcile pass failed")
 

@@ -29,6 +29,13 @@ def _env_float(name: str, default: float) -> float:
     return default if raw in (None, "") else float(raw)
 
 
+# Seconds uvicorn keeps an idle keep-alive connection open. Above the idle timeouts of the
+# clients and proxies in front of it (httpx and browsers 5-60 s, nginx 75 s): when the server closes
+# first, a client can send its next request into a connection being torn down and see a
+# connection reset instead of an answer (uvicorn's default is 5 s, the same as httpx's).
+HTTP_KEEP_ALIVE_S = 90
+
+
 def with_psycopg_driver(url: str) -> str:
     """``postgresql://`` and ``postgres://`` URLs (what most hosts hand out) use psycopg 3.
 
@@ -78,8 +85,10 @@ class Settings:
     # Downsampled metric reads return at most this many buckets per series (client may ask less).
     max_points_per_series: int = 5000
     default_points_per_series: int = 1000
-    # Downsampled reads of finished jobs kept in each API process (0 disables the cache).
+    # Downsampled reads kept in each API process (0 disables the cache): finished jobs' until
+    # evicted, running jobs' for ``live_read_ttl_s`` seconds (0: running jobs are never cached).
     read_cache_entries: int = 256
+    live_read_ttl_s: float = 1.0
     # Queue of runs whose job says device "auto" (embedded workers consume both queues).
     auto_queue: str = "gpu"
     # Device a worker trains on (None = the job's choice; "cuda" when a GPU worker pins one).
@@ -117,6 +126,7 @@ class Settings:
             "flush_every_s": _env_float("DYKAF_FLUSH_EVERY_S", cls.flush_every_s),
             "max_points_per_series": _env_int("DYKAF_MAX_POINTS_PER_SERIES", cls.max_points_per_series),
             "read_cache_entries": _env_int("DYKAF_READ_CACHE_ENTRIES", cls.read_cache_entries),
+            "live_read_ttl_s": _env_float("DYKAF_LIVE_READ_TTL_S", cls.live_read_ttl_s),
             "worker_device": os.environ.get("DYKAF_WORKER_DEVICE") or None,
             "auto_queue": os.environ.get("DYKAF_AUTO_QUEUE") or "gpu",
             "reconcile": _env_bool("DYKAF_RECONCILE", cls.reconcile),
@@ -158,6 +168,7 @@ class Settings:
             "DYKAF_AUTO_QUEUE": self.auto_queue,
             "DYKAF_MAX_POINTS_PER_SERIES": str(self.max_points_per_series),
             "DYKAF_READ_CACHE_ENTRIES": str(self.read_cache_entries),
+            "DYKAF_LIVE_READ_TTL_S": str(self.live_read_ttl_s),
         }
         if self.worker_device:
             out["DYKAF_WORKER_DEVICE"] = self.worker_device

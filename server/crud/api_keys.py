@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
+from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from server.db.models import ApiKey
@@ -20,6 +23,11 @@ from server.db.types import utcnow
 
 TOKEN_PREFIX = "dykaf_"
 PREFIX_LEN = 12  # "dykaf_" + 6 random characters: shown in listings, not a secret
+# ``last_used_at`` is refreshed at most this often per key: an audit hint ("is this key still in
+# use?" before revoking it), not a per-request write.
+LAST_USED_RESOLUTION_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 def hash_token(token: str) -> str:
@@ -64,6 +72,30 @@ def revoke_key(session: Session, ident: str) -> int:
     else:
         query = query.where(ApiKey.prefix == ident)
     return session.execute(query.values(revoked_at=utcnow())).rowcount or 0
+
+
+def touch_last_used(engine: Engine, key_id: int, resolution_s: float = LAST_USED_RESOLUTION_S) -> None:
+    """Record that ``key_id`` was just used, unless that was already recorded within ``resolution_s``.
+
+    Its own short transaction (never the request's), and never fatal: a failure here must not fail
+    the request it accounts for.
+    """
+    now = utcnow()
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                update(ApiKey)
+                .where(
+                    ApiKey.id == key_id,
+                    or_(
+                        ApiKey.last_used_at.is_(None),
+                        ApiKey.last_used_at < now - timedelta(seconds=resolution_s),
+                    ),
+                )
+                .values(last_used_at=now)
+            )
+    except Exception as exc:  # bookkeeping only
+        log.warning("could not record the use of API key %s: %s", key_id, exc)
 
 
 def list_keys(session: Session) -> list[ApiKey]:

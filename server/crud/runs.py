@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from server.crud.jobs import lock_job, recompute_job
+from server.db.clock import db_now
 from server.db.models import CANCELLED, QUEUED, RUNNING, TERMINAL, Run
 from server.db.types import UTCDateTime, utcnow
 
@@ -30,9 +31,10 @@ class Claim:
 
 
 def claim_run(
-    session: Session, run_id: int, *, worker: str, device: str | None, stale_before: datetime
+    session: Session, run_id: int, *, worker: str, device: str | None, stale_after_s: float
 ) -> Claim | None:
-    """Move the run to ``running`` if it is queued, or running with a stale heartbeat.
+    """Move the run to ``running`` if it is queued, or running with a heartbeat older than
+    ``stale_after_s`` by the database's clock (``server.db.clock``).
 
     Returns None when another worker owns it, it already ended, it was cancelled, or it no longer
     exists — the redelivered-task case, which must do nothing.
@@ -40,7 +42,8 @@ def claim_run(
     job_id = session.scalar(select(Run.job_id).where(Run.id == run_id))
     if job_id is None or not lock_job(session, job_id):
         return None
-    now = utcnow()
+    now = db_now(session)
+    stale_before = now - timedelta(seconds=stale_after_s)
     claimable = or_(
         Run.status == QUEUED,
         and_(Run.status == RUNNING, or_(Run.heartbeat_at.is_(None), Run.heartbeat_at < stale_before)),
@@ -69,7 +72,7 @@ def claim_run(
 
 def heartbeat(session: Session, run_id: int, attempt: int, step: int | None) -> tuple[bool, bool]:
     """Refresh the heartbeat (and progress step); returns ``(still_owned, cancel_requested)``."""
-    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    values: dict[str, Any] = {"heartbeat_at": db_now(session)}
     if step is not None:
         values["step"] = step
     result = session.execute(
@@ -149,9 +152,11 @@ def release_run(session: Session, claim: Claim, *, run_seconds: float | None = N
     return _update_owned_run(session, claim, values, run_seconds)
 
 
-def requeue_stale(session: Session, stale_before: datetime) -> list[int]:
-    """Runs whose worker stopped heartbeating go back to ``queued`` (or end ``cancelled`` when a
-    cancel was pending). Returns the ids of the requeued runs, to be enqueued again."""
+def requeue_stale(session: Session, stale_after_s: float) -> list[int]:
+    """Runs whose worker stopped heartbeating for ``stale_after_s`` (by the database's clock) go
+    back to ``queued`` (or end ``cancelled`` when a cancel was pending). Returns the ids of the
+    requeued runs, to be enqueued again."""
+    stale_before = db_now(session) - timedelta(seconds=stale_after_s)
     candidates = session.execute(
         select(Run.id, Run.job_id).where(Run.status == RUNNING, Run.heartbeat_at < stale_before)
     ).all()
@@ -193,6 +198,16 @@ def unenqueued_runs(session: Session, queued_before: datetime) -> list[int]:
             select(Run.id).where(Run.status == QUEUED, Run.task_id.is_(None), Run.queued_at < queued_before)
         ).all()
     )
+
+
+def enqueued_runs(session: Session, queued_before: datetime) -> list[tuple[int, str, str]]:
+    """``(run id, task id, queue)`` of queued runs published before ``queued_before``."""
+    rows = session.execute(
+        select(Run.id, Run.task_id, Run.queue).where(
+            Run.status == QUEUED, Run.task_id.is_not(None), Run.queued_at < queued_before
+        )
+    ).all()
+    return [(row.id, row.task_id, row.queue) for row in rows]
 
 
 def set_task_id(session: Session, run_id: int, task_id: str) -> None:

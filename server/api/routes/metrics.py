@@ -76,10 +76,29 @@ def get_metrics(
         points,
         view,
     )
-    if status in TERMINAL:
-        cached = cache.get(job_id, key)
-        if cached is not None:
-            return Response(cached, media_type="application/json")
+    cached = cache.get(job_id, key)
+    if cached is not None:
+        return Response(cached, media_type="application/json")
+    ttl = None if status in TERMINAL else settings.live_read_ttl_s
+    with cache.single_flight(job_id, key):
+        cached = cache.get(job_id, key)  # computed by the thread we waited for
+        if cached is None:
+            cached = _metrics_body(session, job_id, run_id, name, step_min, step_max, points, view)
+            cache.put(job_id, key, cached, ttl=ttl)
+    return Response(cached, media_type="application/json")
+
+
+def _metrics_body(
+    session: Session,
+    job_id: int,
+    run_id: list[int] | None,
+    name: list[str] | None,
+    step_min: int | None,
+    step_max: int | None,
+    points: int,
+    view: str,
+) -> bytes:
+    """The downsampled series as JSON bytes (serialised once: hits send the stored bytes)."""
     flt = metrics_crud.MetricFilter(job_id, run_id or (), name or (), step_min, step_max)
     runs = _runs(session, job_id)
     series_out, aggregates_out, plan = [], [], None
@@ -127,11 +146,7 @@ def get_metrics(
         "series": series_out,
         "aggregates": aggregates_out,
     }
-    # Serialised once: cache hits send the stored bytes without re-encoding ~100k floats.
-    body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
-    if status in TERMINAL:
-        cache.put(job_id, key, body)
-    return Response(body, media_type="application/json")
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
 
 
 @router.get("/fisher", response_model=FisherOut, summary="Fisher-fidelity diagnostics")
