@@ -11,14 +11,17 @@ Each API replica has its own cache; correctness does not depend on sharing it.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 Key = tuple[int, Hashable]
+
+log = logging.getLogger(__name__)
 
 
 class ReadCache:
@@ -32,17 +35,25 @@ class ReadCache:
         self.misses = 0
 
     def get(self, job_id: int, key: Hashable) -> Any | None:
+        """The fresh value for ``key``, or None (absent or expired)."""
+        value, fresh = self.lookup(job_id, key)
+        return value if fresh else None
+
+    def lookup(self, job_id: int, key: Hashable) -> tuple[Any | None, bool]:
+        """``(value, fresh)``: an expired entry is still returned (``fresh`` False) so that callers
+        can serve it while one of them recomputes (stale-while-revalidate)."""
         with self._lock:
             entry = self._data.get((job_id, key))
-            if entry is not None and entry[1] is not None and entry[1] <= self._clock():
-                del self._data[(job_id, key)]
-                entry = None
             if entry is None:
                 self.misses += 1
-                return None
+                return None, False
             self._data.move_to_end((job_id, key))
-            self.hits += 1
-            return entry[0]
+            fresh = entry[1] is None or entry[1] > self._clock()
+            if fresh:
+                self.hits += 1
+            else:
+                self.misses += 1
+            return entry[0], fresh
 
     def put(self, job_id: int, key: Hashable, value: Any, ttl: float | None = None) -> None:
         """Store ``value``; with ``ttl`` (seconds) it expires, without it only eviction drops it."""
@@ -66,12 +77,43 @@ class ReadCache:
             with lock:
                 yield
         finally:
-            with self._lock:
-                lock, users = self._flights[full]
-                if users <= 1:
-                    del self._flights[full]
-                else:
-                    self._flights[full] = (lock, users - 1)
+            self._leave(full)
+
+    def refresh_in_background(
+        self, job_id: int, key: Hashable, compute: Callable[[], tuple[Any, float | None]]
+    ) -> bool:
+        """Recompute an expired entry on a daemon thread unless one already is; True if started.
+
+        ``compute`` returns ``(value, ttl)``. The caller serves the expired value meanwhile, so no
+        reader of a watched live job ever waits for an aggregation after the first one.
+        """
+        full = (job_id, key)
+        with self._lock:
+            lock, users = self._flights.get(full, (threading.Lock(), 0))
+            if not lock.acquire(blocking=False):
+                return False
+            self._flights[full] = (lock, users + 1)
+
+        def run() -> None:
+            try:
+                value, ttl = compute()
+                self.put(job_id, key, value, ttl=ttl)
+            except Exception:  # the stale value keeps being served; the next reader retries
+                log.exception("background refresh of job %s failed", job_id)
+            finally:
+                lock.release()
+                self._leave(full)
+
+        threading.Thread(target=run, name=f"read-refresh-{job_id}", daemon=True).start()
+        return True
+
+    def _leave(self, full: Key) -> None:
+        with self._lock:
+            lock, users = self._flights[full]
+            if users <= 1:
+                del self._flights[full]
+            else:
+                self._flights[full] = (lock, users - 1)
 
     def invalidate(self, job_id: int) -> None:
         with self._lock:

@@ -213,7 +213,7 @@ def test_last_used_is_recorded_at_most_once_a_minute(sqlite_settings: Any, api_f
 
     api = api_factory(sqlite_settings.with_(write_rate_per_min=0))
     with session_scope(api.settings.database_url) as session:
-        _, idle = create_key(session, "idle")
+        create_key(session, "idle")
 
     def last_used() -> dict[str, Any]:
         with session_scope(api.settings.database_url) as session:

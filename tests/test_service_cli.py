@@ -120,6 +120,16 @@ def test_up_client_ctrl_c_and_restart(tmp_path: Path) -> None:
         r = cli("watch", str(job["id"]), data_dir=data, server=up.base)
         assert r.returncode == 0, r.stdout + r.stderr
         assert f"job {job['id']}: succeeded" in r.stdout
+        # The embedded worker trains at a lower CPU priority than the API beside it.
+        from worker.cli_service import EMBEDDED_WORKER_NICE
+
+        worker_pid = int(
+            httpx.get(f"{up.base}/api/v1/jobs/{job['id']}").json()["runs"][0]["worker"].split(":")[-1]
+        )
+        assert (
+            os.getpriority(os.PRIO_PROCESS, worker_pid) - os.getpriority(os.PRIO_PROCESS, 0)
+            == EMBEDDED_WORKER_NICE
+        )
 
         r = cli("status", data_dir=data, server=up.base)
         assert r.returncode == 0 and "example" in r.stdout and "succeeded" in r.stdout

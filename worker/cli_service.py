@@ -307,6 +307,13 @@ def keys_revoke(ident: Annotated[str, typer.Argument(help="key id, prefix or ful
 
 
 # --- processes -----------------------------------------------------------------------------------
+# Niceness of the worker that `up` starts beside the API on the same machine. CPU training takes
+# every core it gets; at equal priority the dashboard's requests queue behind it (measured: read p99
+# 0.4–1 s at 100 clients on 2 cores, 0.1 s with the worker at 10, which still trained at full speed
+# on the CPU left over; BENCHMARKS.md section 7).
+EMBEDDED_WORKER_NICE = 10
+
+
 def celery_worker_argv(queues: str, name: str, loglevel: str = "INFO") -> list[str]:
     """The worker command line: solo pool (no fork, so no CUDA-before-fork), one run at a time."""
     return [
@@ -341,8 +348,16 @@ def worker(
     ] = None,
     name: Annotated[str | None, typer.Option(help="worker node name")] = None,
     loglevel: Annotated[str, typer.Option(help="log level")] = "INFO",
+    nice: Annotated[
+        int,
+        typer.Option(
+            min=0, max=19, help="lower the worker's CPU priority (use when it shares a machine with the API)"
+        ),
+    ] = 0,
 ) -> None:
     """Run one Celery worker process (start one per GPU); replaces this process with ``celery worker``."""
+    if nice:
+        os.nice(nice)  # inherited by the exec'd worker
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
@@ -517,6 +532,7 @@ def up(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 cwd=ROOT,
+                preexec_fn=lambda: os.nice(EMBEDDED_WORKER_NICE),  # `up` starts no threads before this
             )
         )
         _wait_ready(base, procs[0])

@@ -86,7 +86,8 @@ class Settings:
     max_points_per_series: int = 5000
     default_points_per_series: int = 1000
     # Downsampled reads kept in each API process (0 disables the cache): finished jobs' until
-    # evicted, running jobs' for ``live_read_ttl_s`` seconds (0: running jobs are never cached).
+    # evicted, running jobs' for ``live_read_ttl_s`` seconds, stretched to 10× the aggregation's
+    # cost and refreshed in the background (0: running jobs are never cached).
     read_cache_entries: int = 256
     live_read_ttl_s: float = 1.0
     # Queue of runs whose job says device "auto" (embedded workers consume both queues).
