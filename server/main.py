@@ -22,7 +22,7 @@ from server.core.config import Settings
 from server.errors import install_error_handlers
 from server.limits import BodySizeLimit
 from server.observability import PrometheusMiddleware
-from server.ratelimit import WriteRateLimiter
+from server.ratelimit import make_write_limiter
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.read_cache = ReadCache(settings.read_cache_entries)
-    app.state.write_limiter = WriteRateLimiter(settings.write_rate_per_min)
+    app.state.write_limiter = make_write_limiter(
+        settings.write_rate_per_min, settings.broker_url, settings.broker_key_prefix or ""
+    )
     install_error_handlers(app)
     app.include_router(api_router, prefix=API_PREFIX)
     app.include_router(health.router)

@@ -254,6 +254,30 @@ def test_write_rate_limit_is_per_key_and_answers_429(sqlite_settings: Any, api_f
     assert all(api.get("/jobs").status_code == 200 for _ in range(10))
 
 
+def test_write_rate_limit_holds_across_api_processes(pg_settings: Any, api_factory: Any) -> None:
+    """Two API apps (as two replicas would) on one Redis share each key's bucket."""
+    from server.ratelimit import RedisWriteRateLimiter
+
+    first = api_factory(pg_settings.with_(write_rate_per_min=3))
+    second = api_factory(pg_settings.with_(write_rate_per_min=3))
+    assert isinstance(second.app.state.write_limiter, RedisWriteRateLimiter)
+    auth = {"Authorization": f"Bearer {first.token}"}
+    codes = [api.post("/jobs", json=tiny_job(), headers=auth).status_code for api in (first, second, first)]
+    assert codes == [201, 201, 201]
+    r = second.post("/jobs", json=tiny_job(), headers=auth)
+    assert r.status_code == 429, r.text  # per replica it would have been this replica's 2nd write
+    assert int(r.headers["retry-after"]) >= 1
+    assert second.post("/jobs", json=tiny_job()).status_code == 201  # second's own key: own bucket
+
+
+def test_shared_limiter_falls_back_to_the_process_when_redis_is_down() -> None:
+    from server.ratelimit import RedisWriteRateLimiter
+
+    limiter = RedisWriteRateLimiter(2, "redis://127.0.0.1:1/0")
+    assert [limiter.acquire("k") for _ in range(2)] == [0.0, 0.0]
+    assert limiter.acquire("k") > 0
+
+
 def test_token_bucket_refills() -> None:
     from server.ratelimit import WriteRateLimiter
 
