@@ -390,6 +390,52 @@ def test_redis_restart_without_persistence_republishes_every_queued_run_once(
         volatile.close()
 
 
+def test_api_killed_and_restarted_mid_run_the_job_continues(
+    tmp_path: Path, pg_settings: Any, api_factory: Any, worker_factory: Any
+) -> None:
+    """The API is not on the training path: SIGKILL it mid-run, the worker keeps training and
+    writing; the restarted API serves the finished job with every step once."""
+    import httpx
+
+    from server.db.models import Run
+    from server.db.session import session_scope
+    from tests.browser_support import ServerProcess
+
+    steps = 300
+    reads = api_factory(pg_settings)  # in-process client on the same database, for the checks
+    server = ServerProcess(pg_settings, tmp_path / "api.log").start()
+    try:
+        body = tiny_job(steps=steps, checkpoint_every=100, eval_every=1000, fisher_every=0)
+        body["optimizers"] = body["optimizers"][:1]
+        r = httpx.post(f"{server.url}/api/v1/jobs", json=body, headers=reads.auth, timeout=30)
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+        worker_factory(pg_settings, name="api-restart")
+        wait_run_step(reads, job_id, 20)
+        server.proc.kill()  # type: ignore[union-attr]
+        server.proc.wait(timeout=10)  # type: ignore[union-attr]
+
+        def stored_step() -> int:
+            with session_scope(pg_settings.database_url) as session:
+                return int(session.query(Run.step).filter(Run.job_id == job_id).scalar() or 0)
+
+        while_down = stored_step()
+        deadline = time.monotonic() + 60
+        while stored_step() < while_down + 20:  # training and writing go on without the API
+            assert time.monotonic() < deadline, "the run stalled while the API was down"
+            time.sleep(0.1)
+        server.stop()
+        server.start()
+        job = reads.wait_job(job_id, TERMINAL, timeout=240)
+        via_restarted = httpx.get(f"{server.url}/api/v1/jobs/{job_id}", timeout=30).json()
+        assert via_restarted["status"] == job["status"] == "succeeded", job
+        (run,) = job["runs"]
+        assert run["attempt"] == 1 and run["step"] == steps
+        assert_each_step_once(reads, job, steps)
+    finally:
+        server.stop()
+
+
 # --- (e) PostgreSQL restarted while a run writes metrics --------------------------------------------
 def test_postgres_restart_mid_run_loses_and_duplicates_no_metric(
     tmp_path: Path,
