@@ -7,7 +7,8 @@ It prints the device, driver, torch and CUDA versions; runs the test suite's CUD
 times one optimizer step of adamw, soap, dykaf, dykaf-rank1 and muon on GPT-2-small layer shapes
 (CUDA events, median of several refresh windows) with the FLOP floor of DyKAF's extra work; trains
 the embedded pre-training task for a fixed number of steps (bf16 autocast on CUDA) for adamw, soap
-and dykaf through the real worker code path; and writes one JSON and one Markdown report to --out.
+and dykaf through the real worker code path; measures the Fisher diagnostics' overhead on the
+default task as the worker schedules them; and writes one JSON and one Markdown report to --out.
 
 It needs only what a CUDA machine with PyTorch has: sections whose packages are missing are skipped
 with a line saying so (``bench/gpu_check.sh`` installs carried wheels first when there are any).
@@ -170,6 +171,33 @@ def training(device: str, dry_run: bool) -> dict[str, Any]:
     return {"task": task, "autocast": "bf16" if device == "cuda" else "none", "runs": rows}
 
 
+def fisher_overhead(device: str, dry_run: bool) -> dict[str, Any]:
+    """Fisher diagnostics' share of training time on the embedded task, as the worker runs them
+    (scheduled observe, a report every 250 steps), in isolation and over whole 250-step cycles."""
+    absent = missing("pydantic", "yaml")
+    if absent:
+        return {"skipped": f"worker code path needs {', '.join(absent)}; carry wheels (bench/gpu_check.sh)"}
+    from dataclasses import asdict
+
+    import fisher_cost
+
+    rows = [
+        fisher_cost.bench_worker(
+            torch.device(device),
+            name,
+            steps=8 if dry_run else 20,
+            fisher_every=250,
+            window=4 if dry_run else 32,
+            max_layers=2,
+            end_to_end=None if dry_run else 250,
+        )
+        for name in TRAIN_OPTIMIZERS
+    ]
+    text = fisher_cost.render_worker("bench/gpu_check.py (fisher section)", rows, [50, 250])
+    print(text, flush=True)
+    return {"rows": [asdict(r) for r in rows], "markdown": text}
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -215,6 +243,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in train["runs"]]
     else:
         lines.append(train.get("skipped", ""))
+    fisher = report.get("fisher", {})
+    lines += ["", "## Fisher diagnostics overhead", ""]
+    lines.append(fisher.get("markdown") or fisher.get("skipped") or fisher.get("error", ""))
     return "\n".join(lines) + "\n"
 
 
@@ -224,7 +255,7 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: checks the script itself")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "steps", "training"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "steps", "training", "fisher"])
     args = parser.parse_args()
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -238,6 +269,7 @@ def main() -> int:
         "tests": ("cuda_tests", cuda_tests),
         "steps": ("optimizer_step", optimizer_steps),
         "training": ("training", training),
+        "fisher": ("fisher", fisher_overhead),
     }
     for key, (name, fn) in sections.items():
         if key in args.skip:

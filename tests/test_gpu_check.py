@@ -29,5 +29,9 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path: Path) -> None:
     runs = report["training"]["runs"]
     assert [r["optimizer"] for r in runs] == ["adamw", "soap", "dykaf"]
     assert all(r["status"] == "succeeded" and r["final_val_loss"] > 0 for r in runs)
+    fisher = report["fisher"]["rows"]
+    assert [r["label"].split()[0] for r in fisher] == ["adamw", "soap", "dykaf"]
+    assert all(r["step_ms"] > 0 and r["report_ms"] > 0 and r["horizon"] >= 4 for r in fisher)
     markdown = (tmp_path / "gpu_check.md").read_text()
+    assert "## Fisher diagnostics overhead" in markdown and "overhead @ every 250" in markdown
     assert "## One optimizer step" in markdown and "| dykaf |" in markdown
