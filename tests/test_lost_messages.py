@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from sqlalchemy import create_engine, text
 
 from server.core.config import Settings
@@ -70,6 +71,24 @@ def test_embedded_broker_lost_messages_are_republished_once(sqlite_settings: Set
     republished = _task_ids(api, job["id"])
     assert set(republished.values()).isdisjoint(published.values())
     assert set(republished.values()) <= (held_task_ids(sqlite_settings, queues) or set())
+    assert reconcile_once(sqlite_settings, lost=lost).republished == []
+    assert reconcile_once(sqlite_settings, lost=lost).republished == []
+
+
+def test_the_full_scan_is_skipped_while_the_message_count_covers_the_queued_runs(
+    sqlite_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.broker_messages as broker_messages
+
+    api = Api(sqlite_settings)
+    job = api.post("/jobs", json=tiny_job()).json()
+    _backdate(api, job["id"])
+
+    def no_scan(*_: Any) -> set[str]:
+        raise AssertionError("full scan while every queued run can still have its message")
+
+    monkeypatch.setattr(broker_messages, "held_task_ids", no_scan)
+    lost = LostMessages()
     assert reconcile_once(sqlite_settings, lost=lost).republished == []
     assert reconcile_once(sqlite_settings, lost=lost).republished == []
 

@@ -45,6 +45,43 @@ def held_task_ids(settings: Settings, queues: Iterable[str]) -> set[str] | None:
     return None
 
 
+def held_message_count(settings: Settings, queues: Iterable[str]) -> int | None:
+    """How many messages the broker holds for ``queues`` (O(1) per key); None when unknown.
+
+    A cheap first look: while it is at least the number of queued runs, no message can be missing
+    and the full scan of ``held_task_ids`` is skipped.
+    """
+    url = settings.broker_url
+    try:
+        if url.startswith(("redis://", "rediss://", "unix://")):
+            import redis
+
+            prefix = settings.broker_key_prefix or ""
+            client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
+            try:
+                pipe = client.pipeline(transaction=True)
+                for key in _redis_queue_keys(prefix, sorted(set(queues))):
+                    pipe.llen(key)
+                pipe.hlen(prefix + _UNACKED_KEY)
+                return int(sum(pipe.execute()))
+            finally:
+                client.close()
+        if url.startswith("sqla+"):
+            return len(_sqlalchemy_task_ids(url[len("sqla+") :]))
+    except Exception as exc:
+        log.warning("could not count the broker's messages: %s", exc)
+    return None
+
+
+def _redis_queue_keys(prefix: str, queues: list[str]) -> list[str]:
+    """Each queue's list and its priority sub-queues."""
+    keys = []
+    for queue in queues:
+        keys.append(prefix + queue)
+        keys.extend(f"{prefix}{queue}{_PRIORITY_SEPARATOR}{priority}" for priority in range(1, 10))
+    return keys
+
+
 def _ids_in(payloads: Iterable[bytes | str]) -> set[str]:
     found: set[str] = set()
     for payload in payloads:
@@ -60,10 +97,8 @@ def _redis_task_ids(settings: Settings, queues: list[str]) -> set[str]:
     client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=10)
     try:
         pipe = client.pipeline(transaction=True)  # one snapshot of queues and unacked together
-        for queue in queues:
-            pipe.lrange(prefix + queue, 0, -1)
-            for priority in range(1, 10):
-                pipe.lrange(f"{prefix}{queue}{_PRIORITY_SEPARATOR}{priority}", 0, -1)
+        for key in _redis_queue_keys(prefix, queues):
+            pipe.lrange(key, 0, -1)
         pipe.hvals(prefix + _UNACKED_KEY)
         results = pipe.execute()
     finally:

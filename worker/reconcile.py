@@ -8,8 +8,10 @@ a run is requeued once. Runs whose submit-time publish failed (broker down) have
 are published here once the broker is back. Queued runs whose message the broker lost (Redis
 restarted without persistence) are republished once two passes in a row found their task id
 missing from the broker (``worker.broker_messages``; a message in flight between queue and
-worker is missing for an instant, never for a whole pass interval). A republished run can at
-worst get two messages; the claim lets only one of them run it.
+worker is missing for an instant, never for a whole pass interval). The scan only happens when
+the broker holds fewer messages than there are queued runs (an O(1) count first), so stale
+messages of cancelled runs can delay the detection until workers have drained them. A republished
+run can at worst get two messages; the claim lets only one of them run it.
 """
 
 from __future__ import annotations
@@ -109,14 +111,17 @@ def reconcile_once(
 
 def _lost_message_runs(settings: Settings, lost: LostMessages, now: datetime) -> list[int]:
     """Queued runs whose task id the broker has not held for two passes in a row."""
-    from worker.broker_messages import held_task_ids
+    from worker.broker_messages import held_message_count, held_task_ids
 
     with session_scope(settings.database_url) as session:
         published = runs_crud.enqueued_runs(session, now - timedelta(seconds=UNENQUEUED_GRACE_S))
-    if not published:
+    queues = {queue for _, _, queue in published}
+    count = held_message_count(settings, queues) if published else None
+    if not published or (count is not None and count >= len(published)):
+        # Every queued run can still have its message (the usual case): skip the full scan.
         lost.confirm({})
         return []
-    held = held_task_ids(settings, {queue for _, _, queue in published})
+    held = held_task_ids(settings, queues)
     if held is None:  # broker down or not inspectable: decide nothing this pass
         return []
     return lost.confirm({run_id: task_id for run_id, task_id, _ in published if task_id not in held})
