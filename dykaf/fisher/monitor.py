@@ -2,12 +2,12 @@
 
 Usage, every step::
 
-    monitor = FisherMonitor(model, optimizer, report_every=fisher_every)
+    monitor = FisherMonitor(model, optimizer, report_every=fisher_every, last_step=steps)
     ...
     loss.backward()
     monitor.observe(step)      # copy probed grads, one shadow factor update per method (when due)
     optimizer.step()
-    if step % fisher_every == 0:
+    if monitor.is_report_step(step):
         sink.log_fisher(monitor.report(step))
 
 With ``report_every`` and the step number, ``observe`` only does the work the next report can
@@ -156,7 +156,7 @@ class FisherMonitor:
             truncated = self.report_every is not None and self.report_every > horizon
             # Until the link is decided the shadows must see every gradient the optimizer sees.
             feed = linking or not truncated or until_report < horizon
-            if truncated and until_report == horizon - 1:
+            if truncated and until_report == horizon - 1 and not linking:
                 probe.restart_shadows()
             probe.observe(record=until_report < probe.window, feed_shadows=feed)
 
