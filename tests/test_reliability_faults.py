@@ -137,6 +137,46 @@ def test_unusable_checkpoint_directory_fails_the_run_with_the_path(
     assert run["attempt"] == 1
 
 
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 16 KiB tmpfs: any checkpoint write runs out of space (needs permission to mount)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
+
+
+def test_disk_full_fails_the_run_with_a_clear_reason(
+    sqlite_settings: Any, api_factory: Any, worker_factory: Any, full_disk: Path
+) -> None:
+    api = api_factory(sqlite_settings)
+    body = tiny_job(steps=8, checkpoint_every=4)
+    body["optimizers"] = body["optimizers"][:1]
+    root = sqlite_settings.checkpoint_root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    root.symlink_to(full_disk, target_is_directory=True)  # checkpoints land on the full disk
+    worker = worker_factory(sqlite_settings)
+    job_id = api.post("/jobs", json=body).json()["id"]
+    job = api.wait_job(job_id, TERMINAL, timeout=120)
+    (run,) = job["runs"]
+    assert run["status"] == "failed", (run, worker.log()[-2000:])
+    assert "no space left on device" in run["reason"] and "checkpoint" in run["reason"], run["reason"]
+    assert run["attempt"] == 1
+    assert not any(full_disk.rglob("*.tmp"))  # the partial file was removed
+    # The metrics up to the failed checkpoint were stored (flushed before the write).
+    assert [r for r in metric_rows(api, job_id) if r["name"] == "train_loss"]
+
+
 # --- (c) two SIGKILLs in a row on the same run -------------------------------------------------------
 def test_worker_killed_twice_on_one_run_finishes_once(
     pg_settings: Any, api_factory: Any, worker_factory: Any

@@ -7,8 +7,10 @@ falls back to full unpickling for optimizer states that hold non-tensor objects.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,12 @@ from typing import Any
 import torch
 
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the message names the file and, when it is the cause,
+    that the disk is full (torch's own error for a short write is an opaque
+    "enforce fail at inline_container.cc ... unexpected pos")."""
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -29,9 +37,42 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+    except Exception as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(target, obj, exc) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_error(target: Path, obj: Any, exc: Exception) -> CheckpointWriteError:
+    need = _tensor_bytes(obj)
+    try:
+        free = shutil.disk_usage(target.parent).free
+    except OSError:
+        free = None
+    mib = 1024 * 1024
+    if (free is not None and free < need) or getattr(exc, "errno", None) == errno.ENOSPC:
+        free_text = "unknown" if free is None else f"{free / mib:.1f} MiB"
+        return CheckpointWriteError(
+            errno.ENOSPC,
+            f"could not write checkpoint {target}: no space left on device "
+            f"(it needs about {need / mib:.1f} MiB, {free_text} free in {target.parent})",
+        )
+    return CheckpointWriteError(
+        errno.EIO, f"could not write checkpoint {target}: {type(exc).__name__}: {exc}"
+    )
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested checkpoint payload (the bulk of what ``torch.save`` writes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
