@@ -3,6 +3,7 @@
 #   bash bench/gpu_check.sh OUT_DIR [--dry-run]
 # Wheels carried in .whl/ (pydantic, pytorch-optimizer, …) are installed into a private target
 # first, so nothing on the machine is changed; without them the worker section is skipped.
+# Fetch them (on the development machine) with: bash bench/fetch_gpu_wheels.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bench/gpu_check.sh OUT_DIR [--dry-run]}
