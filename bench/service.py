@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import func, select, text, update  # noqa: E402
 
-from server.core.config import HTTP_KEEP_ALIVE_S, Settings  # noqa: E402
+from server.core.config import Settings  # noqa: E402
 from server.crud import jobs as jobs_crud  # noqa: E402
 from server.crud.api_keys import create_key  # noqa: E402
 from server.crud.metrics import insert_metrics  # noqa: E402
@@ -50,6 +50,7 @@ from server.crud.rollups import build_rollups  # noqa: E402
 from server.db import migrate  # noqa: E402
 from server.db.models import MetricPoint, Run  # noqa: E402
 from server.db.session import dispose_engines, get_engine, session_scope  # noqa: E402
+from worker.cli_service import uvicorn_argv  # noqa: E402
 from worker.execute import DatabaseSink  # noqa: E402
 from worker.spec import JobSpec  # noqa: E402
 
@@ -225,24 +226,7 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, **settings.env(), "DYKAF_RECONCILE": "0", "PYTHONPATH": str(ROOT), **env}
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "server.main:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                str(workers),
-                "--timeout-keep-alive",
-                str(HTTP_KEEP_ALIVE_S),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
+            uvicorn_argv("127.0.0.1", self.port, workers=workers, access_log=False),
             cwd=ROOT,
             env=full_env,
         )

@@ -39,7 +39,7 @@ def _check(session: Session, credentials: HTTPAuthorizationCredentials | None) -
     key = verify_token(session, credentials.credentials)
     if key is None:
         raise _unauthorized("invalid or revoked API key")
-    touch_last_used(session.get_bind(), key.id)  # type: ignore[arg-type]
+    touch_last_used(session.get_bind(), key)  # type: ignore[arg-type]
     return key
 
 

@@ -65,9 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.read_cache = ReadCache(settings.read_cache_entries)
-    app.state.write_limiter = make_write_limiter(
-        settings.write_rate_per_min, settings.broker_url, settings.broker_key_prefix or ""
-    )
+    app.state.write_limiter = make_write_limiter(settings)
     install_error_handlers(app)
     app.include_router(api_router, prefix=API_PREFIX)
     app.include_router(health.router)

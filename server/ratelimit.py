@@ -20,6 +20,8 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from server.core.config import Settings
+
 log = logging.getLogger(__name__)
 
 
@@ -108,13 +110,13 @@ class RedisWriteRateLimiter:
         return wait_ms / 1000.0
 
 
-def make_write_limiter(
-    rate_per_min: float, broker_url: str, key_prefix: str = ""
-) -> WriteRateLimiter | RedisWriteRateLimiter:
+def make_write_limiter(settings: Settings) -> WriteRateLimiter | RedisWriteRateLimiter:
     """Shared buckets when the service runs on Redis, in-process ones otherwise."""
-    if rate_per_min > 0 and broker_url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisWriteRateLimiter(rate_per_min, broker_url, key_prefix)
-    return WriteRateLimiter(rate_per_min)
+    if settings.write_rate_per_min > 0 and settings.broker_is_redis:
+        return RedisWriteRateLimiter(
+            settings.write_rate_per_min, settings.broker_url, settings.broker_key_prefix or ""
+        )
+    return WriteRateLimiter(settings.write_rate_per_min)
 
 
 def retry_after_header(wait_s: float) -> str:

@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from worker.cli_service import uvicorn_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("DYKAF_CHROMIUM", "/usr/bin/chromium")
@@ -90,19 +91,7 @@ class ServerProcess:
     def start(self, timeout: float = 60.0) -> ServerProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "server.main:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-            ],
+            uvicorn_argv("127.0.0.1", self.port),
             cwd=ROOT,
             env=self.env,
             stdout=self._log,

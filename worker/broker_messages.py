@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from server.core.config import Settings
 
@@ -33,53 +34,68 @@ _UNACKED_KEY = "unacked"
 
 def held_task_ids(settings: Settings, queues: Iterable[str]) -> set[str] | None:
     """Task ids of every message the broker holds for ``queues``; None when it cannot be inspected."""
-    url = settings.broker_url
     try:
-        if url.startswith(("redis://", "rediss://", "unix://")):
-            return _redis_task_ids(settings, sorted(set(queues)))
-        if url.startswith("sqla+"):
-            return _sqlalchemy_task_ids(url[len("sqla+") :])
+        if settings.broker_is_redis:
+            batches = _redis_snapshot(settings, queues, lambda pipe, key: pipe.lrange(key, 0, -1), "hvals")
+            return _ids_in(payload for batch in batches for payload in batch)
+        if settings.broker_url.startswith("sqla+"):
+            return _ids_in(row[0] for row in _kombu_messages(settings, "payload"))
     except Exception as exc:  # broker down: try again next pass
         log.warning("could not inspect the broker's messages: %s", exc)
-        return None
     return None
 
 
 def held_message_count(settings: Settings, queues: Iterable[str]) -> int | None:
-    """How many messages the broker holds for ``queues`` (O(1) per key); None when unknown.
+    """How many messages the broker holds for ``queues`` (O(1) per Redis key); None when unknown.
 
     A cheap first look: while it is at least the number of queued runs, no message can be missing
     and the full scan of ``held_task_ids`` is skipped.
     """
-    url = settings.broker_url
     try:
-        if url.startswith(("redis://", "rediss://", "unix://")):
-            import redis
-
-            prefix = settings.broker_key_prefix or ""
-            client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
-            try:
-                pipe = client.pipeline(transaction=True)
-                for key in _redis_queue_keys(prefix, sorted(set(queues))):
-                    pipe.llen(key)
-                pipe.hlen(prefix + _UNACKED_KEY)
-                return int(sum(pipe.execute()))
-            finally:
-                client.close()
-        if url.startswith("sqla+"):
-            return len(_sqlalchemy_task_ids(url[len("sqla+") :]))
-    except Exception as exc:
+        if settings.broker_is_redis:
+            return int(sum(_redis_snapshot(settings, queues, lambda pipe, key: pipe.llen(key), "hlen")))
+        if settings.broker_url.startswith("sqla+"):
+            rows = _kombu_messages(settings, "count(*)")
+            return int(rows[0][0]) if rows else 0
+    except Exception as exc:  # broker down: try again next pass
         log.warning("could not count the broker's messages: %s", exc)
     return None
 
 
-def _redis_queue_keys(prefix: str, queues: list[str]) -> list[str]:
-    """Each queue's list and its priority sub-queues."""
-    keys = []
-    for queue in queues:
-        keys.append(prefix + queue)
-        keys.extend(f"{prefix}{queue}{_PRIORITY_SEPARATOR}{priority}" for priority in range(1, 10))
-    return keys
+def _redis_snapshot(
+    settings: Settings, queues: Iterable[str], per_queue_key: Callable[[Any, str], object], unacked: str
+) -> list[Any]:
+    """One transaction over every queue key (``per_queue_key``) and the unacked hash (``unacked``
+    names the hash command), so that a message moving from a queue to a worker is seen once."""
+    import redis
+
+    prefix = settings.broker_key_prefix or ""
+    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=10)
+    try:
+        pipe = client.pipeline(transaction=True)
+        for queue in sorted(set(queues)):
+            per_queue_key(pipe, prefix + queue)
+            for priority in range(1, 10):
+                per_queue_key(pipe, f"{prefix}{queue}{_PRIORITY_SEPARATOR}{priority}")
+        getattr(pipe, unacked)(prefix + _UNACKED_KEY)
+        return list(pipe.execute())
+    finally:
+        client.close()
+
+
+def _kombu_messages(settings: Settings, columns: str) -> list[Any]:
+    """``columns`` of the embedded broker's undelivered messages (kombu's SQLAlchemy transport keeps
+    delivered ones with visible = false and never redelivers them, so only visible ones count)."""
+    from sqlalchemy import create_engine, inspect, text
+
+    engine = create_engine(settings.broker_url[len("sqla+") :])
+    try:
+        with engine.connect() as conn:
+            if not inspect(conn).has_table("kombu_message"):
+                return []  # no message was ever published
+            return list(conn.execute(text(f"SELECT {columns} FROM kombu_message WHERE visible")))
+    finally:
+        engine.dispose()
 
 
 def _ids_in(payloads: Iterable[bytes | str]) -> set[str]:
@@ -88,36 +104,3 @@ def _ids_in(payloads: Iterable[bytes | str]) -> set[str]:
         raw = payload.encode() if isinstance(payload, str) else payload
         found.update(match.decode() for match in _TASK_ID.findall(raw))
     return found
-
-
-def _redis_task_ids(settings: Settings, queues: list[str]) -> set[str]:
-    import redis
-
-    prefix = settings.broker_key_prefix or ""
-    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=10)
-    try:
-        pipe = client.pipeline(transaction=True)  # one snapshot of queues and unacked together
-        for key in _redis_queue_keys(prefix, queues):
-            pipe.lrange(key, 0, -1)
-        pipe.hvals(prefix + _UNACKED_KEY)
-        results = pipe.execute()
-    finally:
-        client.close()
-    return _ids_in(payload for batch in results for payload in batch)
-
-
-def _sqlalchemy_task_ids(url: str) -> set[str]:
-    """The embedded broker (kombu's SQLAlchemy transport): messages live in ``kombu_message``."""
-    from sqlalchemy import create_engine, inspect, text
-
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            if not inspect(conn).has_table("kombu_message"):
-                return set()
-            # Delivered messages stay in the table with visible = false and are never redelivered,
-            # so only visible ones still wake a worker up.
-            rows = conn.execute(text("SELECT payload FROM kombu_message WHERE visible"))
-            return _ids_in(row[0] for row in rows)
-    finally:
-        engine.dispose()

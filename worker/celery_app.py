@@ -30,7 +30,7 @@ QUEUES = ("gpu", "cpu")
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Broker and reliability settings shared by producers (API) and consumers (workers)."""
     transport_options: dict[str, Any] = {}
-    if settings.broker_url.startswith(("redis://", "rediss://")):
+    if settings.broker_is_redis:
         # Unacked messages come back only after this long; it must exceed the longest run.
         transport_options["visibility_timeout"] = settings.visibility_timeout_s
         if settings.broker_key_prefix:

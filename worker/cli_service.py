@@ -314,6 +314,17 @@ def keys_revoke(ident: Annotated[str, typer.Argument(help="key id, prefix or ful
 EMBEDDED_WORKER_NICE = 10
 
 
+def uvicorn_argv(host: str, port: int, *, workers: int = 1, access_log: bool = True) -> list[str]:
+    """The API server command line (``up``, the benchmarks and the tests all start this one),
+    with the keep-alive above the clients' (``HTTP_KEEP_ALIVE_S``)."""
+    from server.core.config import HTTP_KEEP_ALIVE_S
+
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "server.main:create_app"]
+    argv += ["--host", host, "--port", str(port), "--workers", str(workers)]
+    argv += ["--timeout-keep-alive", str(HTTP_KEEP_ALIVE_S), "--log-level", "warning"]
+    return argv if access_log else [*argv, "--no-access-log"]
+
+
 def celery_worker_argv(queues: str, name: str, loglevel: str = "INFO") -> list[str]:
     """The worker command line: solo pool (no fork, so no CUDA-before-fork), one run at a time."""
     return [
@@ -477,7 +488,6 @@ def up(
     no_example: Annotated[bool, typer.Option("--no-example", help="do not submit the example job")] = False,
 ) -> None:
     """Embedded mode: SQLite + SQLAlchemy broker + API + one worker, started and stopped together."""
-    from server.core.config import HTTP_KEEP_ALIVE_S
     from server.db import migrate as m
 
     settings = _settings(data_dir=data_dir)
@@ -502,21 +512,7 @@ def up(
     try:
         procs.append(
             subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "--factory",
-                    "server.main:create_app",
-                    "--host",
-                    host,
-                    "--port",
-                    str(port),
-                    "--timeout-keep-alive",
-                    str(HTTP_KEEP_ALIVE_S),
-                    "--log-level",
-                    "warning",
-                ],
+                uvicorn_argv(host, port),
                 env=env,
                 stdout=handles[0],
                 stderr=subprocess.STDOUT,

@@ -144,6 +144,11 @@ class Settings:
         return self.database_url.startswith("sqlite")
 
     @property
+    def broker_is_redis(self) -> bool:
+        """Cluster mode's broker; the embedded one is kombu's SQLAlchemy transport (``sqla+``)."""
+        return self.broker_url.startswith(("redis://", "rediss://"))
+
+    @property
     def checkpoint_root(self) -> Path:
         return self.data_dir / "checkpoints"
 

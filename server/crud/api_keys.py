@@ -74,28 +74,29 @@ def revoke_key(session: Session, ident: str) -> int:
     return session.execute(query.values(revoked_at=utcnow())).rowcount or 0
 
 
-def touch_last_used(engine: Engine, key_id: int, resolution_s: float = LAST_USED_RESOLUTION_S) -> None:
-    """Record that ``key_id`` was just used, unless that was already recorded within ``resolution_s``.
+def touch_last_used(engine: Engine, key: ApiKey, resolution_s: float = LAST_USED_RESOLUTION_S) -> None:
+    """Record that ``key`` (the row just verified) was used, unless that is already recorded within
+    ``resolution_s``: most requests read that from the row and touch nothing.
 
-    Its own short transaction (never the request's), and never fatal: a failure here must not fail
-    the request it accounts for.
+    Its own short transaction (never the request's), conditional so that concurrent requests write
+    once, and never fatal: a failure here must not fail the request it accounts for.
     """
     now = utcnow()
+    recent = now - timedelta(seconds=resolution_s)
+    if key.last_used_at is not None and key.last_used_at >= recent:
+        return
     try:
         with engine.begin() as conn:
             conn.execute(
                 update(ApiKey)
                 .where(
-                    ApiKey.id == key_id,
-                    or_(
-                        ApiKey.last_used_at.is_(None),
-                        ApiKey.last_used_at < now - timedelta(seconds=resolution_s),
-                    ),
+                    ApiKey.id == key.id,
+                    or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < recent),
                 )
                 .values(last_used_at=now)
             )
     except Exception as exc:  # bookkeeping only
-        log.warning("could not record the use of API key %s: %s", key_id, exc)
+        log.warning("could not record the use of API key %s: %s", key.id, exc)
 
 
 def list_keys(session: Session) -> list[ApiKey]:
