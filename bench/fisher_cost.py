@@ -60,26 +60,24 @@ class Clock:
         return time.perf_counter() - begin
 
 
-def _hwm_mib() -> float | None:
+def _proc_status_mib(field: str) -> float | None:
+    """A memory line of /proc/self/status (``VmHWM``: peak resident, ``VmRSS``: current) in MiB."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         return None
     return None
+
+
+def _hwm_mib() -> float | None:
+    return _proc_status_mib("VmHWM")
 
 
 def _current_rss_mib() -> float | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        return None
-    return None
+    return _proc_status_mib("VmRSS")
 
 
 @contextmanager
