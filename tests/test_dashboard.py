@@ -251,6 +251,7 @@ def test_js_units_match_python(page: Any, stack: Stack) -> None:
             optimizer_ms=2,
             peak_memory_mb=100,
             tokens_per_s=900,
+            fisher_overhead=0.04,
         ),
         run(
             "dykaf",
@@ -264,6 +265,7 @@ def test_js_units_match_python(page: Any, stack: Stack) -> None:
             optimizer_ms=8,
             peak_memory_mb=140,
             tokens_per_s=700,
+            fisher_overhead=0.02,
         ),
         run("dykaf", "dykaf", "diverged"),
         run("dykaf", "dykaf", "running"),
@@ -283,6 +285,8 @@ def test_js_units_match_python(page: Any, stack: Stack) -> None:
     assert math.isclose(dykaf["speedupSteps"], 110 / 50) and math.isclose(dykaf["speedupTime"], 11 / 8)
     assert dykaf["total"] == 3 and dykaf["ended"] == 2 and dykaf["diverged"] == 1 and dykaf["reached"] == 1
     assert math.isclose(dykaf["optShare"], 0.5)
+    assert math.isclose(dykaf["diagShare"], 0.02) and math.isclose(adamw["diagShare"], 0.04)
+    assert best["diagShare"] == []  # the probes' cost is not the optimizer's: never marked "best"
     assert best["finalVal"] == ["dykaf"] and best["speedupSteps"] == ["dykaf"]
     assert (
         best["stepTimeMs"] == ["adamw"] and best["tokensPerS"] == ["adamw"] and best["diverged"] == ["adamw"]
@@ -469,6 +473,10 @@ def test_form_job_runs_live_with_charts_and_downloads(page: Any, stack: Stack, b
     # Summary and runs tables.
     assert page.locator("#summary-table tbody tr").count() == 2
     assert page.locator("#summary-table td.best").count() >= 1
+    # The Fisher probes' own cost, per optimizer (diagnostics ran every 10 steps): a percentage.
+    diag_cells = page.locator('#summary-table td[data-col="diagShare"]').all_inner_texts()
+    assert len(diag_cells) == 2 and all(re.fullmatch(r"\d+(\.\d)?\s?%", c.strip()) for c in diag_cells), diag_cells
+    assert page.locator('#summary-table td.best[data-col="diagShare"]').count() == 0
     assert page.locator("#runs-table tbody tr").count() == 4
     assert page.locator("#runs-table tbody tr").first.get_attribute("data-status") == "succeeded"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +261,47 @@ def test_fisher_rows_reach_the_sink() -> None:
     steps = {row[0] for row in sink.fisher}
     assert steps == {2, 4}
     assert all(len(row) == 5 for row in sink.fisher)
+
+
+def test_diagnostics_time_is_kept_out_of_training_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slow probes (here: 0.4 s per observe and report) show up in ``fisher_time`` and never in
+    train_time, step_time, tokens/s or time-to-target, which compare optimizers."""
+    fisher = pytest.importorskip("dykaf.fisher")
+    delay = 0.4
+
+    class SlowMonitor(fisher.FisherMonitor):  # type: ignore[misc,name-defined]
+        calls = 0
+
+        def observe(self, step: int | None = None) -> None:
+            SlowMonitor.calls += 1
+            time.sleep(delay)
+            super().observe(step)
+
+        def report(self, step: int) -> Any:
+            SlowMonitor.calls += 1
+            time.sleep(delay)
+            return super().report(step)
+
+    monkeypatch.setattr(optim, "fisher_monitor_class", lambda: SlowMonitor)
+    (spec,) = _run(steps=6, eval_every=3, log_every=1, fisher_every=3, fisher_window=2)
+    spec = spec.model_copy(update={"target_loss": 100.0})
+    sink = MemorySink()
+    result = execute_run(spec, sink)
+    assert result.status == "succeeded"
+    s = result.summary
+    slept = SlowMonitor.calls * delay
+    assert SlowMonitor.calls == 6 + 2  # every step observes, reports at 3 and 6
+    assert s["fisher_time_s"] >= slept
+    # The tiny model trains a step in a few ms: had a single sleep leaked in, these would fail.
+    assert s["train_time_s"] < delay
+    assert s["fisher_overhead"] == pytest.approx(s["fisher_time_s"] / s["train_time_s"])
+    by_step = {step: m for step, m, _ in sink.records}
+    assert all(by_step[step]["step_time"] < delay for step in range(1, 7))
+    assert all(by_step[step]["tokens_per_s"] > 0 for step in range(1, 7))
+    cumulative = [by_step[step]["fisher_time"] for step in range(1, 7)]
+    assert cumulative == sorted(cumulative) and cumulative[-1] == s["fisher_time_s"]
+    assert cumulative[2] >= 4 * delay  # three observes and the step-3 report, logged at step 3
+    assert by_step[6]["train_time"] == s["train_time_s"] < delay
 
 
 def test_csv_sink_writes_wide_rows(tmp_path: Path) -> None:

@@ -66,7 +66,7 @@ def _fmt(mean: float, std: float, digits: int = 3) -> str:
 
 def summary_table(rows: list[dict[str, Any]], has_target: bool) -> Table:
     table = Table(title="summary (mean ± std over seeds)")
-    for column in ("optimizer", "ok/seeds", "final val loss", "best val loss", "step ms", "peak MB"):
+    for column in ("optimizer", "ok/seeds", "final val loss", "best val loss", "step ms", "peak MB", "diag %"):
         table.add_column(column)
     if has_target:
         table.add_column("steps to target")
@@ -79,6 +79,8 @@ def summary_table(rows: list[dict[str, Any]], has_target: bool) -> Table:
             _fmt(row["best_val_loss_mean"], row["best_val_loss_std"]),
             _fmt(row["step_time_ms_mean"], row["step_time_ms_std"], 1),
             f"{row['peak_memory_mb_mean']:.0f}" if math.isfinite(row["peak_memory_mb_mean"]) else "-",
+            # Fisher diagnostics' time as a share of training time (not included in the times).
+            f"{100 * row['fisher_overhead_mean']:.1f}" if math.isfinite(row["fisher_overhead_mean"]) else "-",
         ]
         if has_target:
             cells.append(

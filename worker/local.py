@@ -45,6 +45,7 @@ SUMMARY_METRICS = (
     "optimizer_ms",
     "tokens_per_s",
     "peak_memory_mb",
+    "fisher_overhead",
 )
 
 

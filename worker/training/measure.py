@@ -22,6 +22,7 @@ METRIC_NAMES = (
     "step_time",
     "tokens_per_s",
     "train_time",
+    "fisher_time",
     "peak_memory_mb",
 )
 

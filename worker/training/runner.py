@@ -82,6 +82,10 @@ class _Tracker:
     wall_offset: float = 0.0
     fwd_bwd_total: float = 0.0
     optimizer_total: float = 0.0
+    # Time spent in the Fisher diagnostics (observe + report). Kept out of ``train_time`` and the
+    # step times: the probes cost different optimizers different amounts (a DyKAF or SOAP run reuses
+    # its own factors for one shadow), so billing them to training would skew time-to-target.
+    fisher_total: float = 0.0
     tokens_total: int = 0
     timed_steps: int = 0
     best_val: float = math.inf
@@ -117,7 +121,10 @@ class _Tracker:
             "train_time_s": self.train_time,
             "wall_time_s": wall_time,
             "peak_memory_mb": self.peak_memory_mb,
+            "fisher_time_s": self.fisher_total,
         }
+        if self.train_time > 0:
+            out["fisher_overhead"] = self.fisher_total / self.train_time
         if self.timed_steps:
             out["step_time_ms"] = 1000 * (self.fwd_bwd_total + self.optimizer_total) / self.timed_steps
             out["fwd_bwd_ms"] = 1000 * self.fwd_bwd_total / self.timed_steps
@@ -274,6 +281,14 @@ class _Run:
             save_gpt_export(self.checkpoint_dir / EXPORT_NAME, self.model, self.task.tokenizer)
 
     # -- the loop -----------------------------------------------------------------------------
+    def timed_diagnostics(self, work: Callable[[], object]) -> float:
+        """Run Fisher-diagnostics ``work``, add its (device-synchronised) time to ``fisher_total``."""
+        began = measure.now(self.device)
+        work()
+        spent = measure.now(self.device) - began
+        self.tracker.fisher_total += spent
+        return spent
+
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         assert self.task is not None
         with self.autocast():
@@ -326,28 +341,30 @@ class _Run:
         if not math.isfinite(grad_norm):
             self.sink.log_metrics(self.step, metrics, self.wall_time())
             raise Diverged(f"non-finite gradient norm ({grad_norm}) at step {self.step}")
+        before = measure.snapshot(self.params) if log_this else None
+        diagnostics = 0.0
         if self.fisher is not None:
             # After clipping: the shadow estimators and the Fisher window see exactly the gradient
             # stream the optimizer sees, so "own" and the shadows are comparable (and a DyKAF run's
             # own factors equal its DyKAF shadow's).
-            self.fisher.observe(self.step)
-        before = measure.snapshot(self.params) if log_this else None
+            diagnostics = self.timed_diagnostics(lambda: self.fisher.observe(self.step))
         step_start = measure.now(self.device)
         self.optimizer.step()
         self.scheduler.step()
         end = measure.now(self.device)
         fwd_bwd, opt_time = after_backward - start, end - step_start
+        step_time = end - start - diagnostics
         self.tracker.fwd_bwd_total += fwd_bwd
         self.tracker.optimizer_total += opt_time
-        self.tracker.train_time += end - start
+        self.tracker.train_time += step_time
         self.tracker.timed_steps += 1
         self.tracker.tokens_total += self.tokens_per_step
         self.tracker.final_train = train_loss
         metrics.update(
             fwd_bwd_time=fwd_bwd,
             optimizer_time=opt_time,
-            step_time=end - start,
-            tokens_per_s=self.tokens_per_step / max(end - start, 1e-12),
+            step_time=step_time,
+            tokens_per_s=self.tokens_per_step / max(step_time, 1e-12),
         )
         if before is not None:
             change = measure.update_norm(before, self.params)
@@ -379,12 +396,15 @@ class _Run:
             metrics = self.train_step(is_log)
             if is_eval:
                 self.log_eval(metrics)
+            if self.fisher is not None and self.fisher.is_report_step(self.step):
+                rows: list[Any] = []
+                self.timed_diagnostics(lambda: rows.extend(self.fisher.report(self.step)))
+                self.sink.log_fisher(rows)
             if is_log:
                 metrics["train_time"] = self.tracker.train_time
+                metrics["fisher_time"] = self.tracker.fisher_total
                 metrics["peak_memory_mb"] = self.tracker.peak_memory_mb = self.memory.sample()
                 self.sink.log_metrics(self.step, metrics, self.wall_time())
-            if self.fisher is not None and self.fisher.is_report_step(self.step):
-                self.sink.log_fisher(self.fisher.report(self.step))
             if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                 self.save()
             if self.progress is not None:

@@ -202,7 +202,7 @@ function renderSummary(job) {
   }
   const table = h('table', { id: 'summary-table' },
     h('thead', {}, h('tr', {}, h('th', { text: 'Optimizer' }), h('th', { class: 'num', text: 'Runs' }),
-      columns.map((c) => h('th', { class: 'num', text: c.title, title: c.better === 'max' ? 'higher is better' : 'lower is better' })))),
+      columns.map((c) => h('th', { class: 'num', text: c.title, title: c.hint || (c.better === 'max' ? 'higher is better' : 'lower is better') })))),
     h('tbody', {}, rows.map((row) => h('tr', { dataset: { label: row.label } },
       h('td', {}, h('span', { class: 'swatch', style: { color: state.colors.get(row.label) }, text: '■ ' }), h('span', { text: row.label }),
         row.label !== row.optimizer ? h('div', { class: 'muted small', text: row.optimizer }) : null),

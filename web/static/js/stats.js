@@ -229,6 +229,12 @@ export const SUMMARY_COLUMNS = [
   { key: 'peakMemoryMb', title: 'Peak memory (MB)', better: 'min', kind: 'stat', digits: 0 },
   { key: 'tokensPerS', title: 'Tokens/s', better: 'max', kind: 'stat', digits: 0 },
   { key: 'diverged', title: 'Runs diverged', better: 'min', kind: 'count' },
+  // Not a property of the optimizer (no "best"): what the Fisher probes cost this run, kept out of
+  // every time above so that they do not skew the comparison.
+  {
+    key: 'diagShare', title: 'Diagnostics overhead', better: null, kind: 'percent',
+    hint: 'time spent in the Fisher diagnostics as a share of training time; excluded from the time columns',
+  },
 ];
 
 function pick(run, key) {
@@ -267,6 +273,7 @@ export function summarize(runs, { targetLoss = null } = {}) {
       reached: reached.length,
       stepTimeMs: describe(withSummary.map((r) => pick(r, 'step_time_ms'))),
       optShare: describe(shares).mean,
+      diagShare: describe(withSummary.map((r) => pick(r, 'fisher_overhead'))).mean,
       peakMemoryMb: describe(withSummary.map((r) => pick(r, 'peak_memory_mb'))),
       tokensPerS: describe(withSummary.map((r) => pick(r, 'tokens_per_s'))),
       diverged: ended.filter((r) => r.status === 'diverged').length,
@@ -303,7 +310,7 @@ export function bestByColumn(rows, columns = SUMMARY_COLUMNS) {
   for (const column of columns) {
     const values = rows.map((r) => [r.label, columnValue(r, column)]).filter(([, v]) => finite(v));
     out[column.key] = new Set();
-    if (values.length < 2) continue;
+    if (!column.better || values.length < 2) continue;
     const best = column.better === 'max' ? Math.max(...values.map(([, v]) => v)) : Math.min(...values.map(([, v]) => v));
     if (values.every(([, v]) => v === best)) continue; // nothing to distinguish
     for (const [label, v] of values) if (v === best) out[column.key].add(label);
