@@ -475,7 +475,8 @@ def test_form_job_runs_live_with_charts_and_downloads(page: Any, stack: Stack, b
     assert page.locator("#summary-table td.best").count() >= 1
     # The Fisher probes' own cost, per optimizer (diagnostics ran every 10 steps): a percentage.
     diag_cells = page.locator('#summary-table td[data-col="diagShare"]').all_inner_texts()
-    assert len(diag_cells) == 2 and all(re.fullmatch(r"\d+(\.\d)?\s?%", c.strip()) for c in diag_cells), diag_cells
+    percentages = [re.fullmatch(r"\d+(\.\d)?\s?%", c.strip()) for c in diag_cells]
+    assert len(diag_cells) == 2 and all(percentages), diag_cells
     assert page.locator('#summary-table td.best[data-col="diagShare"]').count() == 0
     assert page.locator("#runs-table tbody tr").count() == 4
     assert page.locator("#runs-table tbody tr").first.get_attribute("data-status") == "succeeded"

@@ -66,7 +66,8 @@ def _fmt(mean: float, std: float, digits: int = 3) -> str:
 
 def summary_table(rows: list[dict[str, Any]], has_target: bool) -> Table:
     table = Table(title="summary (mean ± std over seeds)")
-    for column in ("optimizer", "ok/seeds", "final val loss", "best val loss", "step ms", "peak MB", "diag %"):
+    columns = ("optimizer", "ok/seeds", "final val loss", "best val loss", "step ms", "peak MB", "diag %")
+    for column in columns:
         table.add_column(column)
     if has_target:
         table.add_column("steps to target")

@@ -16,6 +16,7 @@ Guarantees the comparison relies on:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,7 @@ from worker.training.sinks import MetricSink
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 ProgressFn = Callable[[int, int, Mapping[str, float]], None]
 STATUSES = ("succeeded", "diverged", "cancelled", "failed")
 
@@ -281,13 +283,13 @@ class _Run:
             save_gpt_export(self.checkpoint_dir / EXPORT_NAME, self.model, self.task.tokenizer)
 
     # -- the loop -----------------------------------------------------------------------------
-    def timed_diagnostics(self, work: Callable[[], object]) -> float:
-        """Run Fisher-diagnostics ``work``, add its (device-synchronised) time to ``fisher_total``."""
+    def timed_diagnostics(self, work: Callable[[], _T]) -> tuple[_T, float]:
+        """Run Fisher-diagnostics ``work``; its (device-synchronised) time goes to ``fisher_total``."""
         began = measure.now(self.device)
-        work()
+        result = work()
         spent = measure.now(self.device) - began
         self.tracker.fisher_total += spent
-        return spent
+        return result, spent
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         assert self.task is not None
@@ -347,7 +349,7 @@ class _Run:
             # After clipping: the shadow estimators and the Fisher window see exactly the gradient
             # stream the optimizer sees, so "own" and the shadows are comparable (and a DyKAF run's
             # own factors equal its DyKAF shadow's).
-            diagnostics = self.timed_diagnostics(lambda: self.fisher.observe(self.step))
+            _, diagnostics = self.timed_diagnostics(functools.partial(self.fisher.observe, self.step))
         step_start = measure.now(self.device)
         self.optimizer.step()
         self.scheduler.step()
@@ -397,8 +399,7 @@ class _Run:
             if is_eval:
                 self.log_eval(metrics)
             if self.fisher is not None and self.fisher.is_report_step(self.step):
-                rows: list[Any] = []
-                self.timed_diagnostics(lambda: rows.extend(self.fisher.report(self.step)))
+                rows, _ = self.timed_diagnostics(functools.partial(self.fisher.report, self.step))
                 self.sink.log_fisher(rows)
             if is_log:
                 metrics["train_time"] = self.tracker.train_time
