@@ -326,6 +326,7 @@ def bench_worker(
     window: int,
     max_layers: int,
     end_to_end: int | None = None,
+    replay: str = "auto",
 ) -> TrainingCost:
     """The embedded GPT task at the worker's ``TaskSpec`` defaults, stepped like ``worker.training.runner``
     (micro-batch, backward, clip to ``grad_clip``, observe, optimizer step; no eval, no logging).
@@ -333,7 +334,8 @@ def bench_worker(
     Components are timed in isolation (observe with the shadows running, report); with
     ``end_to_end`` (a cadence) the bench also times whole report cycles of that many steps, plain
     against monitored exactly as the runner does it (``observe(step)`` on a ``report_every``
-    schedule and one report at the cycle's end), alternating two cycles of each.
+    schedule and one report at the cycle's end), alternating two cycles of each. ``replay`` is the
+    monitor's (``auto``: the shadows' updates as one CUDA graph per layer on a GPU; ``off``: eager).
     """
     import torch.nn.functional as F
 
@@ -348,7 +350,7 @@ def bench_worker(
     named = task.trainable_parameters()
     params = [p for _, p in named]
     optimizer = optim.build_optimizer(optimizer_name, named, {}, {n: task.roles[n] for n, _ in named})
-    monitor = FisherMonitor(model, optimizer, window=window, max_layers=max_layers)
+    monitor = FisherMonitor(model, optimizer, window=window, max_layers=max_layers, replay=replay)
     batches = WindowBatches(task.train_tokens, spec.context, spec.batch_size, 0)
     clock = Clock(device)
     position = [0]
@@ -379,7 +381,7 @@ def bench_worker(
     linked = [p.linked for p in monitor.probes.values() if p.linked]
     cycles = None
     if end_to_end:
-        cycles = _end_to_end(model, optimizer, window, max_layers, end_to_end, train_step, clock)
+        cycles = _end_to_end(model, optimizer, window, max_layers, end_to_end, train_step, clock, replay)
     return TrainingCost(
         batch=spec.batch_size,
         seq=spec.context,
@@ -390,7 +392,8 @@ def bench_worker(
         observe_ms=1e3 * statistics.median(observe_times),
         report_ms=1e3 * statistics.median(report_times),
         fisher_every=fisher_every,
-        label=f"{optimizer_name} (own factors reused for: {', '.join(sorted(set(linked))) or 'none'})",
+        label=f"{optimizer_name} (own factors reused for: {', '.join(sorted(set(linked))) or 'none'}; "
+        f"shadow updates: {_replay_label(monitor)})",
         power_iterations=[p.last_power_iterations for p in monitor.probes.values()],
         horizon=max(monitor.horizons.values()),
         end_to_end=cycles,
@@ -405,9 +408,12 @@ def _end_to_end(
     every: int,
     train_step: Callable[[Callable[[], None] | None], None],
     clock: Clock,
+    replay: str,
 ) -> tuple[int, float, float]:
     """Median ms/step of ``every``-step cycles without and with a scheduled monitor (2 of each)."""
-    scheduled = FisherMonitor(model, optimizer, window=window, max_layers=max_layers, report_every=every)
+    scheduled = FisherMonitor(
+        model, optimizer, window=window, max_layers=max_layers, report_every=every, replay=replay
+    )
     step = [0]
 
     def monitored_cycle() -> None:
@@ -421,6 +427,17 @@ def _end_to_end(
         plain.append(clock.time(lambda: [train_step(None) for _ in range(every)]) / every)
         monitored.append(clock.time(monitored_cycle) / every)
     return every, 1e3 * statistics.median(plain), 1e3 * statistics.median(monitored)
+
+
+def _replay_label(monitor: FisherMonitor) -> str:
+    """How the probes ran their shadow updates: CUDA graph, eager, or eager after a failed capture."""
+    modes = {probe.replay for probe in monitor.probes.values()}
+    graphed = any(
+        p._static is not None and p._static.backend == "cuda_graph" for p in monitor.probes.values()
+    )
+    if modes == {"cuda_graph"} and graphed:
+        return "CUDA graph"
+    return "eager" if modes <= {"off"} else "/".join(sorted(modes))
 
 
 @contextmanager
@@ -562,6 +579,11 @@ def main(argv: list[str] | None = None) -> None:
         "comma-separated optimizers (e.g. adamw,dykaf,soap)",
     )
     parser.add_argument("--window", type=int, default=32, help="probe window W (--worker)")
+    parser.add_argument(
+        "--replay",
+        default="auto",
+        help="monitor replay modes to compare, e.g. auto,off (--worker; auto = CUDA graphs on a GPU)",
+    )
     parser.add_argument("--max-layers", type=int, default=None, help="probed layers (--worker)")
     parser.add_argument("--cadences", default="50,100,250", help="fisher_every values to tabulate (--worker)")
     parser.add_argument(
@@ -590,18 +612,20 @@ def main(argv: list[str] | None = None) -> None:
         cadences = [int(c) for c in args.cadences.split(",")]
         results = []
         for name in args.worker.split(","):
-            results.append(
-                bench_worker(
-                    device,
-                    name,
-                    steps=8 if args.quick else 20,
-                    fisher_every=cadences[0],
-                    window=args.window,
-                    max_layers=args.max_layers or DEFAULT_MONITOR_LAYERS,
-                    end_to_end=args.end_to_end,
+            for replay in args.replay.split(","):
+                results.append(
+                    bench_worker(
+                        device,
+                        name,
+                        steps=8 if args.quick else 20,
+                        fisher_every=cadences[0],
+                        window=args.window,
+                        max_layers=args.max_layers or DEFAULT_MONITOR_LAYERS,
+                        end_to_end=args.end_to_end,
+                        replay=replay,
+                    )
                 )
-            )
-            print(results[-1], flush=True)
+                print(results[-1], flush=True)
         text = render_worker(command, results, cadences)
         print(text)
         if args.output is not None:

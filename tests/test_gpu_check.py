@@ -30,7 +30,9 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path: Path) -> None:
     assert [r["optimizer"] for r in runs] == ["adamw", "soap", "dykaf"]
     assert all(r["status"] == "succeeded" and r["final_val_loss"] > 0 for r in runs)
     fisher = report["fisher"]["rows"]
-    assert [r["label"].split()[0] for r in fisher] == ["adamw", "soap", "dykaf"]
+    assert [r["label"].split()[0] for r in fisher] == ["adamw", "soap", "dykaf", "adamw"]
+    # On the CPU "auto" means eager; on a GPU the first three say "CUDA graph", the last "eager".
+    assert all("shadow updates: eager" in r["label"] for r in fisher)
     assert all(r["step_ms"] > 0 and r["report_ms"] > 0 and r["horizon"] >= 4 for r in fisher)
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert "## Fisher diagnostics overhead" in markdown and "overhead @ every 250" in markdown

@@ -83,6 +83,9 @@ class FisherMonitor:
     ``soap_shampoo``; same β, shape and history, see ``LayerProbe.link``), that shadow is not run
     and its rows are computed from the optimizer's factors. Rows and values are unchanged; False
     forces every shadow to run (for checking that equality).
+
+    ``replay``: how each probe runs its shadows' per-step updates (``LayerProbe``; ``auto`` uses
+    a CUDA graph per probed layer on a GPU, where these small updates are launch-bound).
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class FisherMonitor:
         report_every: int | None = None,
         last_step: int | None = None,
         shadow_tail: float = DEFAULT_SHADOW_TAIL,
+        replay: str = "auto",
     ) -> None:
         if report_every is not None and report_every < 1:
             raise ValueError(f"report_every must be ≥ 1 (or None), got {report_every}")
@@ -123,6 +127,7 @@ class FisherMonitor:
                 methods=methods,
                 tol=tol,
                 max_iter=max_iter,
+                replay=replay,
             )
             for name in select_layers(model, layers, max_layers)
         }
