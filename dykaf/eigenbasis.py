@@ -12,16 +12,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dykaf.kronecker import _eigh
+from dykaf.linalg import eigh
 
 
 def initial(factor: Tensor) -> Tensor:
     """Orthonormal eigenvectors of a symmetric PSD factor, eigenvalues in descending order.
 
     ``eigh`` runs in the factor's dtype (float32 for all low-precision params) with a float64 retry
-    on failure; the result is cast back to the factor's dtype.
+    when it fails or returns non-finite values (``dykaf.linalg``); the result is cast back.
     """
-    _, vectors = _eigh(factor)
+    _, vectors = eigh(factor)
     return torch.flip(vectors, dims=[1])
 
 

@@ -23,6 +23,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from dykaf.linalg import eigh
+
 FactorRule = Literal["parallel", "sequential", "ema"]
 FACTOR_RULES: tuple[str, ...] = ("parallel", "sequential", "ema")
 InitRule = Literal["kron", "eps"]
@@ -45,27 +47,18 @@ def top_singular_triple(grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     m, n = grad.shape
     if m <= n:
-        evals, evecs = _eigh(grad @ grad.T)
+        evals, evecs = eigh(grad @ grad.T)
         u = evecs[:, -1]
         sigma = evals[-1].clamp_min(0).sqrt()
         v = grad.T @ u
         v = v / v.norm().clamp_min(torch.finfo(grad.dtype).tiny)
     else:
-        evals, evecs = _eigh(grad.T @ grad)
+        evals, evecs = eigh(grad.T @ grad)
         v = evecs[:, -1]
         sigma = evals[-1].clamp_min(0).sqrt()
         u = grad @ v
         u = u / u.norm().clamp_min(torch.finfo(grad.dtype).tiny)
     return sigma, u, v
-
-
-def _eigh(mat: Tensor) -> tuple[Tensor, Tensor]:
-    """``torch.linalg.eigh`` (ascending) with a float64 retry when the float32 solver fails."""
-    try:
-        return torch.linalg.eigh(mat)
-    except RuntimeError:
-        evals, evecs = torch.linalg.eigh(mat.double())
-        return evals.to(mat.dtype), evecs.to(mat.dtype)
 
 
 def init_kron(grad: Tensor, beta: float) -> tuple[Tensor, Tensor]:

@@ -327,22 +327,27 @@ def test_float32_state_follows_the_float64_trajectory(rule: str, second_moment: 
     eigenbasis refreshes (the CPU stand-in for the CPU-vs-CUDA check).
 
     The sequential rule's right factor starts as ``ĜᵀU1Ĝ ∝ (ĜᵀĜ)²``: its spectrum is the gradient's
-    squared, so its small eigenvectors carry ~100× more float32 error into the rotated Adam step
-    (measured 5e-5 here against 4e-7 for the other rules); the bound reflects that conditioning.
+    squared, so its small eigenvectors carry ~100–1000× more float32 error into the rotated Adam
+    step than the other rules' (4e-7): measured 5e-5 with MKL on an AVX2 machine and 2.5e-4 on an
+    AVX-512 one, whose float32 products round differently. The gap appears at the first rotated
+    step and then stays flat, so it is the basis' conditioning, not drift: the test bounds both.
     """
     model_32 = _square_model(torch.float32)
     model_64 = copy.deepcopy(model_32).double()
     kw = {"lr": 3e-3, "factor_rule": rule, "second_moment": second_moment, "precondition_frequency": 3}
     opt_32 = DyKAF(model_32.parameters(), init="eps", **kw)
     opt_64 = DyKAF(model_64.parameters(), init="eps", **kw)
+    gaps = []
     for x, y in _batches(10, torch.float32):
         for model, opt, dtype in ((model_32, opt_32, torch.float32), (model_64, opt_64, torch.float64)):
             opt.zero_grad()
             nn.functional.mse_loss(model(x.to(dtype)), y.to(dtype)).backward()
             opt.step()
-    bound = 2e-4 if rule == "sequential" else 5e-6
-    for a, b in zip(model_32.parameters(), model_64.parameters(), strict=True):
-        torch.testing.assert_close(a.double(), b, rtol=0, atol=bound)
+        pairs = zip(model_32.parameters(), model_64.parameters(), strict=True)
+        gaps.append(max(float((a.detach().double() - b.detach()).abs().max()) for a, b in pairs))
+    bound = 5e-4 if rule == "sequential" else 5e-6
+    assert gaps[-1] <= bound, gaps
+    assert gaps[-1] <= 2 * gaps[3], gaps  # flat after the first refresh (step 4): no drift
 
 
 # ---------------------------------------------------------------- CUDA

@@ -152,7 +152,8 @@ class StaticShadowStep:
         elif self._graph is None:
             self._first_replay()
         else:
-            self._graph.replay()
+            with torch.cuda.device(self.grad.device):  # the probe's GPU need not be the current one
+                self._graph.replay()
         for shadow in self.shadows:
             shadow.steps += 1
 
@@ -160,9 +161,10 @@ class StaticShadowStep:
         """Capture, replay once and compare with the eager update; on any failure keep the eager one."""
         expected = [(left.clone(), right.clone()) for left, right in self._compute()]
         try:
-            self._capture()
-            assert self._graph is not None
-            self._graph.replay()
+            with torch.cuda.device(self.grad.device):
+                self._capture()
+                assert self._graph is not None
+                self._graph.replay()
             agree = all(
                 torch.allclose(got, want, rtol=_CHECK_RTOL, atol=_CHECK_RTOL * float(want.abs().max()))
                 for pair, ref in zip(self.factors, expected, strict=True)
@@ -170,7 +172,7 @@ class StaticShadowStep:
             )
             if not agree:
                 self.failure = "its first replay disagreed with the eager update"
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:  # ValueError: not a CUDA tensor
             self.failure = f"capture failed: {exc}"
         if self.failure is not None:
             self._graph = None

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dykaf.linalg import eigh
+
 # Gradients processed per chunk are capped at about this many elements (64 MiB in float32).
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -84,16 +86,12 @@ def relative_error(inner: float, h_norm_sq: float, approx_norm_sq: float) -> flo
 
 
 def spectral(factor: Tensor | None, size: int, like: Tensor) -> Spectral:
-    """Eigen-decompose a symmetric factor (float64 retry if the solver fails); None → identity."""
+    """Eigen-decompose a symmetric factor (``dykaf.linalg.eigh``: float64 retry); None → identity."""
     if factor is None:
         return Spectral(None, torch.ones(size, dtype=like.dtype, device=like.device))
     mat = factor.to(dtype=like.dtype, device=like.device)
     mat = 0.5 * (mat + mat.T)  # eigh reads one triangle; symmetrise so rounding cannot bias it
-    try:
-        values, basis = torch.linalg.eigh(mat)
-    except RuntimeError:
-        values, basis = torch.linalg.eigh(mat.double())
-        values, basis = values.to(like.dtype), basis.to(like.dtype)
+    values, basis = eigh(mat)
     return Spectral(basis, values)
 
 
