@@ -121,13 +121,6 @@ class StaticShadowStep:
         self._graph = graph
 
     # ------------------------------------------------------------------ per step
-    def owns(self, methods: Sequence[str], shadows: Sequence[ShadowFactors]) -> bool:
-        """Whether this step still drives exactly these shadows through its buffers."""
-        return tuple(methods) == self.methods and all(
-            s is mine and s.left is pair[0] and s.right is pair[1]
-            for s, mine, pair in zip(shadows, self.shadows, self.factors, strict=True)
-        )
-
     def adopt(self) -> None:
         """Take the shadows' current factors (fresh after an eager (re)initialisation) into the buffers."""
         for shadow, (left, right) in zip(self.shadows, self.factors, strict=True):
