@@ -299,7 +299,8 @@ def test_diagnostics_time_is_kept_out_of_training_time(monkeypatch: pytest.Monke
     assert all(by_step[step]["step_time"] < delay for step in range(1, 7))
     assert all(by_step[step]["tokens_per_s"] > 0 for step in range(1, 7))
     cumulative = [by_step[step]["fisher_time"] for step in range(1, 7)]
-    assert cumulative == sorted(cumulative) and cumulative[-1] == s["fisher_time_s"]
+    # The summary adds the end-of-run wait for a background report (none here: ~0).
+    assert cumulative == sorted(cumulative) and cumulative[-1] == pytest.approx(s["fisher_time_s"], abs=0.05)
     assert cumulative[2] >= 4 * delay  # three observes and the step-3 report, logged at step 3
     assert by_step[6]["train_time"] == s["train_time_s"] < delay
 

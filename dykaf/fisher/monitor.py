@@ -15,17 +15,24 @@ see: the ring is filled during the last ``window`` steps before it and the shado
 last ``shadow_horizon`` steps (older gradients weigh < ``shadow_tail`` in a β-decayed estimator).
 Without them every step pays the full observe (reports may then come at any step).
 
+A training loop that can take rows later uses ``submit_report(step)`` instead of ``report`` and
+logs ``finished_reports()`` every step (``finished_reports(wait=True)`` before a checkpoint, and
+``close()`` at the end): the report then runs on a background thread where that is free
+(``background.py``) and the loop does not wait for it.
+
 The monitor only reads gradients and optimizer state: training is bit-identical with or without it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from dykaf.fisher.background import OwnSnapshot, ReportWorker, snapshot_own, use_background
 from dykaf.fisher.probe import DEFAULT_BETA, DEFAULT_WINDOW, LayerProbe
 from dykaf.fisher.rows import SHADOW_METHODS, FisherRow
 from dykaf.fisher.selection import select_layers
@@ -86,6 +93,7 @@ class FisherMonitor:
 
     ``replay``: how each probe runs its shadows' per-step updates (``LayerProbe``; ``auto`` uses
     a CUDA graph per probed layer on a GPU, where these small updates are launch-bound).
+    ``background`` (``auto``/``on``/``off``): where ``submit_report`` computes (``background.py``).
     """
 
     def __init__(
@@ -105,6 +113,7 @@ class FisherMonitor:
         last_step: int | None = None,
         shadow_tail: float = DEFAULT_SHADOW_TAIL,
         replay: str = "auto",
+        background: str = "auto",
     ) -> None:
         if report_every is not None and report_every < 1:
             raise ValueError(f"report_every must be ≥ 1 (or None), got {report_every}")
@@ -132,6 +141,10 @@ class FisherMonitor:
             for name in select_layers(model, layers, max_layers)
         }
         self.horizons = {name: probe.shadow_horizon(shadow_tail) for name, probe in self.probes.items()}
+        use_background(background, [])  # validates the mode now rather than at the first report
+        self.background = background
+        self._reports = ReportWorker()
+        self._report_stream: torch.cuda.Stream | None = None
 
     @property
     def layers(self) -> list[str]:
@@ -150,6 +163,8 @@ class FisherMonitor:
         """
         state_of = getattr(self.optimizer, "preconditioner_state", None) if self.reuse_own else None
         until_report = self.steps_until_report(step)
+        if self._reports.busy and self._touches_probes(until_report, callable(state_of)):
+            self._reports.join()  # a background report still reads the ring and shadows
         for name, probe in self.probes.items():
             linking = callable(state_of) and not probe.link_decided
             if linking:
@@ -164,6 +179,20 @@ class FisherMonitor:
             if truncated and until_report == horizon - 1 and not linking:
                 probe.restart_shadows()
             probe.observe(record=until_report < probe.window, feed_shadows=feed)
+
+    def _touches_probes(self, until_report: int | None, linking_possible: bool) -> bool:
+        """Whether ``observe`` at this distance from the next report writes a ring or a shadow."""
+        if until_report is None or self.report_every is None:
+            return True
+        for name, probe in self.probes.items():
+            truncated = self.report_every > self.horizons[name]
+            if (
+                (linking_possible and not probe.link_decided)
+                or not truncated
+                or until_report < self.horizons[name]
+            ):
+                return True
+        return False
 
     def is_report_step(self, step: int) -> bool:
         """Whether ``step`` is one of the steps the schedule reports at (always True without one)."""
@@ -181,19 +210,79 @@ class FisherMonitor:
     @torch.no_grad()
     def report(self, step: int) -> list[FisherRow]:
         """All diagnostics of all probed layers at ``step`` (heavy; call every ``fisher_every``)."""
+        self._reports.join()
+        return self._rows(step, self._own_states(snapshot=False))
+
+    def _own_states(self, *, snapshot: bool) -> dict[str, object | None]:
         state_of = getattr(self.optimizer, "preconditioner_state", None)
-        rows: list[FisherRow] = []
-        for probe in self.probes.values():
+        owns: dict[str, object | None] = {}
+        for name, probe in self.probes.items():
             own = state_of(probe.param) if callable(state_of) else None
-            rows.extend(probe.report(step, own))
+            owns[name] = snapshot_own(own) if snapshot else own
+        return owns
+
+    def _rows(self, step: int, owns: dict[str, Any]) -> list[FisherRow]:
+        rows: list[FisherRow] = []
+        for name, probe in self.probes.items():
+            rows.extend(probe.report(step, owns[name]))
         return rows
 
+    @torch.no_grad()
+    def submit_report(self, step: int) -> None:
+        """Start the report at ``step``; its rows come out of ``finished_reports``.
+
+        Computed on the background thread when ``background`` allows it (the optimizer's state is
+        copied first, so training can step on), else right here.
+        """
+        params = [probe.param for probe in self.probes.values()]
+        if not use_background(self.background, params):
+            self._reports.join()
+            self._reports.add(self.report(step))
+            return
+        owns = self._own_states(snapshot=True)
+        device = params[0].device if params else torch.device("cpu")
+        ready = None
+        if device.type == "cuda":
+            # The report's stream must see the gradients and the copies queued so far.
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(device))
+        self._reports.submit(functools.partial(self._background_rows, step, owns, device, ready))
+
+    def _background_rows(
+        self, step: int, owns: dict[str, OwnSnapshot | None], device: torch.device, ready: Any
+    ) -> list[FisherRow]:
+        with torch.no_grad():
+            if ready is None:
+                return self._rows(step, owns)
+            with torch.cuda.device(device):
+                if self._report_stream is None:
+                    self._report_stream = torch.cuda.Stream(device=device)
+                stream = self._report_stream
+                stream.wait_event(ready)
+                with torch.cuda.stream(stream):
+                    rows = self._rows(step, owns)
+                stream.synchronize()
+                return rows
+
+    def finished_reports(self, wait: bool = False) -> list[FisherRow]:
+        """Rows of the reports finished since the last call (``wait``: also the running one).
+
+        A report's exception is raised here, in the caller's thread.
+        """
+        return self._reports.take(wait=wait)
+
+    def close(self) -> list[FisherRow]:
+        """Wait for a running report and stop the background thread; returns rows not yet taken."""
+        return self._reports.close()
+
     def state_dict(self) -> dict[str, Any]:
-        """Per-layer probe state, for checkpoints."""
+        """Per-layer probe state, for checkpoints (after any running report has finished)."""
+        self._reports.join()
         return {name: probe.state_dict() for name, probe in self.probes.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore probe state saved by ``state_dict`` (layers not probed now are ignored)."""
+        self._reports.join()
         for name, probe_state in state.items():
             if name in self.probes:
                 self.probes[name].load_state_dict(probe_state)

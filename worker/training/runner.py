@@ -233,6 +233,7 @@ class _Run:
         """Checkpoint; the sink is flushed first so no checkpoint is ever ahead of stored metrics."""
         if self.checkpoint_dir is None:
             return
+        self.log_finished_fisher(wait=True)
         self.sink.flush()
         payload = {
             "fingerprint": spec_fingerprint(self.spec),
@@ -283,6 +284,21 @@ class _Run:
             save_gpt_export(self.checkpoint_dir / EXPORT_NAME, self.model, self.task.tokenizer)
 
     # -- the loop -----------------------------------------------------------------------------
+    def log_finished_fisher(self, *, wait: bool = False, close: bool = False) -> None:
+        """Store the rows of finished Fisher reports; ``wait``/``close`` also wait for a running
+        one (``close`` then stops the report thread). Only waiting is timed as diagnostics."""
+        fisher = getattr(self, "fisher", None)
+        if fisher is None:
+            return
+        if close:
+            rows, _ = self.timed_diagnostics(fisher.close)
+        elif wait:
+            rows, _ = self.timed_diagnostics(functools.partial(fisher.finished_reports, True))
+        else:
+            rows = fisher.finished_reports()
+        if rows:
+            self.sink.log_fisher(rows)
+
     def timed_diagnostics(self, work: Callable[[], _T]) -> tuple[_T, float]:
         """Run Fisher-diagnostics ``work``; its (device-synchronised) time goes to ``fisher_total``."""
         began = measure.now(self.device)
@@ -377,6 +393,13 @@ class _Run:
         return metrics
 
     def train(self) -> RunResult:
+        try:
+            return self._train()
+        finally:
+            # A report still running in the background: its rows are stored whatever ended the run.
+            self.log_finished_fisher(close=True)
+
+    def _train(self) -> RunResult:
         t = self.task_spec
         self.build()
         resumed = self.resume()
@@ -399,8 +422,10 @@ class _Run:
             if is_eval:
                 self.log_eval(metrics)
             if self.fisher is not None and self.fisher.is_report_step(self.step):
-                rows, _ = self.timed_diagnostics(functools.partial(self.fisher.report, self.step))
-                self.sink.log_fisher(rows)
+                # On a spare core or a GPU the report runs beside the next steps (dykaf.fisher's
+                # background.py); its rows are logged once it is done.
+                self.timed_diagnostics(functools.partial(self.fisher.submit_report, self.step))
+            self.log_finished_fisher()
             if is_log:
                 metrics["train_time"] = self.tracker.train_time
                 metrics["fisher_time"] = self.tracker.fisher_total
@@ -410,6 +435,7 @@ class _Run:
                 self.save()
             if self.progress is not None:
                 self.progress(self.step, t.steps, metrics)
+        self.log_finished_fisher(close=True)
         self.save()
         self.export_model()
         return self.result("succeeded", None)

@@ -1,0 +1,143 @@
+"""Fisher reports computed beside training, on a background thread.
+
+A report is the heavy part of the diagnostics (on the default task's two probed layers: ≈ 14
+applications of the implicit Fisher operator and 8 eigendecompositions, ≈ 0.9 s on one CPU core;
+≈ 0.13 s on an H200), and nothing it reads is needed again by training for a long while: the ring
+is next written ``window`` steps before the next report and the shadows restart ``horizon`` steps
+before it (115 steps later at the defaults). So the report can run on a spare CPU core or, on a GPU,
+on its own thread and CUDA stream, while the training loop goes on; ``FisherMonitor`` waits for it
+only when it must touch the probes again (or on ``state_dict``/``close``), which at the defaults
+is long after it has finished.
+
+What the report needs from the optimizer (its factors, bases and second moment) changes every step,
+so it is copied at submission (``OwnSnapshot``): a few MB. Torch ops release the GIL, so the
+thread's heavy products run in parallel with the loop's.
+
+``background="auto"`` uses the thread when a probed parameter is on a GPU (whose host cores idle)
+or when torch runs fewer intra-op threads than the process may use cores (a spare core), and only
+when float32 matmuls are already at "highest" precision: a report forces that global setting, which
+from another thread would change the training loop's own products.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dykaf.fisher.rows import FisherRow
+
+BACKGROUND_MODES: tuple[str, ...] = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class OwnSnapshot:
+    """A copy of the optimizer's ``preconditioner_state`` (the fields a report reads)."""
+
+    left: Tensor | None
+    right: Tensor | None
+    left_basis: Tensor | None
+    right_basis: Tensor | None
+    second_moment: Tensor | None
+    matrix_shape: tuple[int, ...]
+    factor_rule: str | None = None
+    beta: float | None = None
+    init: str | None = None
+    updates: int | None = None
+
+
+def snapshot_own(own: Any | None) -> OwnSnapshot | None:
+    """Clone the tensors of an ``OwnState`` so the optimizer's next steps cannot change them."""
+    if own is None:
+        return None
+
+    def copy(name: str) -> Tensor | None:
+        value = getattr(own, name, None)
+        return None if value is None else value.detach().clone()
+
+    return OwnSnapshot(
+        left=copy("left"),
+        right=copy("right"),
+        left_basis=copy("left_basis"),
+        right_basis=copy("right_basis"),
+        second_moment=copy("second_moment"),
+        matrix_shape=tuple(int(d) for d in own.matrix_shape),
+        factor_rule=getattr(own, "factor_rule", None),
+        beta=getattr(own, "beta", None),
+        init=getattr(own, "init", None),
+        updates=getattr(own, "updates", None),
+    )
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def use_background(mode: str, params: Iterable[Tensor]) -> bool:
+    """Whether reports go to the background thread now (see the module docstring for ``auto``)."""
+    if mode not in BACKGROUND_MODES:
+        raise ValueError(f"background must be one of {BACKGROUND_MODES}, got {mode!r}")
+    if mode == "off" or torch.get_float32_matmul_precision() != "highest":
+        return False
+    if mode == "on":
+        return True
+    on_gpu = any(p.device.type == "cuda" for p in params)
+    return on_gpu or torch.get_num_threads() < available_cores()
+
+
+class ReportWorker:
+    """One background thread that runs reports one at a time and hands back their rows.
+
+    ``submit`` starts a report (waiting for the previous one first, so at most one runs);
+    ``join`` waits for the running one; ``take`` returns the rows of finished reports, re-raising
+    a report's exception in the caller's thread.
+    """
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future[list[FisherRow]] | None = None
+        self._finished: list[FisherRow] = []
+
+    @property
+    def busy(self) -> bool:
+        """A report was submitted and not joined yet (it may have finished meanwhile)."""
+        return self._pending is not None
+
+    def submit(self, work: Callable[[], list[FisherRow]]) -> None:
+        self.join()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fisher-report")
+        self._pending = self._executor.submit(work)
+
+    def add(self, rows: list[FisherRow]) -> None:
+        """Rows computed in the caller's thread, handed out by ``take`` like the others."""
+        self._finished.extend(rows)
+
+    def join(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._finished.extend(pending.result())
+
+    def take(self, wait: bool = False) -> list[FisherRow]:
+        if self._pending is not None and (wait or self._pending.done()):
+            self.join()
+        rows, self._finished = self._finished, []
+        return rows
+
+    def close(self) -> list[FisherRow]:
+        """Wait for the running report, stop the thread, return the rows not yet taken."""
+        try:
+            return self.take(wait=True)
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
