@@ -165,6 +165,9 @@ def training(device: str, dry_run: bool) -> dict[str, Any]:
                 "peak_memory_mb": summary.get("peak_memory_mb"),
                 "step_time_ms": summary.get("step_time_ms"),
                 "optimizer_ms": summary.get("optimizer_ms"),
+                # Fisher diagnostics as the worker runs them (graphs, background reports),
+                # measured by the run itself: its loop's time in diagnostics / training time.
+                "fisher_overhead": summary.get("fisher_overhead"),
             }
         )
         print(rows[-1], flush=True)
@@ -237,6 +240,7 @@ def markdown(report: dict[str, Any]) -> str:
             "peak_memory_mb",
             "step_time_ms",
             "optimizer_ms",
+            "fisher_overhead",
         ]
         lines += [
             f"Task: {train['task']}; autocast: {train['autocast']}",

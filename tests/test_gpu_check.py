@@ -29,6 +29,7 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path: Path) -> None:
     runs = report["training"]["runs"]
     assert [r["optimizer"] for r in runs] == ["adamw", "soap", "dykaf"]
     assert all(r["status"] == "succeeded" and r["final_val_loss"] > 0 for r in runs)
+    assert all(r["fisher_overhead"] > 0 for r in runs)  # diagnostics on by default, self-measured
     fisher = report["fisher"]["rows"]
     assert [r["label"].split()[0] for r in fisher] == ["adamw", "soap", "dykaf", "adamw"]
     # On the CPU "auto" means eager; on a GPU the first three say "CUDA graph", the last "eager".

@@ -28,9 +28,13 @@ METRIC_NAMES = (
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for queued kernels so wall-clock splits between phases are real."""
+    """Wait for the training stream's queued kernels so wall-clock splits between phases are real.
+
+    Only the current stream: a device-wide sync would also wait for a Fisher report running on its
+    own stream in the background (dykaf.fisher's background.py) and bill it to training.
+    """
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 def now(device: torch.device) -> float:

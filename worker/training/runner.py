@@ -419,12 +419,12 @@ class _Run:
             is_eval = self.step % t.eval_every == 0 or self.step == t.steps
             is_log = is_eval or self.step % t.log_every == 0
             metrics = self.train_step(is_log)
+            if self.fisher is not None and self.fisher.is_report_step(self.step):
+                # On a spare core or a GPU the report runs beside the evaluation and the next
+                # steps (dykaf.fisher's background.py); its rows are logged once it is done.
+                self.timed_diagnostics(functools.partial(self.fisher.submit_report, self.step))
             if is_eval:
                 self.log_eval(metrics)
-            if self.fisher is not None and self.fisher.is_report_step(self.step):
-                # On a spare core or a GPU the report runs beside the next steps (dykaf.fisher's
-                # background.py); its rows are logged once it is done.
-                self.timed_diagnostics(functools.partial(self.fisher.submit_report, self.step))
             self.log_finished_fisher()
             if is_log:
                 metrics["train_time"] = self.tracker.train_time
