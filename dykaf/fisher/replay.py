@@ -116,7 +116,9 @@ class StaticShadowStep:
                 self._compute()  # no commit: the warm-up leaves the factors as they are
         torch.cuda.current_stream(self.grad.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: CUDA calls of other threads (a background Fisher report, say) stay legal
+        # during the capture; the monitor never captures while a report is running anyway.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._work()
         self._graph = graph
 
