@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from tests.worker_support import data_roots, tiny_job, tiny_task  # noqa: F401  (fixture)
 from worker.cli import app
 from worker.local import run_job
-from worker.spec import JobSpec
+from worker.spec import JobSpec, TaskSpec
 
 pytestmark = pytest.mark.usefixtures("data_roots")
 
@@ -89,3 +89,11 @@ def test_example_job_file_is_valid() -> None:
     data = yaml.safe_load((Path(__file__).parents[1] / "examples" / "quick.yaml").read_text())
     job = JobSpec.model_validate(data)
     assert job.task.corpus.name == "pydoc" and job.run_count() >= 4
+
+
+def test_benchmark_job_is_the_default_task() -> None:
+    """bench/default_task.yaml measures "the default settings": it must not drift from them."""
+    data = yaml.safe_load((Path(__file__).parents[1] / "bench" / "default_task.yaml").read_text())
+    job = JobSpec.model_validate(data)
+    assert job.task == TaskSpec() and [o.name for o in job.optimizers] == ["adamw", "soap", "dykaf"]
+    assert all(not o.hyperparameters for o in job.optimizers)
