@@ -1,0 +1,121 @@
+"""Does the Fisher window explain the shadows' gap to the floor? (a finding for BENCHMARKS.md §2)
+
+The shadow estimators track the β-decayed EMA of ``vec(G)vec(G)ᵀ`` over all past gradients, while
+the reports measure them against ``H`` over the last ``W`` gradients only (W = 32 keeps 81 % of the
+EMA's weight at β = 0.95). This trains the embedded GPT task exactly as a default job's run does
+(worker ``TaskSpec`` defaults: lr schedule, clipping, batches; no evaluation) and measures, at the
+same steps and from the same gradient stream, every method against ``H`` over W = 32 and over
+W = 128 (99.9 % of the EMA's weight, i.e. ≈ the Fisher the shadows track).
+
+    python bench/fisher_window.py --optimizer adamw --report-at 250,500 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dykaf.fisher import FisherMonitor
+
+LAYERS = (
+    "blocks.0.attn.qkv.weight",
+    "blocks.0.attn.proj.weight",
+    "blocks.0.mlp.fc.weight",
+    "blocks.0.mlp.proj.weight",
+)
+METHODS = ("optimal", "dykaf", "dykaf_seq", "soap_shampoo")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--optimizer", default="adamw")
+    parser.add_argument("--steps", type=int, default=0, help="default: the TaskSpec's (500)")
+    parser.add_argument("--report-at", default="", help="comma-separated steps (default: the last)")
+    parser.add_argument("--windows", default="32,128")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from worker.lm.data import WindowBatches
+    from worker.lm.task import build_task
+    from worker.spec import TaskSpec
+    from worker.training import optim
+    from worker.training.schedule import build_scheduler
+
+    spec = TaskSpec()
+    steps = args.steps or spec.steps
+    task = build_task(spec, 0)
+    model = task.model
+    named = task.trainable_parameters()
+    params = [p for _, p in named]
+    optimizer = optim.build_optimizer(args.optimizer, named, {}, {n: task.roles[n] for n, _ in named})
+    scheduler = build_scheduler(
+        optimizer,
+        steps=spec.steps,
+        warmup_steps=spec.warmup_steps,
+        schedule=spec.schedule,
+        min_lr_ratio=spec.min_lr_ratio,
+    )
+    windows = [int(w) for w in args.windows.split(",")]
+    # Every-step shadows (no schedule) and no reuse of the optimizer's factors: every method is a
+    # shadow fed the same clipped gradients; the monitors differ only in their window.
+    monitors = {
+        w: FisherMonitor(model, optimizer, layers=list(LAYERS), window=w, reuse_own=False, background="off")
+        for w in windows
+    }
+    report_at = {int(s) for s in args.report_at.split(",") if s} or {steps}
+    batches = WindowBatches(task.train_tokens, spec.context, spec.batch_size, 0)
+    results: dict[tuple[int, int, str, str], float] = {}
+    started = time.perf_counter()
+    for step in range(1, steps + 1):
+        inputs, targets = batches.batch(step - 1)
+        optimizer.zero_grad(set_to_none=True)
+        logits = task.logits(model, inputs)
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).backward()
+        torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+        for monitor in monitors.values():
+            monitor.observe()
+        optimizer.step()
+        scheduler.step()
+        if step in report_at:
+            for w, monitor in monitors.items():
+                for row in monitor.report(step):
+                    if row.metric == "kron_rel_err" and row.method in METHODS:
+                        results[(step, w, row.layer, row.method)] = row.value
+            print(f"step {step}: {time.perf_counter() - started:.0f} s", flush=True)
+
+    lines = [
+        f"`python bench/fisher_window.py --optimizer {args.optimizer} --steps {steps}"
+        + (f" --report-at {args.report_at}" if args.report_at else "")
+        + "`: `kron_rel_err` against H over the last W gradients (β = 0.95; every-step shadows).",
+        "",
+        "| step | layer | W | floor | DyKAF | DyKAF-seq | SOAP/Shampoo | SOAP's gap closed by DyKAF |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for step in sorted(report_at):
+        for layer in LAYERS:
+            for w in windows:
+                v = [results.get((step, w, layer, m), float("nan")) for m in METHODS]
+                gap = v[3] - v[0]
+                closed = (v[3] - v[1]) / gap if gap > 0 else float("nan")
+                cells = " | ".join(f"{x:.3f}" for x in v)
+                lines.append(f"| {step} | {layer} | {w} | {cells} | {100 * closed:.0f} % |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.output is not None:
+        args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
