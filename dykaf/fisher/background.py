@@ -13,11 +13,6 @@ What the report needs from the optimizer (its factors, bases and second moment) 
 so it is copied at submission (``OwnSnapshot``): a few MB. Torch ops release the GIL, so the
 thread's heavy products run in parallel with the loop's.
 
-On CPU the per-step shadow feeds go to the same thread, each with a private copy of the gradient,
-so the loop pays one copy per probed layer instead of the updates (≈ 12 ms per step for AdamW on
-the default task). Feeds and reports run in submission order, so results are exactly those of the
-synchronous path. On a GPU the feeds stay in the loop (one CUDA-graph launch each, ``replay.py``).
-
 ``background="auto"`` uses the thread when a probed parameter is on a GPU (whose host cores idle)
 or when torch runs fewer intra-op threads than the process may use cores (a spare core), and only
 when float32 matmuls are already at "highest" precision: a report forces that global setting, which
@@ -27,7 +22,6 @@ from another thread would change the training loop's own products.
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -101,54 +95,46 @@ def use_background(mode: str, params: Iterable[Tensor]) -> bool:
 
 
 class ReportWorker:
-    """One background thread that runs the probes' queued work in submission order.
+    """One background thread that runs reports one at a time and hands back their rows.
 
-    Work items are reports and, on CPU, the per-step shadow feeds (each with its own copy of the
-    gradient); one thread and a FIFO queue mean a report always sees exactly the feeds submitted
-    before it. ``submit`` blocks once ``max_pending`` items are queued (each feed holds a gradient
-    copy), ``join`` waits for everything, ``take`` returns the rows of finished reports and
-    re-raises a failed item's exception in the caller's thread.
+    ``submit`` starts a report (waiting for the previous one first, so at most one runs);
+    ``join`` waits for the running one; ``take`` returns the rows of finished reports, re-raising
+    a report's exception in the caller's thread.
     """
 
-    def __init__(self, max_pending: int = 8) -> None:
-        self.max_pending = max_pending
+    def __init__(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
-        self._pending: deque[Future[list[FisherRow]]] = deque()
+        self._pending: Future[list[FisherRow]] | None = None
         self._finished: list[FisherRow] = []
 
     @property
     def busy(self) -> bool:
-        """Work was submitted and not collected yet (it may have finished meanwhile)."""
-        return bool(self._pending)
+        """A report was submitted and not joined yet (it may have finished meanwhile)."""
+        return self._pending is not None
 
     def submit(self, work: Callable[[], list[FisherRow]]) -> None:
+        self.join()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fisher-report")
-        while len(self._pending) >= self.max_pending:
-            self._collect_oldest()
-        self._pending.append(self._executor.submit(work))
+        self._pending = self._executor.submit(work)
 
     def add(self, rows: list[FisherRow]) -> None:
         """Rows computed in the caller's thread, handed out by ``take`` like the others."""
         self._finished.extend(rows)
 
-    def _collect_oldest(self) -> None:
-        self._finished.extend(self._pending.popleft().result())
-
     def join(self) -> None:
-        while self._pending:
-            self._collect_oldest()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._finished.extend(pending.result())
 
     def take(self, wait: bool = False) -> list[FisherRow]:
-        if wait:
+        if self._pending is not None and (wait or self._pending.done()):
             self.join()
-        while self._pending and self._pending[0].done():
-            self._collect_oldest()
         rows, self._finished = self._finished, []
         return rows
 
     def close(self) -> list[FisherRow]:
-        """Wait for all queued work, stop the thread, return the rows not yet taken."""
+        """Wait for the running report, stop the thread, return the rows not yet taken."""
         try:
             return self.take(wait=True)
         finally:

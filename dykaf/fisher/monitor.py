@@ -163,50 +163,22 @@ class FisherMonitor:
         """
         state_of = getattr(self.optimizer, "preconditioner_state", None) if self.reuse_own else None
         until_report = self.steps_until_report(step)
-        linking_possible = callable(state_of)
-        still_linking = linking_possible and any(not p.link_decided for p in self.probes.values())
-        if not still_linking and self._feeds_in_background():
-            self._queue_feeds(until_report)
-            return
-        if self._reports.busy and self._touches_probes(until_report, linking_possible):
-            self._reports.join()  # queued work still reads (or writes) the rings and shadows
+        if self._reports.busy and self._touches_probes(until_report, callable(state_of)):
+            self._reports.join()  # a background report still reads the ring and shadows
         for name, probe in self.probes.items():
-            linking = linking_possible and not probe.link_decided
+            linking = callable(state_of) and not probe.link_decided
             if linking:
-                probe.link(state_of(probe.param))  # type: ignore[misc]
-            record, feed, restart = self._work_for(name, probe, until_report, linking)
-            if restart:
-                probe.restart_shadows()
-            probe.observe(record=record, feed_shadows=feed)
-
-    def _work_for(
-        self, name: str, probe: LayerProbe, until_report: int | None, linking: bool
-    ) -> tuple[bool, bool, bool]:
-        """``(record, feed, restart)`` for ``probe`` at ``until_report`` steps before a report."""
-        if until_report is None:
-            return True, True, False
-        horizon = self.horizons[name]
-        truncated = self.report_every is not None and self.report_every > horizon
-        # Until the link is decided the shadows must see every gradient the optimizer sees.
-        feed = linking or not truncated or until_report < horizon
-        restart = truncated and until_report == horizon - 1 and not linking
-        return until_report < probe.window, feed, restart
-
-    def _feeds_in_background(self) -> bool:
-        """CPU probes under a background mode hand their per-step work to the report thread."""
-        params = [probe.param for probe in self.probes.values()]
-        return all(p.device.type == "cpu" for p in params) and use_background(self.background, params)
-
-    def _queue_feeds(self, until_report: int | None) -> None:
-        """Queue this step's ring/shadow work with a private copy of each gradient (in order, so
-        the thread's results are exactly the synchronous ones)."""
-        for name, probe in self.probes.items():
-            record, feed, restart = self._work_for(name, probe, until_report, linking=False)
-            grad = probe.param.grad
-            if grad is None or not (record or feed):
+                probe.link(state_of(probe.param))
+            if until_report is None:
+                probe.observe()
                 continue
-            private = grad.detach().reshape(probe.shape).to(probe.dtype, copy=True)
-            self._reports.submit(functools.partial(_observe_later, probe, private, record, feed, restart))
+            horizon = self.horizons[name]
+            truncated = self.report_every is not None and self.report_every > horizon
+            # Until the link is decided the shadows must see every gradient the optimizer sees.
+            feed = linking or not truncated or until_report < horizon
+            if truncated and until_report == horizon - 1 and not linking:
+                probe.restart_shadows()
+            probe.observe(record=until_report < probe.window, feed_shadows=feed)
 
     def _touches_probes(self, until_report: int | None, linking_possible: bool) -> bool:
         """Whether ``observe`` at this distance from the next report writes a ring or a shadow."""
@@ -314,14 +286,3 @@ class FisherMonitor:
         for name, probe_state in state.items():
             if name in self.probes:
                 self.probes[name].load_state_dict(probe_state)
-
-
-def _observe_later(
-    probe: LayerProbe, grad: Tensor, record: bool, feed: bool, restart: bool
-) -> list[FisherRow]:
-    """One queued step of ``probe`` (on the report thread); a feed yields no rows."""
-    with torch.no_grad():
-        if restart:
-            probe.restart_shadows()
-        probe.observe(grad, record=record, feed_shadows=feed)
-    return []
