@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get("DYKAF_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -285,3 +286,14 @@ def tiny_job(
             {"name": "dykaf", "hyperparameters": {"lr": 0.003}},
         ],
     }
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch intra-op thread for the test: the worker's ``--threads 1`` path (MKL's float32
+    eigh fails there, tests/test_linalg.py), and the same thread count in a background thread as
+    in the caller's, so products round identically (tests/test_fisher_background.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,15 +19,6 @@ from worker.spec import JobSpec
 from worker.training import optim
 from worker.training.runner import execute_run
 from worker.training.sinks import MemorySink
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Same intra-op thread count in both threads, so products round identically."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model_and_optimizer(kind: str) -> tuple[nn.Module, torch.optim.Optimizer]:

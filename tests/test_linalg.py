@@ -8,8 +8,6 @@ SOAP's first update of the quick example's embedding NaN. Checked against float6
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -18,15 +16,6 @@ from dykaf.linalg import eigh
 
 # With float32-only eigh, SOAP's embedding went NaN within 3 steps from these gradient streams.
 SOAP_NAN_SEEDS = (5, 11)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """MKL's failures above are those of its single-threaded path (the worker's --threads 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _embedding_grad(seed: int) -> torch.Tensor:
