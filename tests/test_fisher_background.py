@@ -198,3 +198,25 @@ def test_a_failing_background_report_fails_the_run_with_its_reason(monkeypatch: 
     (spec,) = JobSpec.model_validate(job).expand()
     result = execute_run(spec, MemorySink())
     assert result.status == "failed" and "report exploded" in (result.reason or "")
+
+
+def test_snapshot_clones_the_tensors_of_any_own_state() -> None:
+    """PreconditionerState (a frozen dataclass) and any other object with the OwnState fields."""
+    from types import SimpleNamespace
+
+    from dykaf.fisher.background import snapshot_own
+
+    model, opt = _model_and_optimizer("dykaf")
+    model(torch.randn(4, 12)).square().mean().backward()
+    opt.step()
+    weight = model[0].weight
+    plain = SimpleNamespace(
+        left=torch.ones(2, 2), right=None, second_moment=torch.zeros(2), matrix_shape=(2, 1)
+    )
+    for own in (opt.preconditioner_state(weight), plain):
+        snap = snapshot_own(own)
+        assert type(snap) is type(own) and snap.matrix_shape == own.matrix_shape
+        assert snap.right is None or snap.right is not own.right
+        assert snap.left is not own.left and torch.equal(snap.left, own.left)
+        own.left.add_(1.0)  # the optimizer moves on ...
+        assert not torch.equal(snap.left, own.left)  # ... the snapshot does not

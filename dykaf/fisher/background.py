@@ -10,7 +10,7 @@ only when it must touch the probes again (or on ``state_dict``/``close``), which
 is long after it has finished.
 
 What the report needs from the optimizer (its factors, bases and second moment) changes every step,
-so it is copied at submission (``OwnSnapshot``): a few MB. Torch ops release the GIL, so the
+so it is copied at submission (``snapshot_own``): a few MB. Torch ops release the GIL, so the
 thread's heavy products run in parallel with the loop's.
 
 Only reports go there. Moving the per-step ring/shadow work to the thread as well was tried and
@@ -28,10 +28,11 @@ from another thread would change the training loop's own products.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,43 +43,26 @@ from dykaf.fisher.rows import FisherRow
 BACKGROUND_MODES: tuple[str, ...] = ("auto", "on", "off")
 
 
-@dataclass(frozen=True)
-class OwnSnapshot:
-    """A copy of the optimizer's ``preconditioner_state`` (the fields a report reads)."""
-
-    left: Tensor | None
-    right: Tensor | None
-    left_basis: Tensor | None
-    right_basis: Tensor | None
-    second_moment: Tensor | None
-    matrix_shape: tuple[int, ...]
-    factor_rule: str | None = None
-    beta: float | None = None
-    init: str | None = None
-    updates: int | None = None
+# The tensors of an ``OwnState`` (``LayerProbe``'s view of ``preconditioner_state``) a report reads.
+_OWN_TENSORS = ("left", "right", "left_basis", "right_basis", "second_moment")
 
 
-def snapshot_own(own: Any | None) -> OwnSnapshot | None:
-    """Clone the tensors of an ``OwnState`` so the optimizer's next steps cannot change them."""
+def snapshot_own(own: Any | None) -> Any | None:
+    """A copy of an ``OwnState`` with cloned tensors, so the optimizer's next steps cannot change
+    what a background report reads (a dataclass such as ``PreconditionerState`` is copied with
+    ``dataclasses.replace``; any other object shallow-copied)."""
     if own is None:
         return None
-
-    def copy(name: str) -> Tensor | None:
-        value = getattr(own, name, None)
-        return None if value is None else value.detach().clone()
-
-    return OwnSnapshot(
-        left=copy("left"),
-        right=copy("right"),
-        left_basis=copy("left_basis"),
-        right_basis=copy("right_basis"),
-        second_moment=copy("second_moment"),
-        matrix_shape=tuple(int(d) for d in own.matrix_shape),
-        factor_rule=getattr(own, "factor_rule", None),
-        beta=getattr(own, "beta", None),
-        init=getattr(own, "init", None),
-        updates=getattr(own, "updates", None),
-    )
+    clones = {
+        name: None if getattr(own, name, None) is None else getattr(own, name).detach().clone()
+        for name in _OWN_TENSORS
+    }
+    if dataclasses.is_dataclass(own) and not isinstance(own, type):
+        return dataclasses.replace(own, **clones)
+    snapshot = copy.copy(own)
+    for name, value in clones.items():
+        setattr(snapshot, name, value)
+    return snapshot
 
 
 def available_cores() -> int:

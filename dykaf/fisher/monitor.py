@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dykaf.fisher.background import OwnSnapshot, ReportWorker, snapshot_own, use_background
+from dykaf.fisher.background import ReportWorker, snapshot_own, use_background
 from dykaf.fisher.probe import DEFAULT_BETA, DEFAULT_WINDOW, LayerProbe
 from dykaf.fisher.rows import SHADOW_METHODS, FisherRow
 from dykaf.fisher.selection import select_layers
@@ -169,30 +169,30 @@ class FisherMonitor:
             linking = callable(state_of) and not probe.link_decided
             if linking:
                 probe.link(state_of(probe.param))
-            if until_report is None:
-                probe.observe()
-                continue
-            horizon = self.horizons[name]
-            truncated = self.report_every is not None and self.report_every > horizon
-            # Until the link is decided the shadows must see every gradient the optimizer sees.
-            feed = linking or not truncated or until_report < horizon
-            if truncated and until_report == horizon - 1 and not linking:
+            record, feed, restart = self._work_for(name, probe, until_report, linking)
+            if restart:
                 probe.restart_shadows()
-            probe.observe(record=until_report < probe.window, feed_shadows=feed)
+            probe.observe(record=record, feed_shadows=feed)
+
+    def _work_for(
+        self, name: str, probe: LayerProbe, until_report: int | None, linking: bool
+    ) -> tuple[bool, bool, bool]:
+        """``(record, feed, restart)`` for ``probe`` at ``until_report`` steps before a report."""
+        if until_report is None:
+            return True, True, False
+        horizon = self.horizons[name]
+        truncated = self.report_every is not None and self.report_every > horizon
+        # Until the link is decided the shadows must see every gradient the optimizer sees.
+        feed = linking or not truncated or until_report < horizon
+        restart = truncated and until_report == horizon - 1 and not linking
+        return until_report < probe.window, feed, restart
 
     def _touches_probes(self, until_report: int | None, linking_possible: bool) -> bool:
         """Whether ``observe`` at this distance from the next report writes a ring or a shadow."""
-        if until_report is None or self.report_every is None:
-            return True
-        for name, probe in self.probes.items():
-            truncated = self.report_every > self.horizons[name]
-            if (
-                (linking_possible and not probe.link_decided)
-                or not truncated
-                or until_report < self.horizons[name]
-            ):
-                return True
-        return False
+        return any(
+            any(self._work_for(name, probe, until_report, linking_possible and not probe.link_decided))
+            for name, probe in self.probes.items()
+        )
 
     def is_report_step(self, step: int) -> bool:
         """Whether ``step`` is one of the steps the schedule reports at (always True without one)."""
@@ -236,8 +236,7 @@ class FisherMonitor:
         """
         params = [probe.param for probe in self.probes.values()]
         if not use_background(self.background, params):
-            self._reports.join()
-            self._reports.add(self.report(step))
+            self._reports.add(self.report(step))  # report() first waits for a running one
             return
         owns = self._own_states(snapshot=True)
         device = params[0].device if params else torch.device("cpu")
@@ -249,7 +248,7 @@ class FisherMonitor:
         self._reports.submit(functools.partial(self._background_rows, step, owns, device, ready))
 
     def _background_rows(
-        self, step: int, owns: dict[str, OwnSnapshot | None], device: torch.device, ready: Any
+        self, step: int, owns: dict[str, Any], device: torch.device, ready: Any
     ) -> list[FisherRow]:
         with torch.no_grad():
             if ready is None:

@@ -177,6 +177,7 @@ class _Run:
         self.step = 0
         self.started = time.perf_counter()
         self.task: LMTask | None = None
+        self.fisher: Any = None  # the FisherMonitor, set by build() when diagnostics are on
 
     # -- set-up -------------------------------------------------------------------------------
     def build(self) -> None:
@@ -199,7 +200,6 @@ class _Run:
         self.val_batches = validation_batches(task.val_tokens, t.context, t.batch_size, t.eval_batches)
         self.tokens_per_step = t.batch_size * t.grad_accum * t.context
         self.memory = measure.MemoryPeak(self.device)
-        self.fisher = None
         monitor_cls = optim.fisher_monitor_class() if t.fisher_every > 0 else None
         if monitor_cls is not None:
             self.fisher = monitor_cls(
@@ -287,7 +287,7 @@ class _Run:
     def log_finished_fisher(self, *, wait: bool = False, close: bool = False) -> None:
         """Store the rows of finished Fisher reports; ``wait``/``close`` also wait for a running
         one (``close`` then stops the report thread). Only waiting is timed as diagnostics."""
-        fisher = getattr(self, "fisher", None)
+        fisher = self.fisher
         if fisher is None:
             return
         if close:
