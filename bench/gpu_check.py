@@ -23,6 +23,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -221,12 +222,14 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     tests = report["cuda_tests"]
-    lines += ["## CUDA tests", "", f"`{tests.get('summary', tests.get('skipped'))}`", ""]
+    lines += ["## CUDA tests", "", f"`{tests.get('summary') or tests.get('skipped') or tests.get('error')}`", ""]
     steps = report["optimizer_step"]
     if "rows" in steps:
         import optimizer_step
 
         lines += ["## One optimizer step", "", optimizer_step.markdown(steps), ""]
+    else:
+        lines += ["## One optimizer step", "", steps.get("skipped") or steps.get("error", ""), ""]
     train = report["training"]
     lines += ["## Training (embedded pre-training task)", ""]
     if "runs" in train:
@@ -282,19 +285,36 @@ def main() -> int:
     for key, (name, fn) in sections.items():
         if key in args.skip:
             report[name] = {"skipped": "--skip"}
-            continue
-        started = time.perf_counter()
-        try:
-            report[name] = fn(device, args.dry_run) if key != "tests" else fn(args.dry_run)
-        except Exception as exc:  # one broken section must not lose the others' figures
-            report[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            print(f"section {key} failed: {exc!r}", file=sys.stderr)
-        print(f"== {key} took {time.perf_counter() - started:.1f}s", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
-    (args.out / "gpu_check.md").write_text(markdown(report))
+        else:
+            report[name] = run_section(key, fn, device, args.dry_run)
+        # Written after every section: on a lent GPU with minutes of budget, a run cut off by its
+        # time limit still leaves the figures of the sections that finished.
+        write_report(args.out, report, pending=[name for name, _ in sections.values() if name not in report])
     print(markdown(report))
     return 0
+
+
+def run_section(key: str, fn: Callable[..., dict[str, Any]], device: str, dry_run: bool) -> dict[str, Any]:
+    """One section's results; a broken section becomes an ``error`` entry, not lost figures."""
+    started = time.perf_counter()
+    try:
+        result = fn(device, dry_run) if key != "tests" else fn(dry_run)
+    except Exception as exc:
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"section {key} failed: {exc!r}", file=sys.stderr)
+    print(f"== {key} took {time.perf_counter() - started:.1f}s", flush=True)
+    return result
+
+
+def write_report(out: Path, report: dict[str, Any], pending: list[str]) -> None:
+    """Write ``gpu_check.json`` and ``gpu_check.md``; sections still to run (``pending``, by report
+    name) are marked as such."""
+    shown = dict(report)
+    for name in pending:
+        shown[name] = {"skipped": "not run yet (the report is rewritten after each section)"}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(shown, indent=2, default=str))
+    (out / "gpu_check.md").write_text(markdown(shown))
 
 
 if __name__ == "__main__":

@@ -38,3 +38,21 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path: Path) -> None:
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert "## Fisher diagnostics overhead" in markdown and "overhead @ every 250" in markdown
     assert "## One optimizer step" in markdown and "| dykaf |" in markdown
+
+
+def test_report_written_midway_marks_the_sections_still_to_run(tmp_path: Path) -> None:
+    # main() rewrites the report after every section, so a run cut off by a lent GPU's time limit
+    # still leaves what finished; the sections that did not run are marked, not silently empty.
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    finished = {"environment": gpu_check.environment(), "cuda_tests": {"summary": "14 passed"}}
+    pending = ["optimizer_step", "training", "fisher"]
+    gpu_check.write_report(tmp_path, finished, pending=pending)
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["cuda_tests"] == {"summary": "14 passed"}
+    assert all("not run yet" in report[name]["skipped"] for name in pending)
+    markdown = (tmp_path / "gpu_check.md").read_text()
+    assert "`14 passed`" in markdown and markdown.count("not run yet") == 3
