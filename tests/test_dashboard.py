@@ -30,7 +30,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from server.core.config import Settings
-from server.crud.metrics import insert_metrics
+from server.crud.metrics import insert_fisher, insert_metrics
 from server.csv_export import FISHER_HEADER, METRICS_HEADER, SUMMARY_FIXED
 from server.db import migrate
 from server.db.models import FisherValue, Job, MetricPoint, Run
@@ -563,6 +563,60 @@ def test_curves_grow_live(page: Any, stack: Stack) -> None:
         points(6, 9)
         page.wait_for_function(f"() => ({count})() === 9", timeout=15_000)
         expect_text(page.locator("#job-progress"), "9/24 steps")
+    finally:
+        with session_scope(stack.settings.database_url) as session:
+            jobs_crud.lock_job(session, job_id)
+            session.execute(update(Run).where(Run.job_id == job_id).values(status="cancelled", reason="test"))
+            jobs_crud.recompute_job(session, job_id)
+
+
+def test_one_fisher_report_is_a_dot_plot_until_the_next_arrives(page: Any, stack: Stack) -> None:
+    """A run that has reported once (a short run reports only at its last step) shows each method
+    side by side, the floor as a line; a second report turns the same charts into curves."""
+    from server.crud import jobs as jobs_crud
+    from worker.spec import JobSpec
+
+    body = {**tiny_job(name="one report", seeds=(0,)), "optimizers": [{"name": "dykaf"}]}
+    spec = JobSpec.model_validate(body)
+    with session_scope(stack.settings.database_url) as session:
+        job = jobs_crud.create_job(session, spec, auto_queue="cpu")
+        job_id, run_id = job.id, job.runs[0].id
+        jobs_crud.lock_job(session, job_id)
+        session.execute(update(Run).where(Run.id == run_id).values(status="running", attempt=1, step=10))
+        jobs_crud.recompute_job(session, job_id)
+    engine = get_engine(stack.settings.database_url)
+    layer = "blocks.0.attn.qkv.weight"
+    values = {"optimal": 0.50, "dykaf": 0.52, "dykaf_seq": 0.53, "soap_shampoo": 0.61}
+
+    def report(step: int, shift: float) -> None:
+        with engine.begin() as conn:
+            insert_fisher(
+                conn,
+                [(run_id, step, layer, m, "kron_rel_err", v + shift) for m, v in values.items()],
+            )
+        with session_scope(stack.settings.database_url) as session:  # progress, as a worker reports it
+            jobs_crud.lock_job(session, job_id)
+            session.execute(update(Run).where(Run.id == run_id).values(step=step))
+
+    chart = f"document.querySelector('[data-chart=\"fisher:kron_rel_err:{layer}\"]')"
+    try:
+        report(10, 0.0)
+        page.goto(f"/jobs/{job_id}")
+        page.wait_for_function(f"() => {chart} && {chart}.data && {chart}.data.length === 4")
+        shown = page.evaluate(
+            f"""() => {{ const el = {chart};
+                return {{ type: el.layout.yaxis.type, title: el.layout.title.text,
+                          points: el.data.map((t) => [t.y[0], t.x[0]]),
+                          floor: el.layout.shapes.map((s) => s.x0) }}; }}"""
+        )
+        assert shown["type"] == "category" and shown["title"].endswith("step 10"), shown
+        # Top-down in the legend's order (Plotly draws the first category at the bottom).
+        names = ["optimal (floor)", "DyKAF", "DyKAF-seq", "SOAP/Shampoo"]
+        assert shown["points"] == [[n, v] for n, v in zip(names, values.values(), strict=True)][::-1]
+        assert shown["floor"] == [values["optimal"]]
+        report(20, -0.1)
+        page.wait_for_function(f"() => {chart}.data[0].x.length === 2", timeout=15_000)
+        assert page.evaluate(f"() => [{chart}.layout.yaxis.type, {chart}.data[0].x]") == ["linear", [10, 20]]
     finally:
         with session_scope(stack.settings.database_url) as session:
             jobs_crud.lock_job(session, job_id)

@@ -198,6 +198,32 @@ export function fisherLabelTraces(means, { layer, metric, method = 'own', colors
   }));
 }
 
+/**
+ * The same Fisher traces as a dot plot when they all hold a single report (a short run reports
+ * once, at its last step): a step axis would show one dot per method on a one-step range, so the
+ * methods go on a categorical y axis and the value on x, one trace each (colours, hover and
+ * legend entries unchanged). ``null`` when the traces span more than one step.
+ * ``floor``: the value of the trace whose ``meta.method`` is ``optimal``, if any, to draw as a line.
+ */
+export function fisherSnapshot(traces) {
+  if (!traces.length || traces.some((t) => t.x.length !== 1)) return null;
+  const steps = new Set(traces.map((t) => t.x[0]));
+  if (steps.size !== 1) return null;
+  const floor = traces.find((t) => t.meta && t.meta.method === 'optimal');
+  return {
+    step: traces[0].x[0],
+    floor: floor ? floor.y[0] : null,
+    traces: traces.map((t) => ({
+      ...t,
+      mode: 'markers',
+      x: t.y,
+      y: [t.name],
+      marker: { size: 11, color: t.line.color, symbol: t.meta && t.meta.method === 'optimal' ? 'diamond' : 'circle' },
+      hovertemplate: `%{x:.4f}<extra>${t.name}</extra>`,
+    })).reverse(), // Plotly draws the first category at the bottom; keep the legend's top-down order
+  };
+}
+
 function rank(method) {
   const i = METHOD_ORDER.indexOf(method);
   return i < 0 ? METHOD_ORDER.length : i;

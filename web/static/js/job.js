@@ -5,7 +5,7 @@
 import { ApiError, Poller, errorText, get, getKey } from './api.js';
 import {
   aggregateTraces, baseLayout, colorMap, draw, fisherLabelTraces, fisherLayers, fisherMeans,
-  fisherMethodTraces, plotlyReady, seedTraces, targetShapes,
+  fisherMethodTraces, fisherSnapshot, plotlyReady, seedTraces, targetShapes,
 } from './charts.js';
 import { ACTIVE, TERMINAL, connectionStatus, initKeyBox, jobActionButtons, onKeyChange, progressBar, statusBadge, toast } from './common.js';
 import { $, $$, banner, fill, h, stateBlock } from './dom.js';
@@ -263,6 +263,18 @@ function ensureFisherLabels(job) {
   select.value = labels.includes(preferred) ? preferred : labels[0];
 }
 
+/** Layout of a one-report Fisher chart (``fisherSnapshot``): methods down, values across, the
+ * floor (optimal Kronecker product) as a dashed line where the chart has one. */
+function snapshotLayout(title, metric, snapshot, label) {
+  const layout = baseLayout({ title: `${title} · step ${snapshot.step}`, xTitle: metric, yTitle: '', uirevision: `${label}:snapshot`, height: 290, compact: true });
+  layout.showlegend = false; // the y axis names every method
+  layout.yaxis.type = 'category';
+  if (snapshot.floor !== null) {
+    layout.shapes = [{ type: 'line', xref: 'x', x0: snapshot.floor, x1: snapshot.floor, yref: 'paper', y0: 0, y1: 1, line: { color: '#222222', width: 1, dash: 'dash' } }];
+  }
+  return layout;
+}
+
 async function renderFisher() {
   const rootEl = $('#fisher-root');
   if (!state.fisher || state.fisher.size === 0) {
@@ -293,7 +305,12 @@ async function renderFisher() {
       diag_mass: `diag_mass — ${label}`,
     };
     const empty = traces.length ? null : (metric === 'precond_rel_err' ? 'No optimizer here exposes its preconditioner' : 'No values for this layer');
-    draws.push(draw(el, traces, baseLayout({ title: titles[metric], xTitle: '', yTitle: metric, empty, uirevision: label, height: 290, compact: true })));
+    const snapshot = fisherSnapshot(traces);
+    if (snapshot) {
+      draws.push(draw(el, snapshot.traces, snapshotLayout(titles[metric], metric, snapshot, label)));
+    } else {
+      draws.push(draw(el, traces, baseLayout({ title: titles[metric], xTitle: '', yTitle: metric, empty, uirevision: label, height: 290, compact: true })));
+    }
   }
   await Promise.all(draws);
 }
