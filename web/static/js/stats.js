@@ -232,8 +232,8 @@ export const SUMMARY_COLUMNS = [
   // Not a property of the optimizer (no "best"): what the Fisher probes cost this run, kept out of
   // every time above so that they do not skew the comparison.
   {
-    key: 'diagShare', title: 'Diagnostics overhead', better: null, kind: 'percent',
-    hint: 'time spent in the Fisher diagnostics as a share of training time; excluded from the time columns',
+    key: 'diagShare', title: 'Diag. overhead', better: null, kind: 'percent',
+    hint: 'Fisher diagnostics: time spent in them as a share of training time; excluded from the time columns',
   },
 ];
 
