@@ -1,6 +1,6 @@
 """The ``dykaf-lab`` command line (Typer).
 
-``dykaf-lab run JOB.yaml`` runs a whole comparison on this machine and writes CSVs and a plot.
+``dykaf-lab run JOB.yaml`` runs a whole comparison on this machine and writes CSVs and plots.
 Service commands (embedded server, worker, …) live in ``worker/cli_service.py`` and are registered
 in the marked section at the end of this file.
 """
@@ -103,7 +103,7 @@ def run(
         int | None, typer.Option(min=1, help="torch CPU threads (1 is often fastest on a busy machine)")
     ] = None,
 ) -> None:
-    """Run a comparison job locally: optimizers × sweep points × seeds, then CSVs and a plot."""
+    """Run a comparison job locally: optimizers × sweep points × seeds, then CSVs and plots."""
     if threads is not None:
         import torch
 

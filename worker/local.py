@@ -7,6 +7,8 @@ Writes into the output directory:
 - ``summary.csv`` one row per optimizer configuration, aggregated over seeds (mean ± std);
 - ``curves.png``  validation loss against steps and against training seconds, train loss against
   steps (mean over seeds with a min–max band), one line per optimizer at its selected sweep point;
+- ``fisher.png``  the Fisher-fidelity charts of the dashboard, when there are diagnostics
+  (``worker.fisher_plot``);
 - ``job.json``    the validated job as run, for reproducibility;
 - ``checkpoints/<run>/`` the final checkpoint (and ``model.pt`` of pre-training runs).
 
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from worker import fisher_plot
 from worker.spec import JobSpec, RunSpec
 from worker.training.runner import RunResult, execute_run
 from worker.training.sinks import CsvSink, MemorySink, MultiSink
@@ -65,8 +68,8 @@ class JobOutcome:
 
     @property
     def files(self) -> dict[str, Path]:
-        names = ("steps.csv", "runs.csv", "summary.csv", "curves.png", "job.json")
-        return {name: self.out_dir / name for name in names}
+        names = ("steps.csv", "runs.csv", "summary.csv", "curves.png", "fisher.csv", "fisher.png", "job.json")
+        return {name: self.out_dir / name for name in names if (self.out_dir / name).exists()}
 
 
 def safe_name(name: str) -> str:
@@ -150,7 +153,7 @@ def plot_curves(records: Sequence[RunRecord], selected: dict[str, str], path: Pa
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    labels = [label for label in dict.fromkeys(r.spec.label for r in records) if label in selected.values()]
+    labels = _selected_labels(records, selected)
     for label in labels:
         runs = [r for r in records if r.spec.label == label]
         for ax, metric, x_of in (
@@ -184,6 +187,25 @@ def plot_curves(records: Sequence[RunRecord], selected: dict[str, str], path: Pa
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _selected_labels(records: Sequence[RunRecord], selected: dict[str, str]) -> list[str]:
+    """Labels of the selected sweep points, in the order they ran (the plots' colour order)."""
+    return [label for label in dict.fromkeys(r.spec.label for r in records) if label in selected.values()]
+
+
+def plot_job_fisher(records: Sequence[RunRecord], selected: dict[str, str], path: Path, title: str) -> None:
+    """``fisher.png`` (``worker.fisher_plot``) for the selected configurations; none without rows."""
+    path.unlink(missing_ok=True)
+    labels = _selected_labels(records, selected)
+    rows = {lb: [row for r in records if r.spec.label == lb for row in r.curves.fisher] for lb in labels}
+    means = fisher_plot.fisher_means(rows)
+    if not means:
+        return
+    optimizers = {r.spec.label: r.spec.optimizer for r in records}
+    label = fisher_plot.stream_label(labels, optimizers)
+    colors = {lb: f"C{i}" for i, lb in enumerate(labels)}  # the default cycle, as in curves.png
+    fisher_plot.plot_fisher(means, label, colors, path, title)
 
 
 def run_job(
@@ -248,6 +270,7 @@ def run_job(
     _write_csv(out / "runs.csv", _run_rows(records))
     _write_csv(out / "summary.csv", summary)
     plot_curves(records, selected, out / "curves.png", f"{job.name}: {job.task.kind}")
+    plot_job_fisher(records, selected, out / "fisher.png", f"{job.name}: Fisher fidelity (mean over seeds)")
     return JobOutcome(out_dir=out, runs=records, summary=summary, selected=selected)
 
 

@@ -1,0 +1,65 @@
+"""``fisher.png`` of a local run: seed means, which gradient stream is shown, dot plot vs curves."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from worker.fisher_plot import fisher_means, plot_fisher, stream_label
+
+LAYER = "blocks.0.attn.qkv.weight"
+
+
+def _rows(step: int, shift: float) -> list[tuple[int, str, str, str, float]]:
+    values = {"optimal": 0.50, "own": 0.52, "dykaf": 0.52, "soap_shampoo": 0.61}
+    rows = [(step, LAYER, m, "kron_rel_err", v + shift) for m, v in values.items()]
+    rows += [(step, LAYER, m, "diag_mass", 0.9 - v + shift) for m, v in values.items()]
+    return [*rows, (step, LAYER, "own", "precond_rel_err", 0.7 + shift)]
+
+
+def test_means_are_over_seeds_and_skip_non_finite_values() -> None:
+    seed0 = _rows(10, 0.0)
+    seed1 = [*_rows(10, 0.02), (10, LAYER, "dykaf_seq", "kron_rel_err", math.nan)]
+    means = fisher_means({"DyKAF fast": seed0 + seed1, "adamw": _rows(10, 0.1)})
+    assert means[("DyKAF fast", LAYER, "kron_rel_err", "soap_shampoo")] == {10: pytest.approx(0.62)}
+    assert means[("adamw", LAYER, "kron_rel_err", "optimal")] == {10: pytest.approx(0.60)}
+    assert ("DyKAF fast", LAYER, "kron_rel_err", "dykaf_seq") not in means
+
+
+def test_the_method_panels_show_a_dykaf_stream_when_there_is_one() -> None:
+    optimizers = {"adamw": "adamw", "soap": "soap", "mine": "dykaf-seq"}
+    assert stream_label(["adamw", "soap", "mine"], optimizers) == "mine"
+    assert stream_label(["adamw", "soap"], optimizers) == "adamw"
+
+
+def test_one_report_is_a_dot_plot_and_several_are_curves(tmp_path: Path) -> None:
+    colors = {"dykaf": "C0", "soap": "C1"}
+    one = fisher_means({"dykaf": _rows(250, 0.0), "soap": _rows(250, 0.05)})
+    fig = plot_fisher(one, "dykaf", colors, tmp_path / "one.png", "t")
+    assert fig is not None and (tmp_path / "one.png").read_bytes()[:4] == b"\x89PNG"
+    kron, precond, diag = fig.axes
+    # Methods down the y axis in the dashboard's order, each value at its x, the floor as a line.
+    ticks = [t.get_text() for t in kron.get_yticklabels()]
+    assert ticks == ["optimal (floor)", "own", "DyKAF", "SOAP/Shampoo"]
+    dots = {line.get_ydata()[0]: line.get_xdata()[0] for line in kron.lines if line.get_linestyle() == "None"}
+    assert dots == pytest.approx({0: 0.50, 1: 0.52, 2: 0.52, 3: 0.61})
+    (floor,) = [line for line in kron.lines if line.get_linestyle() == "--"]
+    assert list(floor.get_xdata()) == [pytest.approx(0.50)] * 2
+    assert [t.get_text() for t in precond.get_yticklabels()] == ["dykaf", "soap"]
+    assert kron.get_xlabel() == "at step 250" and "gradients of dykaf" in diag.get_title()
+
+    two = fisher_means({"dykaf": _rows(250, 0.0) + _rows(500, -0.1)})
+    fig = plot_fisher(two, "dykaf", colors, tmp_path / "two.png", "t")
+    assert fig is not None
+    kron = fig.axes[0]
+    assert kron.get_xlabel() == "step"
+    assert [list(line.get_xdata()) for line in kron.lines] == [[250, 500]] * 4
+    legend = [text.get_text() for text in kron.get_legend().get_texts()]
+    assert legend == ["optimal (floor)", "own", "DyKAF", "SOAP/Shampoo"]
+
+
+def test_no_rows_no_figure(tmp_path: Path) -> None:
+    assert plot_fisher({}, "x", {}, tmp_path / "none.png", "t") is None
+    assert not (tmp_path / "none.png").exists()

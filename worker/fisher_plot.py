@@ -1,0 +1,119 @@
+"""``fisher.png`` of a local comparison: the dashboard's Fisher-fidelity charts as one figure.
+
+``dykaf-lab run`` has no dashboard, and ``fisher.csv`` alone does not show *why* an optimizer wins.
+The figure has one row per probed layer and the dashboard's three panels:
+
+* ``kron_rel_err`` of every method (the optimal Kronecker product, i.e. the floor; the run's own
+  factors; the shadow estimators) on one configuration's gradient stream — a DyKAF one when the
+  job has one, since its own factors are what the question is about;
+* ``precond_rel_err`` of each configuration's own preconditioner (DyKAF and SOAP expose one);
+* ``diag_mass`` of every method on the same gradient stream as the first panel.
+
+Values are means over seeds. A short run reports once, at its last step; a line chart would then be
+one dot per method on a one-step axis, so such a panel is a dot plot (methods down, value across,
+the floor as a dashed line) instead.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+# Display names and colours of the methods, as on the dashboard (web/static/js/charts.js).
+METHOD_STYLE: dict[str, tuple[str, str, str]] = {
+    "optimal": ("optimal (floor)", "#222222", "--"),
+    "own": ("own", "#D55E00", "-"),
+    "dykaf": ("DyKAF", "#0072B2", "-"),
+    "dykaf_seq": ("DyKAF-seq", "#56B4E9", ":"),
+    "soap_shampoo": ("SOAP/Shampoo", "#E69F00", "-"),
+}
+PANELS = ("kron_rel_err", "precond_rel_err", "diag_mass")
+
+# (label, layer, metric, method) -> {step: mean over seeds}
+Means = dict[tuple[str, str, str, str], dict[int, float]]
+
+
+def fisher_means(rows_by_label: dict[str, Iterable[Sequence[Any]]]) -> Means:
+    """Mean over a label's seeds of each ``(step, layer, method, metric, value)`` row; non-finite
+    values are left out (a probe reports them for no method, but a diverging run may)."""
+    acc: dict[tuple[str, str, str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for label, rows in rows_by_label.items():
+        for step, layer, method, metric, value in rows:
+            if value is not None and math.isfinite(value):
+                acc[(label, layer, metric, method)][int(step)].append(float(value))
+    return {
+        key: {step: statistics.fmean(values) for step, values in sorted(per_step.items())}
+        for key, per_step in acc.items()
+    }
+
+
+def stream_label(labels: Sequence[str], optimizers: dict[str, str]) -> str:
+    """The configuration whose gradients the method panels show: the first DyKAF one, else the first."""
+    return next((label for label in labels if optimizers[label].startswith("dykaf")), labels[0])
+
+
+def _series(means: Means, label: str, layer: str, metric: str, key: str) -> dict[str, dict[int, float]]:
+    """Per method (``key="method"``) or per label (``key="label"``, own only): ``{step: value}``."""
+    if key == "method":
+        found = {m: v for (lb, ly, mt, m), v in means.items() if (lb, ly, mt) == (label, layer, metric)}
+        return {m: found[m] for m in METHOD_STYLE if m in found}
+    return {lb: v for (lb, ly, mt, m), v in means.items() if (ly, mt, m) == (layer, metric, "own")}
+
+
+def _draw(ax: Any, series: dict[str, dict[int, float]], styles: dict[str, tuple[str, str, str]]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    steps = {step for values in series.values() for step in values}
+    if len(steps) == 1:  # one report: dot plot, top-down in legend order, the floor as a line
+        names = list(series)
+        for row, name in enumerate(names):
+            value = next(iter(series[name].values()))
+            ax.plot([value], [row], "D" if name == "optimal" else "o", color=styles[name][1], markersize=7)
+            if name == "optimal":
+                ax.axvline(value, color=styles[name][1], linestyle="--", linewidth=0.8)
+        ax.set_yticks(range(len(names)), [styles[n][0] for n in names])
+        ax.xaxis.set_major_locator(MaxNLocator(5))  # close values: keep the tick labels apart
+        ax.invert_yaxis()
+        ax.set_xlabel(f"at step {next(iter(steps))}")
+        return
+    for name, values in series.items():
+        label, color, dash = styles[name]
+        ax.plot(list(values), list(values.values()), dash, color=color, label=label, marker=".")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
+
+
+def plot_fisher(means: Means, label: str, colors: dict[str, str], path: Path, title: str) -> Any | None:
+    """Draw the figure into ``path``; returns the matplotlib figure (closed), or None without rows."""
+    layers = sorted({layer for (_, layer, _, _) in means})
+    if not layers:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(layers), 3, figsize=(16, 3.8 * len(layers)), squeeze=False)
+    label_styles = {lb: (lb, color, "-") for lb, color in colors.items()}
+    for row, layer in enumerate(layers):
+        for col, metric in enumerate(PANELS):
+            ax = axes[row][col]
+            per_label = metric == "precond_rel_err"
+            series = _series(means, label, layer, metric, "label" if per_label else "method")
+            if series:
+                _draw(ax, series, label_styles if per_label else METHOD_STYLE)
+            else:
+                note = "no optimizer here exposes its preconditioner"
+                ax.text(0.5, 0.5, note, ha="center", transform=ax.transAxes)
+            whose = "each optimizer's own" if per_label else f"gradients of {label}"
+            ax.set_title(f"{layer}\n{metric} — {whose}", fontsize=9)
+            ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return fig
