@@ -222,7 +222,12 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     tests = report["cuda_tests"]
-    lines += ["## CUDA tests", "", f"`{tests.get('summary') or tests.get('skipped') or tests.get('error')}`", ""]
+    lines += [
+        "## CUDA tests",
+        "",
+        f"`{tests.get('summary') or tests.get('skipped') or tests.get('error')}`",
+        "",
+    ]
     steps = report["optimizer_step"]
     if "rows" in steps:
         import optimizer_step
