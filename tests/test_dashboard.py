@@ -331,6 +331,56 @@ def fill_tiny_form(page: Any, name: str) -> None:
         field(page, f"task.{key}").fill(value)
 
 
+def test_fisher_gaps_match_python(page: Any, stack: Stack) -> None:
+    """charts.js fisherGaps (the verdict line) against the same means and gaps computed here."""
+    import random
+
+    page.goto("/")
+    rng = random.Random(3)
+    methods = ["optimal", "own", "dykaf", "dykaf_seq", "soap_shampoo"]
+    floor, above = (0.5, 0.6), (0.6, 0.9)
+    series = []
+    for label in ("dykaf", "adamw"):
+        for seed in (0, 1):
+            for layer in ("a.weight", "b.weight"):
+                for method in methods:
+                    steps = [250, 500] if (layer, method) != ("b.weight", "own") else [250]
+                    series.append(
+                        {
+                            "label": label,
+                            "seed": seed,
+                            "layer": layer,
+                            "metric": "kron_rel_err",
+                            "method": method,
+                            "step": steps,
+                            # the floor below every estimate, as Kronecker products can be
+                            "value": [rng.uniform(*floor if method == "optimal" else above) for _ in steps],
+                        }
+                    )
+    got = page.evaluate(
+        """async (series) => { const m = await import('/static/js/charts.js');
+            return m.fisherGaps(m.fisherMeans(series), 'dykaf'); }""",
+        series,
+    )
+    mean: dict[tuple[str, int, str], float] = {}
+    for s in series:
+        if s["label"] == "dykaf":
+            for step, value in zip(s["step"], s["value"], strict=True):
+                key = (s["layer"], step, s["method"])
+                mean[key] = mean.get(key, 0.0) + value / 2  # two seeds each
+    points = {(layer, step) for layer, step, _ in mean}
+    gaps = {
+        method: [mean[(*p, method)] - mean[(*p, "optimal")] for p in points if (*p, method) in mean]
+        for method in methods[1:]
+    }
+    assert [g["method"] for g in got["gaps"]] == methods[1:]
+    for g in got["gaps"]:
+        assert g["n"] == len(gaps[g["method"]]) and g["gap"] == pytest.approx(sum(gaps[g["method"]]) / g["n"])
+    assert got["gaps"][0]["n"] == 3  # "own" is missing at one (layer, report)
+    assert (got["layers"], got["reports"]) == (2, 2)
+    assert got["closed"] == pytest.approx(1 - sum(gaps["dykaf"]) / sum(gaps["soap_shampoo"]))
+
+
 def test_validation_messages(page: Any) -> None:
     fill_tiny_form(page, "validation")
     assert page.locator(".opt-card").count() == 2
@@ -614,6 +664,13 @@ def test_one_fisher_report_is_a_dot_plot_until_the_next_arrives(page: Any, stack
         names = ["optimal (floor)", "DyKAF", "DyKAF-seq", "SOAP/Shampoo"]
         assert shown["points"] == [[n, v] for n, v in zip(names, values.values(), strict=True)][::-1]
         assert shown["floor"] == [values["optimal"]]
+        # The verdict: every method's mean distance to the floor, and DyKAF's share of SOAP's gap.
+        expect_text(
+            page.locator("#fisher-verdict"),
+            "On dykaf's gradients (1 layer × 1 report), mean kron_rel_err above the floor: "
+            "DyKAF 0.0200 · DyKAF-seq 0.0300 · SOAP/Shampoo 0.1100. "
+            "DyKAF's factors close 82% of SOAP/Shampoo's gap.",
+        )
         report(20, -0.1)
         page.wait_for_function(f"() => {chart}.data[0].x.length === 2", timeout=15_000)
         assert page.evaluate(f"() => [{chart}.layout.yaxis.type, {chart}.data[0].x]") == ["linear", [10, 20]]

@@ -5,11 +5,11 @@
 import { ApiError, Poller, errorText, get, getKey } from './api.js';
 import {
   aggregateTraces, baseLayout, colorMap, draw, fisherLabelTraces, fisherLayers, fisherMeans,
-  fisherMethodTraces, fisherSnapshot, plotlyReady, seedTraces, targetShapes,
+  fisherGaps, fisherMethodTraces, fisherSnapshot, methodName, plotlyReady, seedTraces, targetShapes,
 } from './charts.js';
 import { ACTIVE, TERMINAL, connectionStatus, initKeyBox, jobActionButtons, onKeyChange, progressBar, statusBadge, toast } from './common.js';
 import { $, $$, banner, fill, h, stateBlock } from './dom.js';
-import { dateTime, duration, int, meanStd, num, percent, speedup } from './format.js';
+import { dateTime, duration, fixed, int, meanStd, num, percent, speedup } from './format.js';
 import { SUMMARY_COLUMNS, bestByColumn, interpolator, summarize, tokensPerStep } from './stats.js';
 
 const root = $('#job-root');
@@ -263,6 +263,20 @@ function ensureFisherLabels(job) {
   select.value = labels.includes(preferred) ? preferred : labels[0];
 }
 
+/** One sentence that answers "whose factors track the Fisher best here?" from ``fisherGaps``. */
+function fisherVerdict({ gaps, layers, reports, closed }, label) {
+  if (!gaps.length) return [];
+  const plural = (n, word) => `${n} ${word}${n === 1 ? '' : 's'}`;
+  const parts = [
+    `On ${label}'s gradients (${plural(layers, 'layer')} × ${plural(reports, 'report')}), mean kron_rel_err above the floor: `,
+  ];
+  gaps.forEach(({ method, gap }, i) => {
+    parts.push(h('b', { text: methodName(method) }), ` ${fixed(gap, 4)}`, i < gaps.length - 1 ? ' · ' : '.');
+  });
+  if (closed !== null) parts.push(` DyKAF's factors close ${percent(closed)} of SOAP/Shampoo's gap.`);
+  return parts;
+}
+
 /** Layout of a one-report Fisher chart (``fisherSnapshot``): methods down, values across, the
  * floor (optimal Kronecker product) as a dashed line where the chart has one. */
 function snapshotLayout(title, metric, snapshot, label) {
@@ -278,12 +292,14 @@ function snapshotLayout(title, metric, snapshot, label) {
 async function renderFisher() {
   const rootEl = $('#fisher-root');
   if (!state.fisher || state.fisher.size === 0) {
+    fill($('#fisher-verdict'));
     $('#fisher-controls').classList.toggle('hidden', !fisherEnabled(state.job));
     fill(rootEl, stateBlock('empty', state.fisherNote || 'No Fisher diagnostics.'));
     return;
   }
   $('#fisher-controls').classList.remove('hidden');
   const label = $('#fisher-label').value;
+  fill($('#fisher-verdict'), fisherVerdict(fisherGaps(state.fisher, label), label));
   const layers = fisherLayers(state.fisher);
   const wanted = layers.join('\u0000');
   if (rootEl.dataset.layers !== wanted) {
