@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.fisher_plot import fisher_means, plot_fisher, stream_label
+from worker.fisher_plot import fisher_means, fisher_verdict, plot_fisher, stream_label
 
 LAYER = "blocks.0.attn.qkv.weight"
 
@@ -63,3 +63,19 @@ def test_one_report_is_a_dot_plot_and_several_are_curves(tmp_path: Path) -> None
 def test_no_rows_no_figure(tmp_path: Path) -> None:
     assert plot_fisher({}, "x", {}, tmp_path / "none.png", "t") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_verdict_matches_the_dashboard_sentence() -> None:
+    # The same values as the dashboard's browser test, so both sides word it identically.
+    values = {"optimal": 0.50, "dykaf": 0.52, "dykaf_seq": 0.53, "soap_shampoo": 0.61}
+    rows = [(10, LAYER, m, "kron_rel_err", v) for m, v in values.items()]
+    assert fisher_verdict(fisher_means({"dykaf": rows}), "dykaf") == (
+        "On dykaf's gradients (1 layer × 1 report), mean kron_rel_err above the floor: "
+        "DyKAF 0.0200 · DyKAF-seq 0.0300 · SOAP/Shampoo 0.1100. "
+        "DyKAF's factors close 82% of SOAP/Shampoo's gap."
+    )
+    two = fisher_means({"dykaf": _rows(250, 0.0) + _rows(500, 0.01)})
+    text = fisher_verdict(two, "dykaf")
+    assert text is not None and text.startswith("On dykaf's gradients (1 layer × 2 reports)")
+    assert "own 0.0200 · DyKAF 0.0200 · SOAP/Shampoo 0.1100." in text
+    assert fisher_verdict(two, "adamw") is None  # no rows on that stream

@@ -53,6 +53,7 @@ def test_run_writes_csvs_and_plot(tmp_path: Path) -> None:
     # Diagnostics ran at the last step (default fisher_every): their charts are a file too.
     assert (out / "fisher.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"fisher.png: {out / 'fisher.png'}" in _output(result).replace("\n", "")
+    assert "Fisher fidelity: On adamw's gradients (2 layers × 1 report)" in _output(result)
     assert JobSpec.model_validate_json((out / "job.json").read_text()).seeds == [0, 1]
     assert (out / "checkpoints" / "adamw-s0" / "model.pt").is_file()
 

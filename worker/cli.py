@@ -118,6 +118,8 @@ def run(
         job, out_dir, device=device.value if device else None, show_progress=not quiet, console=console
     )
     Console().print(summary_table(outcome.summary, job.target_loss is not None))
+    if outcome.fisher_verdict:
+        Console().print(f"Fisher fidelity: {outcome.fisher_verdict}", markup=False)
     for name, path in outcome.files.items():
         console.print(f"  {name}: {path}")
     bad = [r for r in outcome.runs if r.result.status != "succeeded"]

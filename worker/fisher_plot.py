@@ -56,6 +56,40 @@ def stream_label(labels: Sequence[str], optimizers: dict[str, str]) -> str:
     return next((label for label in labels if optimizers[label].startswith("dykaf")), labels[0])
 
 
+def fisher_verdict(means: Means, label: str) -> str | None:
+    """The dashboard's verdict line for ``label``'s gradient stream (``fisherGaps`` in charts.js).
+
+    Each method's ``kron_rel_err`` minus the floor's at the same layer and report, averaged over
+    every (layer, report) where both exist, and the share of SOAP/Shampoo's gap that DyKAF's
+    factors close over the points that have both. None without a floor.
+    """
+    points: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+    for (lb, layer, metric, method), values in means.items():
+        if lb == label and metric == "kron_rel_err":
+            for step, value in values.items():
+                points[(layer, step)][method] = value
+    with_floor = {key: v for key, v in points.items() if "optimal" in v}
+    if not with_floor:
+        return None
+    parts = []
+    for method in METHOD_STYLE:
+        gaps = [v[method] - v["optimal"] for v in with_floor.values() if method in v and method != "optimal"]
+        if gaps:
+            parts.append(f"{METHOD_STYLE[method][0]} {statistics.fmean(gaps):.4f}")
+    layers = len({layer for layer, _ in with_floor})
+    reports = len({step for _, step in with_floor})
+    text = (
+        f"On {label}'s gradients ({layers} layer{'s' * (layers != 1)} × {reports} "
+        f"report{'s' * (reports != 1)}), mean kron_rel_err above the floor: {' · '.join(parts)}."
+    )
+    both = [v for v in with_floor.values() if "dykaf" in v and "soap_shampoo" in v]
+    soap_gap = sum(v["soap_shampoo"] - v["optimal"] for v in both)
+    if both and soap_gap > 0:
+        closed = 1 - sum(v["dykaf"] - v["optimal"] for v in both) / soap_gap
+        text += f" DyKAF's factors close {100 * closed:.0f}% of SOAP/Shampoo's gap."
+    return text
+
+
 def _series(means: Means, label: str, layer: str, metric: str, key: str) -> dict[str, dict[int, float]]:
     """Per method (``key="method"``) or per label (``key="label"``, own only): ``{step: value}``."""
     if key == "method":
@@ -112,7 +146,8 @@ def plot_fisher(means: Means, label: str, colors: dict[str, str], path: Path, ti
             whose = "each optimizer's own" if per_label else f"gradients of {label}"
             ax.set_title(f"{layer}\n{metric} — {whose}", fontsize=9)
             ax.grid(alpha=0.3)
-    fig.suptitle(title)
+    verdict = fisher_verdict(means, label)
+    fig.suptitle(title if verdict is None else f"{title}\n{verdict}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -65,6 +65,7 @@ class JobOutcome:
     runs: list[RunRecord]
     summary: list[dict[str, Any]]
     selected: dict[str, str] = field(default_factory=dict)  # group -> selected label
+    fisher_verdict: str | None = None  # how close each method's factors sit to the floor
 
     @property
     def files(self) -> dict[str, Path]:
@@ -194,18 +195,22 @@ def _selected_labels(records: Sequence[RunRecord], selected: dict[str, str]) -> 
     return [label for label in dict.fromkeys(r.spec.label for r in records) if label in selected.values()]
 
 
-def plot_job_fisher(records: Sequence[RunRecord], selected: dict[str, str], path: Path, title: str) -> None:
-    """``fisher.png`` (``worker.fisher_plot``) for the selected configurations; none without rows."""
+def plot_job_fisher(
+    records: Sequence[RunRecord], selected: dict[str, str], path: Path, title: str
+) -> str | None:
+    """``fisher.png`` (``worker.fisher_plot``) for the selected configurations; none without rows.
+    Returns the verdict line (``fisher_plot.fisher_verdict``) when there is one."""
     path.unlink(missing_ok=True)
     labels = _selected_labels(records, selected)
     rows = {lb: [row for r in records if r.spec.label == lb for row in r.curves.fisher] for lb in labels}
     means = fisher_plot.fisher_means(rows)
     if not means:
-        return
+        return None
     optimizers = {r.spec.label: r.spec.optimizer for r in records}
     label = fisher_plot.stream_label(labels, optimizers)
     colors = {lb: f"C{i}" for i, lb in enumerate(labels)}  # the default cycle, as in curves.png
     fisher_plot.plot_fisher(means, label, colors, path, title)
+    return fisher_plot.fisher_verdict(means, label)
 
 
 def run_job(
@@ -270,8 +275,10 @@ def run_job(
     _write_csv(out / "runs.csv", _run_rows(records))
     _write_csv(out / "summary.csv", summary)
     plot_curves(records, selected, out / "curves.png", f"{job.name}: {job.task.kind}")
-    plot_job_fisher(records, selected, out / "fisher.png", f"{job.name}: Fisher fidelity (mean over seeds)")
-    return JobOutcome(out_dir=out, runs=records, summary=summary, selected=selected)
+    verdict = plot_job_fisher(
+        records, selected, out / "fisher.png", f"{job.name}: Fisher fidelity (mean over seeds)"
+    )
+    return JobOutcome(out_dir=out, runs=records, summary=summary, selected=selected, fisher_verdict=verdict)
 
 
 def _row_score(row: dict[str, Any]) -> float:
