@@ -1,0 +1,41 @@
+"""The Fisher verdict line (``worker.fisher_plot.fisher_verdict``) of every configuration in a
+local run's ``fisher.csv``: how far above the floor each method's factors sit on that
+configuration's gradients, and the share of SOAP/Shampoo's gap DyKAF's factors close.
+
+    python bench/fisher_verdict.py bench/results/convergence/fisher.csv \
+        --labels "adamw[lr=0.001]" "soap[lr=0.01]" "dykaf[lr=0.01]" "muon[lr=0.02]"
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.fisher_plot import fisher_means, fisher_verdict
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("csv", type=Path, help="fisher.csv written by dykaf-lab run")
+    parser.add_argument("--labels", nargs="*", help="configurations to report (default: all, in file order)")
+    args = parser.parse_args()
+    rows: dict[str, list[tuple[int, str, str, str, float]]] = defaultdict(list)
+    with args.csv.open(newline="", encoding="utf-8") as handle:
+        for r in csv.DictReader(handle):
+            row = (int(r["step"]), r["layer"], r["method"], r["metric"], float(r["value"]))
+            rows[r["label"]].append(row)
+    labels = args.labels or list(rows)
+    means = fisher_means({label: rows[label] for label in labels})
+    for label in labels:
+        print(f"- {fisher_verdict(means, label) or f'{label}: no kron_rel_err rows'}")
+
+
+if __name__ == "__main__":
+    main()
