@@ -79,3 +79,28 @@ def test_verdict_matches_the_dashboard_sentence() -> None:
     assert text is not None and text.startswith("On dykaf's gradients (1 layer × 2 reports)")
     assert "own 0.0200 · DyKAF 0.0200 · SOAP/Shampoo 0.1100." in text
     assert fisher_verdict(two, "adamw") is None  # no rows on that stream
+
+
+SHIFTS = (("dykaf", 0.0), ("adamw", 0.1))
+
+
+def test_bench_script_prints_a_verdict_per_configuration(tmp_path: Path) -> None:
+    import csv
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    path = tmp_path / "fisher.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["run_key", "label", "step", "layer", "method", "metric", "value"])
+        for label, shift in SHIFTS:
+            for row in _rows(250, shift):
+                writer.writerow([f"{label}-s0", label, *row])
+    out = subprocess.run(
+        [sys.executable, str(root / "bench" / "fisher_verdict.py"), str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert out == [f"- {fisher_verdict(fisher_means({lb: _rows(250, s)}), lb)}" for lb, s in SHIFTS]
