@@ -12,6 +12,7 @@ Without /usr/bin/chromium the tests skip (and fail under ``DYKAF_REQUIRE_SERVICE
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -577,33 +578,57 @@ def test_form_job_runs_live_with_charts_and_downloads(page: Any, stack: Stack, b
     assert target.stat().st_size > 50_000
 
 
-def test_curves_grow_live(page: Any, stack: Stack) -> None:
-    """A running job's curves and progress follow the database without a reload. The job is
-    written directly (never enqueued), so the test controls exactly when points arrive."""
+@dataclass
+class DirectRun:
+    """A job with one running run written straight into the database (never enqueued), so a test
+    controls exactly when its points arrive; ``advance`` reports progress as a worker would."""
+
+    stack: Stack
+    job_id: int
+    run_id: int
+
+    def advance(self, step: int) -> None:
+        from server.crud import jobs as jobs_crud
+
+        with session_scope(self.stack.settings.database_url) as session:
+            jobs_crud.lock_job(session, self.job_id)
+            session.execute(update(Run).where(Run.id == self.run_id).values(step=step))
+
+
+@contextlib.contextmanager
+def direct_run(stack: Stack, body: dict[str, Any], step: int) -> Iterator[DirectRun]:
+    """``DirectRun`` of ``body``'s first run, running at ``step``; cancelled afterwards."""
     from server.crud import jobs as jobs_crud
     from worker.spec import JobSpec
 
-    spec = JobSpec.model_validate({**tiny_job(name="live curves", seeds=(0,)), "device": "cpu"})
     with session_scope(stack.settings.database_url) as session:
-        job = jobs_crud.create_job(session, spec, auto_queue="cpu")
+        job = jobs_crud.create_job(session, JobSpec.model_validate(body), auto_queue="cpu")
         job_id, run_id = job.id, job.runs[0].id
         jobs_crud.lock_job(session, job_id)
-        session.execute(update(Run).where(Run.id == run_id).values(status="running", attempt=1, step=5))
+        session.execute(update(Run).where(Run.id == run_id).values(status="running", attempt=1, step=step))
         jobs_crud.recompute_job(session, job_id)
-    engine = get_engine(stack.settings.database_url)
-
-    def points(lo: int, hi: int) -> None:
-        with engine.begin() as conn:
-            insert_metrics(
-                conn, [(run_id, "train_loss", s, 5.0 - 0.05 * s, float(s)) for s in range(lo, hi + 1)]
-            )
+    try:
+        yield DirectRun(stack, job_id, run_id)
+    finally:
         with session_scope(stack.settings.database_url) as session:
             jobs_crud.lock_job(session, job_id)
-            session.execute(update(Run).where(Run.id == run_id).values(step=hi))
+            session.execute(update(Run).where(Run.job_id == job_id).values(status="cancelled", reason="test"))
+            jobs_crud.recompute_job(session, job_id)
 
-    try:
+
+def test_curves_grow_live(page: Any, stack: Stack) -> None:
+    """A running job's curves and progress follow the database without a reload."""
+    engine = get_engine(stack.settings.database_url)
+    with direct_run(stack, {**tiny_job(name="live curves", seeds=(0,)), "device": "cpu"}, step=5) as run:
+
+        def points(lo: int, hi: int) -> None:
+            with engine.begin() as conn:
+                rows = [(run.run_id, "train_loss", s, 5.0 - 0.05 * s, float(s)) for s in range(lo, hi + 1)]
+                insert_metrics(conn, rows)
+            run.advance(hi)
+
         points(1, 5)
-        page.goto(f"/jobs/{job_id}")
+        page.goto(f"/jobs/{run.job_id}")
         count = (
             "() => { const d = document.querySelector('#chart-train').data; "
             "return d && d.length === 1 ? d[0].x.length : -1; }"
@@ -613,45 +638,26 @@ def test_curves_grow_live(page: Any, stack: Stack) -> None:
         points(6, 9)
         page.wait_for_function(f"() => ({count})() === 9", timeout=15_000)
         expect_text(page.locator("#job-progress"), "9/24 steps")
-    finally:
-        with session_scope(stack.settings.database_url) as session:
-            jobs_crud.lock_job(session, job_id)
-            session.execute(update(Run).where(Run.job_id == job_id).values(status="cancelled", reason="test"))
-            jobs_crud.recompute_job(session, job_id)
 
 
 def test_one_fisher_report_is_a_dot_plot_until_the_next_arrives(page: Any, stack: Stack) -> None:
     """A run that has reported once (a short run reports only at its last step) shows each method
     side by side, the floor as a line; a second report turns the same charts into curves."""
-    from server.crud import jobs as jobs_crud
-    from worker.spec import JobSpec
-
-    body = {**tiny_job(name="one report", seeds=(0,)), "optimizers": [{"name": "dykaf"}]}
-    spec = JobSpec.model_validate(body)
-    with session_scope(stack.settings.database_url) as session:
-        job = jobs_crud.create_job(session, spec, auto_queue="cpu")
-        job_id, run_id = job.id, job.runs[0].id
-        jobs_crud.lock_job(session, job_id)
-        session.execute(update(Run).where(Run.id == run_id).values(status="running", attempt=1, step=10))
-        jobs_crud.recompute_job(session, job_id)
     engine = get_engine(stack.settings.database_url)
     layer = "blocks.0.attn.qkv.weight"
     values = {"optimal": 0.50, "dykaf": 0.52, "dykaf_seq": 0.53, "soap_shampoo": 0.61}
-
-    def report(step: int, shift: float) -> None:
-        with engine.begin() as conn:
-            insert_fisher(
-                conn,
-                [(run_id, step, layer, m, "kron_rel_err", v + shift) for m, v in values.items()],
-            )
-        with session_scope(stack.settings.database_url) as session:  # progress, as a worker reports it
-            jobs_crud.lock_job(session, job_id)
-            session.execute(update(Run).where(Run.id == run_id).values(step=step))
-
+    body = {**tiny_job(name="one report", seeds=(0,)), "optimizers": [{"name": "dykaf"}]}
     chart = f"document.querySelector('[data-chart=\"fisher:kron_rel_err:{layer}\"]')"
-    try:
+    with direct_run(stack, body, step=10) as run:
+
+        def report(step: int, shift: float) -> None:
+            with engine.begin() as conn:
+                rows = [(run.run_id, step, layer, m, "kron_rel_err", v + shift) for m, v in values.items()]
+                insert_fisher(conn, rows)
+            run.advance(step)
+
         report(10, 0.0)
-        page.goto(f"/jobs/{job_id}")
+        page.goto(f"/jobs/{run.job_id}")
         page.wait_for_function(f"() => {chart} && {chart}.data && {chart}.data.length === 4")
         shown = page.evaluate(
             f"""() => {{ const el = {chart};
@@ -674,11 +680,6 @@ def test_one_fisher_report_is_a_dot_plot_until_the_next_arrives(page: Any, stack
         report(20, -0.1)
         page.wait_for_function(f"() => {chart}.data[0].x.length === 2", timeout=15_000)
         assert page.evaluate(f"() => [{chart}.layout.yaxis.type, {chart}.data[0].x]") == ["linear", [10, 20]]
-    finally:
-        with session_scope(stack.settings.database_url) as session:
-            jobs_crud.lock_job(session, job_id)
-            session.execute(update(Run).where(Run.job_id == job_id).values(status="cancelled", reason="test"))
-            jobs_crud.recompute_job(session, job_id)
 
 
 def test_new_job_from_an_existing_spec(page: Any, stack: Stack) -> None:
