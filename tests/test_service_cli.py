@@ -120,6 +120,9 @@ def test_up_client_ctrl_c_and_restart(tmp_path: Path) -> None:
         r = cli("watch", str(job["id"]), data_dir=data, server=up.base)
         assert r.returncode == 0, r.stdout + r.stderr
         assert f"job {job['id']}: succeeded" in r.stdout
+        # The results, as `dykaf-lab run` prints them: the summary table and the Fisher verdict.
+        assert "summary (mean ± std over seeds)" in r.stdout and "dykaf" in r.stdout
+        assert "Fisher fidelity: On dykaf's gradients (2 layers × " in r.stdout, r.stdout
         # The embedded worker trains at a lower CPU priority than the API beside it.
         from worker.cli_service import EMBEDDED_WORKER_NICE
 

@@ -101,3 +101,24 @@ def test_benchmark_job_is_the_default_task() -> None:
     job = JobSpec.model_validate(data)
     assert job.task == TaskSpec() and [o.name for o in job.optimizers] == ["adamw", "soap", "dykaf"]
     assert all(not o.hyperparameters for o in job.optimizers)
+
+
+def test_summary_table_stars_selected_sweep_points_only_when_there_was_a_sweep() -> None:
+    from rich.console import Console
+
+    from worker.cli import summary_table
+    from worker.local import RunOutcome, summarize_outcomes
+
+    def outcome(label: str, group: str, loss: float) -> RunOutcome:
+        return RunOutcome(label, group, group, {}, "succeeded", {"final_val_loss": loss})
+
+    def text(outcomes: list[RunOutcome], selected: dict[str, str] | None) -> str:
+        console = Console(width=200, record=True)
+        console.print(summary_table(summarize_outcomes(outcomes, selected, False), False))
+        return console.export_text()
+
+    plain = text([outcome("adamw", "adamw", 3.0), outcome("dykaf", "dykaf", 2.9)], None)
+    assert "adamw" in plain and "*" not in plain
+    swept = [outcome("adamw[lr=0.001]", "adamw", 3.0), outcome("adamw[lr=0.01]", "adamw", 2.8)]
+    marked = text(swept, {"adamw": "adamw[lr=0.01]"})
+    assert "adamw[lr=0.01] *" in marked and "adamw[lr=0.001] *" not in marked

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -72,9 +73,11 @@ def summary_table(rows: list[dict[str, Any]], has_target: bool) -> Table:
     if has_target:
         table.add_column("steps to target")
         table.add_column("s to target")
+    # "*" marks each optimizer's selected sweep point; without sweeps there is nothing to mark.
+    swept = len({row["group"] for row in rows}) < len(rows)
     for row in rows:
         cells = [
-            row["label"] + (" *" if row["selected"] else ""),
+            escape(row["label"]) + (" *" if swept and row["selected"] else ""),
             f"{row['succeeded']}/{row['seeds']}",
             _fmt(row["final_val_loss_mean"], row["final_val_loss_std"]),
             _fmt(row["best_val_loss_mean"], row["best_val_loss_std"]),
@@ -124,9 +127,8 @@ def run(
         console.print(f"  {name}: {path}")
     bad = [r for r in outcome.runs if r.result.status != "succeeded"]
     for record in bad:
-        console.print(
-            f"[yellow]{record.spec.run_key}: {record.result.status}: {record.result.reason}[/yellow]"
-        )
+        line = f"{record.spec.run_key}: {record.result.status}: {record.result.reason}"
+        console.print(f"[yellow]{escape(line)}[/yellow]")
     if bad and len(bad) == len(outcome.runs):
         raise typer.Exit(1)
 

@@ -29,6 +29,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
 out = Console()
@@ -98,7 +99,7 @@ def _request(client: Any, method: str, path: str, **kwargs: Any) -> Any:
     try:
         response = client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
-        console.print(f"[red]cannot reach {client.base_url}: {exc}[/red]")
+        console.print(f"[red]{escape(f'cannot reach {client.base_url}: {exc}')}[/red]")
         raise typer.Exit(1) from None
     if response.status_code >= 400:
         _fail(response)
@@ -118,9 +119,9 @@ def submit(
     spec = load_job_file(job_file)
     with _client(server, key) as client:
         job = _request(client, "POST", "/jobs", json=spec.model_dump(mode="json")).json()
-    out.print(f"job {job['id']} ({job['name']}): {len(job['runs'])} runs queued")
+    out.print(f"job {job['id']} ({job['name']}): {len(job['runs'])} runs queued", markup=False)
     for warning in job.get("warnings", []):
-        console.print(f"[yellow]{warning}[/yellow]")
+        console.print(f"[yellow]{escape(warning)}[/yellow]")
     out.print(f"  {_server(server)}/api/v1/jobs/{job['id']}")
     if watch_:
         watch(job["id"], server=server, key=key)
@@ -146,34 +147,32 @@ def status(
                 runs = ", ".join(f"{k} {v}" for k, v in sorted(prog["runs"].items()))
                 table.add_row(
                     str(job["id"]),
-                    job["name"],
+                    escape(job["name"]),
                     job["status"],
                     f"{100 * prog['fraction']:.0f}%",
                     runs,
                     job["created_at"][:19],
-                    job["reason"] or "",
+                    escape(job["reason"] or ""),
                 )
             out.print(table)
             return
         job = _request(client, "GET", f"/jobs/{job_id}").json()
-    table = Table(
-        title=f"job {job['id']} {job['name']}: {job['status']}"
-        + (f" ({job['reason']})" if job["reason"] else "")
-    )
+    reason = f" ({job['reason']})" if job["reason"] else ""
+    table = Table(title=escape(f"job {job['id']} {job['name']}: {job['status']}{reason}"))
     for col in ("run", "label", "seed", "status", "step", "attempt", "device", "final val loss", "reason"):
         table.add_column(col)
     for run in job["runs"]:
         final = (run.get("summary") or {}).get("final_val_loss")
         table.add_row(
             str(run["id"]),
-            run["label"],
+            escape(run["label"]),
             str(run["seed"]),
             run["status"],
             f"{run['step']}/{run['total_steps']}",
             str(run["attempt"]),
             run["device"] or "",
             "-" if final is None else f"{final:.4f}",
-            run["reason"] or "",
+            escape(run["reason"] or ""),
         )
     out.print(table)
 
@@ -184,35 +183,59 @@ def watch(
     key: KeyOpt = None,
     interval: Annotated[float, typer.Option(help="seconds between polls")] = 1.0,
 ) -> None:
-    """Progress bars for every run of a job until it ends."""
+    """Progress bars for every run of a job until it ends, then its summary and Fisher verdict."""
+    with _client(server, key) as client:
+        job = _follow(client, job_id, interval)
+        _print_results(client, job)
+    reason = f" ({job['reason']})" if job["reason"] else ""
+    out.print(f"job {job_id}: {job['status']}{reason}", markup=False)
+    if job["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+def _follow(client: Any, job_id: int, interval: float) -> dict[str, Any]:
+    """Poll the job, one progress bar per run, until it ends; returns its last state."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with (
-        _client(server, key) as client,
-        Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress,
-    ):
+    columns = (BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+    with Progress(TextColumn("{task.description}"), *columns, console=console) as progress:
         bars: dict[int, Any] = {}
         while True:
             job = _request(client, "GET", f"/jobs/{job_id}").json()
             for run in job["runs"]:
                 if run["id"] not in bars:
-                    bars[run["id"]] = progress.add_task(
-                        f"{run['label']} s{run['seed']}", total=run["total_steps"], status=run["status"]
-                    )
+                    name = escape(f"{run['label']} s{run['seed']}")
+                    bars[run["id"]] = progress.add_task(name, total=run["total_steps"], status=run["status"])
                 progress.update(bars[run["id"]], completed=run["step"], status=run["status"])
             if job["status"] in TERMINAL:
-                break
+                return job
             time.sleep(interval)
-    out.print(f"job {job_id}: {job['status']}" + (f" ({job['reason']})" if job["reason"] else ""))
-    if job["status"] != "succeeded":
-        raise typer.Exit(1)
+
+
+def _print_results(client: Any, job: dict[str, Any]) -> None:
+    """What ``dykaf-lab run`` prints at the end: the summary table and the Fisher verdict line."""
+    from worker.cli import summary_table
+    from worker.fisher_plot import fisher_means, fisher_verdict, rows_from_series, stream_label
+    from worker.local import RunOutcome, summarize_outcomes
+
+    runs = job["runs"]
+    if not any(run["summary"] for run in runs):
+        return
+    outcomes = [  # no sweep selection on a server: every label is its own group
+        RunOutcome(r["label"], r["label"], r["optimizer"], r["sweep_point"] or {}, r["status"], r["summary"])
+        for r in runs
+        if r["summary"]
+    ]
+    has_target = job["spec"].get("target_loss") is not None
+    out.print(summary_table(summarize_outcomes(outcomes, None, has_target), has_target))
+    series = _request(client, "GET", f"/jobs/{job['id']}/fisher", params={"metric": "kron_rel_err"}).json()
+    rows = rows_from_series(series["series"])
+    labels = list(dict.fromkeys(r["label"] for r in runs if r["label"] in rows))
+    if labels:
+        label = stream_label(labels, {r["label"]: r["optimizer"] for r in runs})
+        verdict = fisher_verdict(fisher_means(rows), label)
+        if verdict:
+            out.print(f"Fisher fidelity: {verdict}", markup=False)
 
 
 def cancel(

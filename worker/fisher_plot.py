@@ -51,6 +51,15 @@ def fisher_means(rows_by_label: dict[str, Iterable[Sequence[Any]]]) -> Means:
     }
 
 
+def rows_from_series(series: Iterable[dict[str, Any]]) -> dict[str, list[tuple[int, str, str, str, float]]]:
+    """Per label, the rows of the REST API's Fisher series (``GET /jobs/{id}/fisher``)."""
+    rows: dict[str, list[tuple[int, str, str, str, float]]] = defaultdict(list)
+    for s in series:
+        for step, value in zip(s["step"], s["value"], strict=True):
+            rows[s["label"]].append((step, s["layer"], s["method"], s["metric"], value))
+    return rows
+
+
 def stream_label(labels: Sequence[str], optimizers: dict[str, str]) -> str:
     """The configuration whose gradients the method panels show: the first DyKAF one, else the first."""
     return next((label for label in labels if optimizers[label].startswith("dykaf")), labels[0])

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from worker import fisher_plot
 from worker.spec import JobSpec, RunSpec
 from worker.training.runner import RunResult, execute_run
@@ -90,19 +92,45 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
 
 
+@dataclass(frozen=True)
+class RunOutcome:
+    """What the summary needs of one run, wherever it ran (this process, or a server's job JSON)."""
+
+    label: str
+    group: str
+    optimizer: str
+    sweep_point: dict[str, Any]
+    status: str
+    summary: dict[str, float]
+
+    @classmethod
+    def of(cls, record: RunRecord) -> RunOutcome:
+        spec, result = record.spec, record.result
+        return cls(spec.label, spec.group, spec.optimizer, spec.sweep_point, result.status, result.summary)
+
+
 def summarize(records: Sequence[RunRecord], selected: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """``summarize_outcomes`` of this process's runs."""
+    has_target = bool(records) and records[0].spec.target_loss is not None
+    return summarize_outcomes([RunOutcome.of(r) for r in records], selected, has_target)
+
+
+def summarize_outcomes(
+    outcomes: Sequence[RunOutcome], selected: dict[str, str] | None, has_target: bool
+) -> list[dict[str, Any]]:
     """One row per label (optimizer configuration): counts, and mean/std over seeds of each metric.
 
     Loss statistics use the runs that succeeded; steps/seconds to target use the runs that reached it.
+    ``selected`` (group → label) marks each group's selected sweep point; without it every label is.
     """
-    by_label: dict[str, list[RunRecord]] = defaultdict(list)
-    for record in records:
-        by_label[record.spec.label].append(record)
+    by_label: dict[str, list[RunOutcome]] = defaultdict(list)
+    for outcome in outcomes:
+        by_label[outcome.label].append(outcome)
     selected = selected or {}
     rows = []
     for label, group in by_label.items():
-        first = group[0].spec
-        ok = [r for r in group if r.result.status == "succeeded"]
+        first = group[0]
+        ok = [r for r in group if r.status == "succeeded"]
         row: dict[str, Any] = {
             "group": first.group,
             "label": label,
@@ -111,14 +139,14 @@ def summarize(records: Sequence[RunRecord], selected: dict[str, str] | None = No
             "selected": selected.get(first.group, label) == label,
             "seeds": len(group),
             "succeeded": len(ok),
-            "diverged": sum(r.result.status == "diverged" for r in group),
-            "failed": sum(r.result.status in {"failed", "cancelled"} for r in group),
+            "diverged": sum(r.status == "diverged" for r in group),
+            "failed": sum(r.status in {"failed", "cancelled"} for r in group),
         }
-        if first.target_loss is not None:
-            row["reached_target"] = sum(r.result.summary.get("reached_target", 0.0) == 1.0 for r in group)
+        if has_target:
+            row["reached_target"] = sum(r.summary.get("reached_target", 0.0) == 1.0 for r in group)
         for metric in SUMMARY_METRICS:
             pool = ok if metric.endswith("loss") else group
-            values = [r.result.summary[metric] for r in pool if metric in r.result.summary]
+            values = [r.summary[metric] for r in pool if metric in r.summary]
             mean, std = _mean_std(values)
             row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
         rows.append(row)
@@ -294,7 +322,7 @@ def _run_one(spec: RunSpec, out: Path, device: str | None, progress: Any, checkp
     checkpoint_dir = out / "checkpoints" / safe_name(spec.run_key)
     if checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)  # a local run always starts fresh; the service resumes
-    task_id = progress.add_task(spec.run_key, total=spec.task.steps, info="")
+    task_id = progress.add_task(escape(spec.run_key), total=spec.task.steps, info="")
 
     def on_step(step: int, total: int, metrics: Any) -> None:
         info = f"loss {metrics['train_loss']:.3f}" if "train_loss" in metrics else ""
@@ -314,5 +342,5 @@ def _run_one(spec: RunSpec, out: Path, device: str | None, progress: Any, checkp
     finally:
         csv_sink.close()
     status = result.status if result.status == "succeeded" else f"{result.status}: {result.reason}"
-    progress.update(task_id, info=status[:80])
+    progress.update(task_id, info=escape(status[:80]))
     return RunRecord(spec=spec, result=result, curves=memory)
