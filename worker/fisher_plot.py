@@ -70,7 +70,7 @@ def fisher_verdict(means: Means, label: str) -> str | None:
 
     Each method's ``kron_rel_err`` minus the floor's at the same layer and report, averaged over
     every (layer, report) where both exist, and the share of SOAP/Shampoo's gap that DyKAF's
-    factors close over the points that have both. None without a floor.
+    factors close over the points that have both. None without a floor or anything to compare.
     """
     points: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
     for (lb, layer, metric, method), values in means.items():
@@ -85,6 +85,8 @@ def fisher_verdict(means: Means, label: str) -> str | None:
         gaps = [v[method] - v["optimal"] for v in with_floor.values() if method in v and method != "optimal"]
         if gaps:
             parts.append(f"{METHOD_STYLE[method][0]} {statistics.fmean(gaps):.4f}")
+    if not parts:
+        return None
     layers = len({layer for layer, _ in with_floor})
     reports = len({step for _, step in with_floor})
     text = (
