@@ -152,7 +152,7 @@ def plot_fisher(means: Means, label: str, colors: dict[str, str], path: Path, ti
             if series:
                 _draw(ax, series, label_styles if per_label else METHOD_STYLE)
             else:
-                note = "no optimizer here exposes its preconditioner"
+                note = "no optimizer here exposes its preconditioner" if per_label else "no values"
                 ax.text(0.5, 0.5, note, ha="center", transform=ax.transAxes)
             whose = "each optimizer's own" if per_label else f"gradients of {label}"
             ax.set_title(f"{layer}\n{metric} — {whose}", fontsize=9)

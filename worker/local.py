@@ -235,7 +235,7 @@ def plot_job_fisher(
     if not means:
         return None
     optimizers = {r.spec.label: r.spec.optimizer for r in records}
-    label = fisher_plot.stream_label(labels, optimizers)
+    label = fisher_plot.stream_label([lb for lb in labels if rows[lb]], optimizers)
     colors = {lb: f"C{i}" for i, lb in enumerate(labels)}  # the default cycle, as in curves.png
     fisher_plot.plot_fisher(means, label, colors, path, title)
     return fisher_plot.fisher_verdict(means, label)
