@@ -119,6 +119,7 @@ def test_summary_table_stars_selected_sweep_points_only_when_there_was_a_sweep()
 
     plain = text([outcome("adamw", "adamw", 3.0), outcome("dykaf", "dykaf", 2.9)], None)
     assert "adamw" in plain and "*" not in plain
+    assert "3.000" in plain and "±" not in plain.split("\n", 1)[1]  # one seed: no spread shown
     swept = [outcome("adamw[lr=0.001]", "adamw", 3.0), outcome("adamw[lr=0.01]", "adamw", 2.8)]
     marked = text(swept, {"adamw": "adamw[lr=0.01]"})
     assert "adamw[lr=0.01] *" in marked and "adamw[lr=0.001] *" not in marked

@@ -60,8 +60,11 @@ def load_job_file(path: Path) -> Any:
 
 
 def _fmt(mean: float, std: float, digits: int = 3) -> str:
+    """``mean ± std``; just the mean where the spread is undefined (one seed: std is NaN or 0)."""
     if not math.isfinite(mean):
         return "-"
+    if not math.isfinite(std):
+        return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
@@ -76,6 +79,8 @@ def summary_table(rows: list[dict[str, Any]], has_target: bool) -> Table:
     # "*" marks each optimizer's selected sweep point; without sweeps there is nothing to mark.
     swept = len({row["group"] for row in rows}) < len(rows)
     for row in rows:
+        if row["seeds"] == 1:  # no spread to show
+            row = {k: math.nan if k.endswith("_std") else v for k, v in row.items()}
         cells = [
             escape(row["label"]) + (" *" if swept and row["selected"] else ""),
             f"{row['succeeded']}/{row['seeds']}",
