@@ -520,6 +520,24 @@ def test_form_job_runs_live_with_charts_and_downloads(page: Any, stack: Stack, b
         f".data.length === {len(methods)}"
     )
     page.select_option("#fisher-label", "dykaf")
+    # Every optimizer's gradient stream in one table, the numbers the Python side computes too.
+    from worker.fisher_plot import fisher_means, rows_from_series
+
+    kron = stack.get(f"/jobs/{job['id']}/fisher?metric=kron_rel_err")["series"]
+    means = fisher_means(rows_from_series(kron))
+    page.click("#fisher-streams summary")
+    assert page.locator("#fisher-streams tbody tr").count() == 2
+    header = page.locator("#fisher-streams thead th").all_text_contents()
+    for label in ("adamw", "dykaf"):
+        cells = page.locator(f'#fisher-streams tbody tr[data-label="{label}"] td').all_text_contents()
+        shown = dict(zip(header, cells, strict=True))
+        gaps = [
+            value - means[(label, layer, "kron_rel_err", "optimal")][step]
+            for (lb, layer, metric, method), values in means.items()
+            if (lb, metric, method) == (label, "kron_rel_err", "dykaf")
+            for step, value in values.items()
+        ]
+        assert gaps and shown["DyKAF"] == f"{sum(gaps) / len(gaps):.4f}", (label, shown)
 
     # Summary and runs tables.
     assert page.locator("#summary-table tbody tr").count() == 2
@@ -677,6 +695,7 @@ def test_one_fisher_report_is_a_dot_plot_until_the_next_arrives(page: Any, stack
             "DyKAF 0.0200 · DyKAF-seq 0.0300 · SOAP/Shampoo 0.1100. "
             "DyKAF's factors close 82% of SOAP/Shampoo's gap.",
         )
+        assert page.locator("#fisher-streams").is_hidden()  # one gradient stream: the line says it all
         report(20, -0.1)
         page.wait_for_function(f"() => {chart}.data[0].x.length === 2", timeout=15_000)
         assert page.evaluate(f"() => [{chart}.layout.yaxis.type, {chart}.data[0].x]") == ["linear", [10, 20]]

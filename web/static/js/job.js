@@ -95,13 +95,13 @@ async function fetchFisher() {
   }
   const label = $('#fisher-label').value;
   const runIds = job.runs.filter((r) => r.label === label).map((r) => r.id);
-  const [mine, own] = await Promise.all([
-    runIds.length
-      ? get(`/jobs/${jobId}/fisher`, { run_id: runIds, metric: ['kron_rel_err', 'diag_mass'] })
-      : { series: [] },
+  // kron_rel_err of every run (the table by gradient stream), diag_mass of the selected label's.
+  const [kron, diag, own] = await Promise.all([
+    get(`/jobs/${jobId}/fisher`, { metric: 'kron_rel_err' }),
+    runIds.length ? get(`/jobs/${jobId}/fisher`, { run_id: runIds, metric: 'diag_mass' }) : { series: [] },
     get(`/jobs/${jobId}/fisher`, { metric: 'precond_rel_err', method: 'own' }),
   ]);
-  state.fisher = fisherMeans([...mine.series, ...own.series]);
+  state.fisher = fisherMeans([...kron.series, ...diag.series, ...own.series]);
   state.fisherNote = state.fisher.size === 0
     ? (ACTIVE.has(job.status) ? 'No Fisher diagnostics yet; they appear every task.fisher_every steps and at the last step.' : 'No Fisher diagnostics were recorded.')
     : '';
@@ -277,6 +277,24 @@ function fisherVerdict({ gaps, layers, reports, closed }, label) {
   return parts;
 }
 
+/** The verdict's numbers on every configuration's gradients, one row each (shown when there are
+ * several): whether DyKAF's factors track the Fisher better holds beyond one gradient stream. */
+function renderFisherStreams(labels) {
+  const box = $('#fisher-streams');
+  const rows = labels.map((label) => [label, fisherGaps(state.fisher, label)]).filter(([, g]) => g.gaps.length);
+  box.classList.toggle('hidden', rows.length < 2);
+  if (rows.length < 2) return;
+  const methods = [...new Set(rows.flatMap(([, g]) => g.gaps.map((x) => x.method)))];
+  const head = h('tr', {}, h('th', { text: 'gradients of' }),
+    methods.map((m) => h('th', { class: 'num', text: methodName(m) })),
+    h('th', { class: 'num', text: 'share of SOAP/Shampoo\'s gap DyKAF closes' }));
+  const body = rows.map(([label, { gaps, closed }]) => h('tr', { dataset: { label } },
+    h('td', { text: label }),
+    methods.map((m) => h('td', { class: 'num', text: fixed(gaps.find((x) => x.method === m)?.gap ?? null, 4) })),
+    h('td', { class: 'num', text: closed === null ? '–' : percent(closed) })));
+  fill($('table', box), h('thead', {}, head), h('tbody', {}, body));
+}
+
 /** Layout of a one-report Fisher chart (``fisherSnapshot``): methods down, values across, the
  * floor (optimal Kronecker product) as a dashed line where the chart has one. */
 function snapshotLayout(title, metric, snapshot, label) {
@@ -293,6 +311,7 @@ async function renderFisher() {
   const rootEl = $('#fisher-root');
   if (!state.fisher || state.fisher.size === 0) {
     fill($('#fisher-verdict'));
+    renderFisherStreams([]);
     $('#fisher-controls').classList.toggle('hidden', !fisherEnabled(state.job));
     fill(rootEl, stateBlock('empty', state.fisherNote || 'No Fisher diagnostics.'));
     return;
@@ -300,6 +319,7 @@ async function renderFisher() {
   $('#fisher-controls').classList.remove('hidden');
   const label = $('#fisher-label').value;
   fill($('#fisher-verdict'), fisherVerdict(fisherGaps(state.fisher, label), label));
+  renderFisherStreams(labelsInOrder(state.job));
   const layers = fisherLayers(state.fisher);
   const wanted = layers.join('\u0000');
   if (rootEl.dataset.layers !== wanted) {
