@@ -528,6 +528,7 @@ def test_form_job_runs_live_with_charts_and_downloads(page: Any, stack: Stack, b
     page.click("#fisher-streams summary")
     assert page.locator("#fisher-streams tbody tr").count() == 2
     header = page.locator("#fisher-streams thead th").all_text_contents()
+    assert header[:5] == ["gradients of", "own", "DyKAF", "DyKAF-seq", "SOAP/Shampoo"], header
     for label in ("adamw", "dykaf"):
         cells = page.locator(f'#fisher-streams tbody tr[data-label="{label}"] td').all_text_contents()
         shown = dict(zip(header, cells, strict=True))

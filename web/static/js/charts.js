@@ -11,7 +11,7 @@ export const METHOD_STYLE = {
   dykaf_seq: { name: 'DyKAF-seq', color: '#56B4E9', dash: 'dot' },
   soap_shampoo: { name: 'SOAP/Shampoo', color: '#E69F00', dash: 'solid' },
 };
-const METHOD_ORDER = ['optimal', 'own', 'dykaf', 'dykaf_seq', 'soap_shampoo'];
+export const METHOD_ORDER = ['optimal', 'own', 'dykaf', 'dykaf_seq', 'soap_shampoo'];
 
 /** Plotly renders a small HTML subset in names and titles; make any text literal. */
 export function plotlyText(text) {

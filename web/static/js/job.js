@@ -5,7 +5,8 @@
 import { ApiError, Poller, errorText, get, getKey } from './api.js';
 import {
   aggregateTraces, baseLayout, colorMap, draw, fisherLabelTraces, fisherLayers, fisherMeans,
-  fisherGaps, fisherMethodTraces, fisherSnapshot, methodName, plotlyReady, seedTraces, targetShapes,
+  METHOD_ORDER, fisherGaps, fisherMethodTraces, fisherSnapshot, methodName, plotlyReady, seedTraces,
+  targetShapes,
 } from './charts.js';
 import { ACTIVE, TERMINAL, connectionStatus, initKeyBox, jobActionButtons, onKeyChange, progressBar, statusBadge, toast } from './common.js';
 import { $, $$, banner, fill, h, stateBlock } from './dom.js';
@@ -284,7 +285,8 @@ function renderFisherStreams(labels) {
   const rows = labels.map((label) => [label, fisherGaps(state.fisher, label)]).filter(([, g]) => g.gaps.length);
   box.classList.toggle('hidden', rows.length < 2);
   if (rows.length < 2) return;
-  const methods = [...new Set(rows.flatMap(([, g]) => g.gaps.map((x) => x.method)))];
+  const measured = new Set(rows.flatMap(([, g]) => g.gaps.map((x) => x.method)));
+  const methods = METHOD_ORDER.filter((m) => measured.has(m));
   const head = h('tr', {}, h('th', { text: 'gradients of' }),
     methods.map((m) => h('th', { class: 'num', text: methodName(m) })),
     h('th', { class: 'num', text: 'share of SOAP/Shampoo\'s gap DyKAF closes' }));
