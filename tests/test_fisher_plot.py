@@ -79,6 +79,10 @@ def test_verdict_matches_the_dashboard_sentence() -> None:
     assert text is not None and text.startswith("On dykaf's gradients (1 layer × 2 reports)")
     assert "own 0.0200 · DyKAF 0.0200 · SOAP/Shampoo 0.1100." in text
     assert fisher_verdict(two, "adamw") is None  # no rows on that stream
+    worse = [(10, LAYER, m, "kron_rel_err", v) for m, v in {**values, "dykaf": 0.64}.items()]
+    assert fisher_verdict(fisher_means({"dykaf": worse}), "dykaf").endswith(  # type: ignore[union-attr]
+        "DyKAF's factors sit 27% further from the floor than SOAP/Shampoo's."
+    )
     floor_only = fisher_means({"dykaf": [(10, LAYER, "optimal", "kron_rel_err", 0.5)]})
     assert fisher_verdict(floor_only, "dykaf") is None  # nothing to compare with the floor
 

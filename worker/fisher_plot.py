@@ -97,7 +97,10 @@ def fisher_verdict(means: Means, label: str) -> str | None:
     soap_gap = sum(v["soap_shampoo"] - v["optimal"] for v in both)
     if both and soap_gap > 0:
         closed = 1 - sum(v["dykaf"] - v["optimal"] for v in both) / soap_gap
-        text += f" DyKAF's factors close {100 * closed:.0f}% of SOAP/Shampoo's gap."
+        if closed >= 0:
+            text += f" DyKAF's factors close {100 * closed:.0f}% of SOAP/Shampoo's gap."
+        else:
+            text += f" DyKAF's factors sit {-100 * closed:.0f}% further from the floor than SOAP/Shampoo's."
     return text
 
 

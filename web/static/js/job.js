@@ -264,6 +264,13 @@ function ensureFisherLabels(job) {
   select.value = labels.includes(preferred) ? preferred : labels[0];
 }
 
+/** DyKAF's share of SOAP/Shampoo's gap to the floor, in words (worded as worker/fisher_plot.py). */
+function closedText(closed) {
+  return closed >= 0
+    ? `DyKAF's factors close ${percent(closed)} of SOAP/Shampoo's gap.`
+    : `DyKAF's factors sit ${percent(-closed)} further from the floor than SOAP/Shampoo's.`;
+}
+
 /** One sentence that answers "whose factors track the Fisher best here?" from ``fisherGaps``. */
 function fisherVerdict({ gaps, layers, reports, closed }, label) {
   if (!gaps.length) return [];
@@ -274,7 +281,7 @@ function fisherVerdict({ gaps, layers, reports, closed }, label) {
   gaps.forEach(({ method, gap }, i) => {
     parts.push(h('b', { text: methodName(method) }), ` ${fixed(gap, 4)}`, i < gaps.length - 1 ? ' · ' : '.');
   });
-  if (closed !== null) parts.push(` DyKAF's factors close ${percent(closed)} of SOAP/Shampoo's gap.`);
+  if (closed !== null) parts.push(` ${closedText(closed)}`);
   return parts;
 }
 
