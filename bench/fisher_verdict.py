@@ -4,6 +4,7 @@ configuration's gradients, and the share of SOAP/Shampoo's gap DyKAF's factors c
 
     python bench/fisher_verdict.py bench/results/convergence/fisher.csv \
         --labels "adamw[lr=0.001]" "soap[lr=0.01]" "dykaf[lr=0.01]" "muon[lr=0.02]"
+    python bench/fisher_verdict.py bench/results/fisher_over_time/fisher.csv --by-step
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main() -> None:
     )
     parser.add_argument("csv", type=Path, help="fisher.csv written by dykaf-lab run")
     parser.add_argument("--labels", nargs="*", help="configurations to report (default: all, in file order)")
+    parser.add_argument("--by-step", action="store_true", help="one verdict per report step, not one overall")
     args = parser.parse_args()
     rows: dict[str, list[tuple[int, str, str, str, float]]] = defaultdict(list)
     with args.csv.open(newline="", encoding="utf-8") as handle:
@@ -34,7 +36,12 @@ def main() -> None:
     labels = args.labels or list(rows)
     means = fisher_means({label: rows[label] for label in labels})
     for label in labels:
-        print(f"- {fisher_verdict(means, label) or f'{label}: no kron_rel_err rows'}")
+        if not args.by_step:
+            print(f"- {fisher_verdict(means, label) or f'{label}: no kron_rel_err rows'}")
+            continue
+        for step in sorted({step for (lb, *_), values in means.items() if lb == label for step in values}):
+            at_step = {key: {step: v[step]} for key, v in means.items() if step in v}
+            print(f"- step {step}: {fisher_verdict(at_step, label)}")
 
 
 if __name__ == "__main__":
