@@ -110,3 +110,17 @@ def test_bench_script_prints_a_verdict_per_configuration(tmp_path: Path) -> None
         check=True,
     ).stdout.splitlines()
     assert out == [f"- {fisher_verdict(fisher_means({lb: _rows(250, s)}), lb)}" for lb, s in SHIFTS]
+    with path.open("a", newline="", encoding="utf-8") as handle:
+        for row in _rows(500, 0.05):
+            csv.writer(handle).writerow(["dykaf-s0", "dykaf", *row])
+    script = str(root / "bench" / "fisher_verdict.py")
+    by_step = subprocess.run(
+        [sys.executable, script, str(path), "--by-step", "--labels", "dykaf"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert by_step == [
+        f"- step {step}: {fisher_verdict(fisher_means({'dykaf': _rows(step, shift)}), 'dykaf')}"
+        for step, shift in ((250, 0.0), (500, 0.05))
+    ]
