@@ -219,13 +219,13 @@ def _print_results(client: Any, job: dict[str, Any]) -> None:
     from worker.local import RunOutcome, summarize_outcomes
 
     runs = job["runs"]
-    if not any(run["summary"] for run in runs):
-        return
     outcomes = [  # no sweep selection on a server: every label is its own group
         RunOutcome(r["label"], r["label"], r["optimizer"], r["sweep_point"] or {}, r["status"], r["summary"])
         for r in runs
         if r["summary"]
     ]
+    if not outcomes:
+        return
     has_target = job["spec"].get("target_loss") is not None
     out.print(summary_table(summarize_outcomes(outcomes, None, has_target), has_target))
     series = _request(client, "GET", f"/jobs/{job['id']}/fisher", params={"metric": "kron_rel_err"}).json()

@@ -135,8 +135,11 @@ def _draw(ax: Any, series: dict[str, dict[int, float]], styles: dict[str, tuple[
     ax.legend(fontsize=7)
 
 
-def plot_fisher(means: Means, label: str, colors: dict[str, str], path: Path, title: str) -> Any | None:
-    """Draw the figure into ``path``; returns the matplotlib figure (closed), or None without rows."""
+def plot_fisher(
+    means: Means, label: str, colors: dict[str, str], path: Path, title: str, verdict: str | None = None
+) -> Any | None:
+    """Draw the figure into ``path`` (``verdict``, the ``fisher_verdict`` line, under the title);
+    returns the matplotlib figure (closed), or None without rows."""
     layers = sorted({layer for (_, layer, _, _) in means})
     if not layers:
         return None
@@ -160,7 +163,6 @@ def plot_fisher(means: Means, label: str, colors: dict[str, str], path: Path, ti
             whose = "each optimizer's own" if per_label else f"gradients of {label}"
             ax.set_title(f"{layer}\n{metric} — {whose}", fontsize=9)
             ax.grid(alpha=0.3)
-    verdict = fisher_verdict(means, label)
     fig.suptitle(title if verdict is None else f"{title}\n{verdict}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

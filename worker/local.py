@@ -237,8 +237,9 @@ def plot_job_fisher(
     optimizers = {r.spec.label: r.spec.optimizer for r in records}
     label = fisher_plot.stream_label([lb for lb in labels if rows[lb]], optimizers)
     colors = {lb: f"C{i}" for i, lb in enumerate(labels)}  # the default cycle, as in curves.png
-    fisher_plot.plot_fisher(means, label, colors, path, title)
-    return fisher_plot.fisher_verdict(means, label)
+    verdict = fisher_plot.fisher_verdict(means, label)
+    fisher_plot.plot_fisher(means, label, colors, path, title, verdict)
+    return verdict
 
 
 def run_job(

@@ -285,11 +285,12 @@ function fisherVerdict({ gaps, layers, reports, closed }, label) {
   return parts;
 }
 
-/** The verdict's numbers on every configuration's gradients, one row each (shown when there are
- * several): whether DyKAF's factors track the Fisher better holds beyond one gradient stream. */
-function renderFisherStreams(labels) {
+/** The verdict's numbers (``fisherGaps`` by label) on every configuration's gradients, one row each
+ * (shown when there are several): whether DyKAF's factors track the Fisher better holds beyond one
+ * gradient stream. */
+function renderFisherStreams(gapsByLabel) {
   const box = $('#fisher-streams');
-  const rows = labels.map((label) => [label, fisherGaps(state.fisher, label)]).filter(([, g]) => g.gaps.length);
+  const rows = [...gapsByLabel].filter(([, g]) => g.gaps.length);
   box.classList.toggle('hidden', rows.length < 2);
   if (rows.length < 2) return;
   const measured = new Set(rows.flatMap(([, g]) => g.gaps.map((x) => x.method)));
@@ -320,15 +321,16 @@ async function renderFisher() {
   const rootEl = $('#fisher-root');
   if (!state.fisher || state.fisher.size === 0) {
     fill($('#fisher-verdict'));
-    renderFisherStreams([]);
+    renderFisherStreams(new Map());
     $('#fisher-controls').classList.toggle('hidden', !fisherEnabled(state.job));
     fill(rootEl, stateBlock('empty', state.fisherNote || 'No Fisher diagnostics.'));
     return;
   }
   $('#fisher-controls').classList.remove('hidden');
   const label = $('#fisher-label').value;
-  fill($('#fisher-verdict'), fisherVerdict(fisherGaps(state.fisher, label), label));
-  renderFisherStreams(labelsInOrder(state.job));
+  const gapsByLabel = new Map(labelsInOrder(state.job).map((l) => [l, fisherGaps(state.fisher, l)]));
+  fill($('#fisher-verdict'), fisherVerdict(gapsByLabel.get(label), label)); // the select lists these labels
+  renderFisherStreams(gapsByLabel);
   const layers = fisherLayers(state.fisher);
   const wanted = layers.join('\u0000');
   if (rootEl.dataset.layers !== wanted) {
