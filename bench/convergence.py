@@ -1,4 +1,4 @@
-"""Convergence benchmark: DyKAF vs SOAP vs AdamW vs Muon on the embedded pre-training task.
+"""Convergence benchmark: DyKAF vs SOAP vs AdamW vs Muon (and Shampoo) on the embedded pre-training task.
 
 Protocol (fixed before looking at any result, the same for every optimizer):
 - task: byte-level GPT (2 layers, width 128, 4 heads, context 64) on the Python documentation
@@ -12,8 +12,10 @@ Protocol (fixed before looking at any result, the same for every optimizer):
   loss among the selected configurations, i.e. the level every optimizer reaches; steps-to-target
   then says who gets there first.
 
-Run (about 15 minutes on 2 idle CPU cores; much longer when they are shared):
+Run (about 9 minutes on 2 idle CPU cores for the default four; much longer when they are shared):
     nice .venv/bin/python bench/convergence.py --out bench/results/convergence
+Shampoo (pytorch-optimizer's, an SVD-based inverse root every step) adds about 8 minutes:
+    nice .venv/bin/python bench/convergence.py --optimizers adamw,soap,dykaf,muon,shampoo
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ SWEEPS: dict[str, list[float]] = {
     "soap": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
     "dykaf": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
     "muon": [0.005, 0.01, 0.02, 0.05, 0.1],
+    "shampoo": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
 }
+DEFAULT_OPTIMIZERS = ("adamw", "soap", "dykaf", "muon")
+TITLE_NAMES = {"adamw": "AdamW", "soap": "SOAP", "dykaf": "DyKAF", "muon": "Muon", "shampoo": "Shampoo"}
 
 
-def build_job(steps: int, device: str) -> JobSpec:
+def build_job(steps: int, device: str, optimizers: tuple[str, ...] = DEFAULT_OPTIMIZERS) -> JobSpec:
     return JobSpec.model_validate(
         {
             "name": "convergence",
@@ -67,7 +72,7 @@ def build_job(steps: int, device: str) -> JobSpec:
                 "corpus": {"name": "pydoc"},
                 "tokenizer": {"kind": "byte"},
             },
-            "optimizers": [{"name": name, "sweep": {"lr": lrs}} for name, lrs in SWEEPS.items()],
+            "optimizers": [{"name": name, "sweep": {"lr": SWEEPS[name]}} for name in optimizers],
         }
     )
 
@@ -102,8 +107,9 @@ def report(outcome: JobOutcome, job: JobSpec, command: str, elapsed: float) -> s
         for g, runs in chosen.items()
     }
     target = max(v for v in finals.values() if math.isfinite(v))
+    names = [TITLE_NAMES[o.name] for o in job.optimizers]
     lines = [
-        "# Convergence benchmark: DyKAF vs SOAP vs AdamW vs Muon",
+        "# Convergence benchmark: " + " vs ".join(sorted(names, key=lambda n: n != "DyKAF")),
         "",
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()} CPU, {platform.python_version()} Python; total wall time "
@@ -179,11 +185,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is far faster on a shared, busy CPU)"
     )
+    parser.add_argument(
+        "--optimizers",
+        default=",".join(DEFAULT_OPTIMIZERS),
+        help=f"comma-separated, from {', '.join(SWEEPS)} (each gets its 5-point lr grid)",
+    )
     args = parser.parse_args(argv)
+    optimizers = tuple(name.strip() for name in args.optimizers.split(",") if name.strip())
+    unknown = sorted(set(optimizers) - set(SWEEPS))
+    if unknown or not optimizers:
+        parser.error(f"--optimizers: unknown {unknown or 'empty list'}; choose from {', '.join(SWEEPS)}")
     import torch
 
     torch.set_num_threads(args.threads)
-    job = build_job(args.steps, args.device)
+    job = build_job(args.steps, args.device, optimizers)
     started = time.perf_counter()
     outcome = run_job(job, args.out, show_progress=sys.stderr.isatty(), checkpoints=False)
     elapsed = time.perf_counter() - started

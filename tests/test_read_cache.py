@@ -9,7 +9,7 @@ from typing import Any
 from server.api.routes.metrics import LIVE_COST_FACTOR, live_ttl
 from server.cache import ReadCache
 from server.crud import jobs as jobs_crud
-from server.crud.metrics import insert_metrics
+from server.crud.metrics import insert_fisher, insert_metrics
 from server.db.session import get_engine, session_scope
 from tests.conftest import Api, tiny_job
 from worker.spec import JobSpec
@@ -152,3 +152,49 @@ def test_ttl_zero_never_caches_running_jobs(any_settings: Any) -> None:
     assert _last_step(api, job_id) == 10
     _write(api, run_id, range(11, 21))
     assert _last_step(api, job_id) == 20
+
+
+def _write_fisher(api: Api, run_id: int, step: int) -> None:
+    rows = [
+        (run_id, step, "blocks.0.mlp.fc", m, "kron_rel_err", 0.5 + step * 1e-4) for m in ("optimal", "soap")
+    ]
+    with get_engine(api.settings.database_url).begin() as conn:
+        insert_fisher(conn, rows)
+
+
+def _fisher_steps(api: Api, job_id: int, **params: Any) -> set[int]:
+    body = api.get(f"/jobs/{job_id}/fisher", params=params).json()
+    return {step for s in body["series"] for step in s["step"]}
+
+
+def test_running_job_fisher_reads_are_at_most_ttl_old(any_settings: Any) -> None:
+    """The dashboard asks for every run's Fisher rows on each refresh; they are cached like metrics."""
+    api = Api(any_settings.with_(live_read_ttl_s=3.0))
+    job_id, run_id = _running_job_with_points(api, range(1, 3))
+    _write_fisher(api, run_id, 250)
+    assert _fisher_steps(api, job_id) == {250}
+    written = time.monotonic()
+    _write_fisher(api, run_id, 500)
+    if time.monotonic() - written < 2.0:
+        assert _fisher_steps(api, job_id) == {250}  # within the TTL: the cached bytes
+    assert _fisher_steps(api, job_id, method="soap") == {250, 500}  # another filter, another key
+    time.sleep(3.1)
+    deadline = time.monotonic() + 10
+    while _fisher_steps(api, job_id) != {250, 500}:
+        assert time.monotonic() < deadline, "the background refresh never landed"
+        time.sleep(0.05)
+
+
+def test_finished_job_fisher_reads_are_computed_once(any_settings: Any) -> None:
+    api = Api(any_settings)
+    job_id, run_id = _running_job_with_points(api, range(1, 3))
+    _write_fisher(api, run_id, 250)
+    assert api.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    cache: ReadCache = api.app.state.read_cache
+    first = api.get(f"/jobs/{job_id}/fisher", params={"metric": "kron_rel_err"})
+    hits = cache.hits
+    again = api.get(f"/jobs/{job_id}/fisher", params={"metric": "kron_rel_err"})
+    assert again.content == first.content and cache.hits == hits + 1
+    assert {s["method"] for s in first.json()["series"]} == {"optimal", "soap"}
+    missing = api.get(f"/jobs/{job_id + 1000}/fisher")
+    assert missing.status_code == 404 and "not found" in missing.json()["detail"][0]["msg"]

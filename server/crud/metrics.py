@@ -317,7 +317,7 @@ def metric_names(session: Session, job_id: int) -> list[str]:
     )
 
 
-@dataclass
+@dataclass(frozen=True)  # hashable: the API's read cache keys on it
 class FisherFilter:
     job_id: int
     run_ids: Sequence[int] = ()

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -69,24 +69,42 @@ def get_metrics(
             422, f"max_points must be at most {settings.max_points_per_series}", loc=["query", "max_points"]
         )
     points = max_points or settings.default_points_per_series
+    params = (tuple(sorted(run_id or ())), tuple(sorted(name or ())), step_min, step_max, points, view)
+    return _cached_json(
+        request,
+        session,
+        settings,
+        job_id,
+        ("metrics", *params),
+        lambda db: _metrics_body(db, job_id, run_id, name, step_min, step_max, points, view),
+    )
+
+
+def _cached_json(
+    request: Request,
+    session: Session,
+    settings: Settings,
+    job_id: int,
+    params: tuple[object, ...],
+    build: Callable[[Session], bytes],
+) -> Response:
+    """Serve ``build``'s JSON bytes through the API's read cache (``server.cache``).
+
+    The key adds the job's ``updated_at`` to ``params``, so a finished job's bytes are kept until
+    anything about the job changes, and a running job's for ``live_ttl`` only; an expired live entry
+    is served while one background refresh recomputes it, and a cold key is computed once however
+    many readers arrive together.
+    """
     status, updated_at = _marker(session, job_id)
     cache: ReadCache = request.app.state.read_cache
-    key = (
-        updated_at,
-        tuple(sorted(run_id or ())),
-        tuple(sorted(name or ())),
-        step_min,
-        step_max,
-        points,
-        view,
-    )
+    key = (updated_at, *params)
     cached, fresh = cache.lookup(job_id, key)
     if fresh:
         return Response(cached, media_type="application/json")
 
     def compute(db: Session) -> tuple[bytes, float | None]:
         started = time.perf_counter()
-        body = _metrics_body(db, job_id, run_id, name, step_min, step_max, points, view)
+        body = build(db)
         cost = time.perf_counter() - started
         return body, None if status in TERMINAL else live_ttl(settings.live_read_ttl_s, cost)
 
@@ -184,15 +202,28 @@ def _metrics_body(
 @router.get("/fisher", response_model=FisherOut, summary="Fisher-fidelity diagnostics")
 def get_fisher(
     job_id: JobId,
+    request: Request,
     session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
     run_id: Annotated[list[RunIdItem] | None, Query()] = None,
     layer: Annotated[list[str] | None, Query()] = None,
     method: Annotated[list[str] | None, Query()] = None,
     metric: Annotated[list[str] | None, Query()] = None,
-) -> JSONResponse:
-    _marker(session, job_id)
-    runs = _runs(session, job_id)
-    flt = metrics_crud.FisherFilter(job_id, run_id or (), layer or (), method or (), metric or ())
+) -> Response:
+    # Cached like /metrics: a dashboard refreshes every few seconds and asks for every run's
+    # kron_rel_err, while the rows change only when a run reports (every fisher_every steps).
+    flt = metrics_crud.FisherFilter(
+        job_id,
+        tuple(sorted(run_id or ())),
+        tuple(sorted(layer or ())),
+        tuple(sorted(method or ())),
+        tuple(sorted(metric or ())),
+    )
+    return _cached_json(request, session, settings, job_id, ("fisher", flt), lambda db: _fisher_body(db, flt))
+
+
+def _fisher_body(session: Session, flt: metrics_crud.FisherFilter) -> bytes:
+    runs = _runs(session, flt.job_id)
     out = []
     for s in metrics_crud.fisher_series(session, flt):
         rid, lay, meth, met = s.key
@@ -209,7 +240,7 @@ def get_fisher(
                 "value": s.value,
             }
         )
-    return JSONResponse({"job_id": job_id, "series": out})
+    return json.dumps({"job_id": flt.job_id, "series": out}, separators=(",", ":"), allow_nan=False).encode()
 
 
 def _csv_response(request: Request, job_id: int, kind: str, body: object) -> StreamingResponse:
