@@ -31,7 +31,7 @@ OPTIMIZERS = ("adamw", "soap", "dykaf", "dykaf-rank1", "muon", "shampoo")
 FREQUENCY = 10
 WINDOWS = 5
 # Shampoo's inverse roots every step would dominate everything; practitioners amortise them.
-EXTRA_HP = {"shampoo": {"preconditioning_compute_steps": FREQUENCY}}
+EXTRA_HP = {"shampoo": {"precondition_frequency": FREQUENCY}}
 
 
 def layer_shapes(device: str, widths: list[int] | None) -> list[tuple[int, int]]:

@@ -2,7 +2,7 @@
 
 The schema (type, default, range, help) is what the REST API validates against and what the
 dashboard renders as a form, so it is data, not code. Baselines come from well-kept libraries:
-``torch.optim`` (AdamW, Adafactor, Muon) and ``pytorch-optimizer`` (Shampoo, PSGD Kron); only
+``torch.optim`` (AdamW, Adafactor, Muon) and ``pytorch-optimizer`` (grafted ScalableShampoo, PSGD Kron); only
 DyKAF and SOAP (one engine) are written here.
 
 Routing follows practice: Muon takes hidden 2-D matrices and AdamW the embeddings, head and 1-D
@@ -219,21 +219,44 @@ def _build_muon(triples: list[tuple[str, Tensor, str]], hp: dict[str, Any]) -> O
     return _routed("muon", hidden, rest, make, hp)
 
 
+GRAFTS = ("rmsprop", "adagrad", "sgd", "none")
+
+
 def _build_shampoo(triples: list[tuple[str, Tensor, str]], hp: dict[str, Any]) -> Optimizer:
-    from pytorch_optimizer import Shampoo
+    """Shampoo as practitioners run it: pytorch-optimizer's ``ScalableShampoo`` (a port of Google's
+    scalable_shampoo), i.e. EMA Kronecker statistics with inverse roots every few steps, blocked
+    large sides, Nesterov momentum and layer-wise grafting. Grafting (Agarwal et al. 2020) takes each
+    layer's update *direction* from Shampoo and its *size* from RMSProp, which is what makes Shampoo
+    competitive with Adam in practice; the library's plain ``Shampoo`` (the 2018 AdaGrad-sum version
+    without grafting) reached only 4.58 where AdamW reached 2.36 on the convergence task, so it would
+    make a straw-man baseline."""
+    from pytorch_optimizer import ScalableShampoo
+    from pytorch_optimizer.optimizer.utils.graft import LayerWiseGrafting
 
     limit = hp["max_precond_dim"]
     fits = [p for _, p, _ in triples if p.ndim >= 2 and max(p.shape) <= limit]
     rest = [p for _, p, _ in triples if not (p.ndim >= 2 and max(p.shape) <= limit)]
+    graft = {
+        "rmsprop": LayerWiseGrafting.RMSPROP,
+        "adagrad": LayerWiseGrafting.ADAGRAD,
+        "sgd": LayerWiseGrafting.SGD,
+        "none": LayerWiseGrafting.NONE,
+    }[hp["graft"]]
 
     def make(params: list[Tensor]) -> Optimizer:
-        return Shampoo(
+        return ScalableShampoo(
             params,
             lr=hp["lr"],
-            momentum=hp["momentum"],
+            betas=(hp["beta1"], hp["beta2"]),
+            moving_average_for_momentum=True,  # an EMA like Adam's β1, so lr means what it means there
             weight_decay=hp["weight_decay"],
-            weight_decouple=True,
-            preconditioning_compute_steps=hp["preconditioning_compute_steps"],
+            decoupled_weight_decay=True,
+            start_preconditioning_step=hp["start_preconditioning_step"],
+            preconditioning_compute_steps=hp["precondition_frequency"],
+            block_size=hp["block_size"],
+            inverse_exponent_override=hp["inverse_root"],
+            graft_type=graft,
+            nesterov=hp["nesterov"],
             matrix_eps=hp["matrix_eps"],
         )
 
@@ -339,21 +362,33 @@ _ENTRIES: list[OptimizerEntry] = [
     ),
     OptimizerEntry(
         "shampoo",
-        "Shampoo (pytorch-optimizer) on matrices within max_precond_dim, AdamW on the rest",
+        "Shampoo with RMSProp grafting (pytorch-optimizer's ScalableShampoo) on matrices within "
+        "max_precond_dim, AdamW on the rest",
         "pytorch-optimizer",
         {
-            "lr": _lr(1e-3),
-            "momentum": _beta(0.9, "momentum"),
-            "weight_decay": _weight_decay(0.0),
-            "preconditioning_compute_steps": Hyperparameter(
-                # 1, not 10: pytorch-optimizer's SVD-based inverse root fails to converge on the
-                # rank-deficient statistics a sparse embedding accumulates over 10 steps.
-                "integer",
-                1,
-                "steps between inverse-root recomputations",
-                minimum=1,
-                maximum=100000,
+            "lr": _lr(3e-3),
+            "beta1": _beta(0.95, "momentum β1 (an EMA, with Nesterov)"),
+            "beta2": _beta(0.95, "decay of the Kronecker statistics and of the graft's second moment"),
+            "weight_decay": _weight_decay(0.01),
+            "precondition_frequency": Hyperparameter(
+                "integer", 10, "steps between inverse-root recomputations", minimum=1, maximum=100000
             ),
+            "start_preconditioning_step": Hyperparameter(
+                "integer", 25, "steps of grafted RMSProp before Shampoo's direction is used", minimum=1
+            ),
+            "block_size": Hyperparameter(
+                "integer", 512, "sides longer than this are split into blocks", minimum=2, maximum=65536
+            ),
+            "inverse_root": Hyperparameter(
+                "integer",
+                0,
+                "p in L^(-1/p) G R^(-1/p); 0: twice the tensor order (4 for a matrix, the library's "
+                "default); 2 is the power-1/2 variant of Anil et al. 2020",
+                minimum=0,
+                maximum=16,
+            ),
+            "graft": Hyperparameter("string", "rmsprop", "layer-wise update size taken from", enum=GRAFTS),
+            "nesterov": Hyperparameter("boolean", True, "Nesterov momentum"),
             "matrix_eps": Hyperparameter("number", 1e-6, "damping of the factors", exclusive_minimum=0),
             "max_precond_dim": Hyperparameter(
                 "integer", 4096, "larger matrices go to AdamW", minimum=1, maximum=65536

@@ -17,7 +17,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import time
 import urllib.error
@@ -45,8 +44,6 @@ from tests.browser_support import (
 )
 from tests.conftest import FAST, WorkerProcess, tiny_job
 
-ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOT = ROOT / "docs" / "screenshots" / "job.png"
 TERMINAL = {"succeeded", "failed", "diverged", "cancelled"}
 XSS_NAME = "<img src=x onerror=window.__xss=1>"
 
@@ -586,12 +583,8 @@ def test_form_job_runs_live_with_charts_and_downloads(page: Any, stack: Stack, b
     finally:
         context.close()
 
-    # The README's screenshot is refreshed on request (DYKAF_UPDATE_SCREENSHOTS=1) or when missing,
-    # so that ordinary test runs leave the working tree clean.
-    target = SCREENSHOT
-    if SCREENSHOT.exists() and os.environ.get("DYKAF_UPDATE_SCREENSHOTS") != "1":
-        target = stack.root / "job.png"
-    target.parent.mkdir(parents=True, exist_ok=True)
+    # The whole page renders to an image (the README's comes from a real job: docs/screenshot.py).
+    target = stack.root / "job.png"
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(target), full_page=True)
     assert target.stat().st_size > 50_000

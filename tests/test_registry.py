@@ -130,3 +130,34 @@ def test_defaults_are_filled_and_valid() -> None:
     for name in registry.OPTIMIZER_NAMES:
         filled = registry.validate_hyperparameters(name, {})
         assert registry.validate_hyperparameters(name, filled) == filled
+
+
+def test_shampoo_is_grafted_scalable_shampoo_with_its_hyperparameters() -> None:
+    from pytorch_optimizer import ScalableShampoo
+    from pytorch_optimizer.optimizer.utils.graft import RMSPropGraft
+
+    model = TinyLM()
+    hp = {
+        "lr": 0.01,
+        "beta1": 0.0,
+        "beta2": 0.9,
+        "precondition_frequency": 1,
+        "start_preconditioning_step": 1,
+    }
+    opt = registry.build_optimizer("shampoo", model.named_parameters(), {**hp, "weight_decay": 0.0})
+    assert isinstance(opt, RoutedOptimizer) and isinstance(opt.parts["shampoo"], ScalableShampoo)
+    shampoo_params = {id(p) for g in opt.parts["shampoo"].param_groups for p in g["params"]}
+    assert shampoo_params == {id(model.wte.weight), id(model.fc.weight), id(model.lm_head.weight)}
+    assert opt.parts["shampoo"].param_groups[0]["betas"] == (0.0, 0.9)
+
+    # Grafting: each layer's step takes Shampoo's direction with RMSProp's size. On the first step
+    # RMSProp's second moment is (1-β2)·g², so with β1 = 0 every layer moves by exactly
+    # lr·sqrt(#nonzero gradient entries)/sqrt(1-β2), whatever Shampoo's direction is.
+    idx = torch.randint(0, 11, (4, 12), generator=torch.Generator().manual_seed(1))
+    _loss(model, idx).backward()
+    before = model.fc.weight.detach().clone()
+    nonzero = int((model.fc.weight.grad != 0).sum())
+    opt.step()
+    moved = float((model.fc.weight.detach() - before).double().norm())
+    assert moved == pytest.approx(0.01 * nonzero**0.5 / 0.1**0.5, rel=1e-4)
+    assert isinstance(opt.parts["shampoo"].state[model.fc.weight]["graft"], RMSPropGraft)
