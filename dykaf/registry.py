@@ -254,6 +254,9 @@ def _build_shampoo(triples: list[tuple[str, Tensor, str]], hp: dict[str, Any]) -
             start_preconditioning_step=hp["start_preconditioning_step"],
             preconditioning_compute_steps=hp["precondition_frequency"],
             block_size=hp["block_size"],
+            # Off: the library would otherwise flatten any matrix with ≤ block_size entries into a
+            # vector and run grafted RMSProp on it; Shampoo preconditions every matrix as a matrix.
+            shape_interpretation=False,
             inverse_exponent_override=hp["inverse_root"],
             graft_type=graft,
             nesterov=hp["nesterov"],

@@ -156,8 +156,24 @@ def test_shampoo_is_grafted_scalable_shampoo_with_its_hyperparameters() -> None:
     idx = torch.randint(0, 11, (4, 12), generator=torch.Generator().manual_seed(1))
     _loss(model, idx).backward()
     before = model.fc.weight.detach().clone()
-    nonzero = int((model.fc.weight.grad != 0).sum())
+    grad = model.fc.weight.grad.detach().double()
+    nonzero = int((grad != 0).sum())
     opt.step()
-    moved = float((model.fc.weight.detach() - before).double().norm())
-    assert moved == pytest.approx(0.01 * nonzero**0.5 / 0.1**0.5, rel=1e-4)
-    assert isinstance(opt.parts["shampoo"].state[model.fc.weight]["graft"], RMSPropGraft)
+    step = (model.fc.weight.detach() - before).double()
+    assert float(step.norm()) == pytest.approx(0.01 * nonzero**0.5 / 0.1**0.5, rel=1e-4)
+    state = opt.parts["shampoo"].state[model.fc.weight]
+    assert isinstance(state["graft"], RMSPropGraft) and len(state["pre_conditioner"].statistics) == 2
+
+    # ... and the direction is Shampoo's, L^-1/4 G R^-1/4, from a dense float64 computation of its
+    # first statistics (β2·ε·I + (1-β2)·GGᵀ, ridge 1e-6·λmax as the library damps before the root).
+    def inverse_fourth_root(stat: torch.Tensor) -> torch.Tensor:
+        stat = stat + 1e-6 * torch.linalg.eigvalsh(stat).max() * torch.eye(len(stat), dtype=stat.dtype)
+        values, vectors = torch.linalg.eigh(stat)
+        return vectors @ torch.diag(values**-0.25) @ vectors.T
+
+    eye = torch.eye(8, dtype=torch.float64)
+    left = inverse_fourth_root(0.9 * 1e-6 * eye + 0.1 * grad @ grad.T)
+    right = inverse_fourth_root(0.9 * 1e-6 * eye + 0.1 * grad.T @ grad)
+    direction = -(left @ grad @ right)
+    cosine = float((step * direction).sum() / (step.norm() * direction.norm()))
+    assert cosine > 0.999, cosine
