@@ -42,8 +42,9 @@ def test_pretrain_on_cuda_with_bf16_autocast(optimizer: str) -> None:
     assert all(math.isfinite(v) for _, v in sink.series("grad_norm"))
 
 
-def test_resume_on_cuda_matches_uninterrupted(tmp_path: Path) -> None:
-    spec = _spec("adamw", steps=8, checkpoint_every=4)
+@pytest.mark.parametrize("optimizer", ["adamw", "shampoo"])  # Shampoo: tensors inside library objects
+def test_resume_on_cuda_matches_uninterrupted(tmp_path: Path, optimizer: str) -> None:
+    spec = _spec(optimizer, steps=8, checkpoint_every=4)
     full, resumed = MemorySink(), MemorySink()
     assert execute_run(spec, full, checkpoint_dir=tmp_path / "a").status == "succeeded"
     cancelled = execute_run(

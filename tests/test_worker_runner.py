@@ -204,6 +204,36 @@ def test_resume_after_crash_is_bit_identical(tmp_path: Path, optimizer: str) -> 
     assert again.status == "succeeded" and again.summary["final_val_loss"] == result.summary["final_val_loss"]
 
 
+def test_resume_places_tensors_kept_in_library_objects_on_the_parameters_device() -> None:
+    """A checkpoint is loaded on the CPU; ``load_state_dict`` moves a state's own tensors to the
+    parameter's device but not those inside objects (pytorch-optimizer's Shampoo preconditioner
+    and graft). The real Shampoo state is loaded here for parameters on the ``meta`` device, a second
+    device every CPU has, standing in for a GPU."""
+    from dykaf import registry
+
+    layer = torch.nn.Linear(6, 4)
+    optimizer = registry.build_optimizer(
+        "shampoo", layer.named_parameters(), {"start_preconditioning_step": 1}
+    )
+    layer(torch.randn(3, 6)).sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+
+    on_meta = torch.nn.Linear(6, 4, device="meta")
+    resumed = registry.build_optimizer(
+        "shampoo", on_meta.named_parameters(), {"start_preconditioning_step": 1}
+    )
+    resumed.load_state_dict(saved)
+    state = resumed.state[on_meta.weight]
+    assert state["momentum"].device.type == "meta"  # torch moved the state's own tensors ...
+    assert state["graft"].statistics.device.type == "cpu"  # ... but not those in objects
+    moved = ckpt.place_nested_state(resumed)
+    assert moved >= 5  # graft statistics + momentum, the factors' statistics and inverse roots
+    nested = [t for path, t in _tensors(dict(state)) if "." in path]
+    assert nested and all(t.device.type == "meta" for t in nested)
+    assert ckpt.place_nested_state(resumed) == 0  # idempotent
+
+
 def test_cancel_between_steps_then_resume(tmp_path: Path) -> None:
     (spec,) = _run(steps=6)
     sink = MemorySink()

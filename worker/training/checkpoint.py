@@ -112,3 +112,44 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception:
         # Registry optimizers may keep small Python objects in their state; the file is ours.
         return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def place_nested_state(optimizer: torch.optim.Optimizer) -> int:
+    """Move tensors kept *inside Python objects* of an optimizer's state onto their parameter's
+    device; returns how many moved.
+
+    ``Optimizer.load_state_dict`` moves a state's own tensors to the parameter's device, but not
+    the tensors a library keeps in its own objects there (pytorch-optimizer's Shampoo keeps its
+    statistics and inverse roots in ``PreConditioner`` and ``Graft`` objects). A checkpoint is
+    loaded with ``map_location="cpu"``, so without this a GPU run resumed from one would fail at its
+    first step with tensors on two devices.
+    """
+    moved = 0
+    for param, state in optimizer.state.items():
+        for value in state.values():
+            moved += _place_attributes(value, param.device, depth=0)
+    return moved
+
+
+def _place_attributes(value: Any, device: torch.device, depth: int) -> int:
+    """Tensors in ``value``'s attributes (and in lists/tuples/nested objects there) → ``device``."""
+    if depth > 4 or isinstance(value, (torch.Tensor, dict, list, tuple, str, bytes, type)):
+        return 0
+    attributes = getattr(value, "__dict__", None)
+    if not attributes:
+        return 0
+    moved = 0
+    for name, attr in list(attributes.items()):
+        if isinstance(attr, torch.Tensor):
+            if attr.device != device:
+                setattr(value, name, attr.to(device))
+                moved += 1
+        elif isinstance(attr, (list, tuple)):
+            placed = [t.to(device) if isinstance(t, torch.Tensor) and t.device != device else t for t in attr]
+            changed = sum(a is not b for a, b in zip(placed, attr, strict=True))
+            if changed:
+                setattr(value, name, tuple(placed) if isinstance(attr, tuple) else placed)
+            moved += changed + sum(_place_attributes(item, device, depth + 1) for item in attr)
+        else:
+            moved += _place_attributes(attr, device, depth + 1)
+    return moved

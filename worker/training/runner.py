@@ -261,6 +261,7 @@ class _Run:
             raise ValueError(f"checkpoint {path} was written by a different run spec; use a fresh directory")
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
+        ckpt.place_nested_state(self.optimizer)
         self.scheduler.load_state_dict(payload["scheduler"])
         _set_rng_state(payload["rng"], self.device)
         self.tracker.load(payload["tracker"])
