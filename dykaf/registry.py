@@ -244,7 +244,7 @@ def _build_shampoo(triples: list[tuple[str, Tensor, str]], hp: dict[str, Any]) -
     }[hp["graft"]]
 
     def make(params: list[Tensor]) -> Optimizer:
-        return ScalableShampoo(
+        optimizer = ScalableShampoo(
             params,
             lr=hp["lr"],
             betas=(hp["beta1"], hp["beta2"]),
@@ -262,6 +262,11 @@ def _build_shampoo(triples: list[tuple[str, Tensor, str]], hp: dict[str, Any]) -
             nesterov=hp["nesterov"],
             matrix_eps=hp["matrix_eps"],
         )
+        # The group key the Fisher probes read as "this optimizer's Kronecker-factor decay"
+        # (dykaf.fisher.monitor.optimizer_beta), as on DyKAF/SOAP groups; the library ignores it.
+        for group in optimizer.param_groups:
+            group["shampoo_beta"] = hp["beta2"]
+        return optimizer
 
     return _routed("shampoo", fits, rest, make, hp)
 

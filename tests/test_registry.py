@@ -177,3 +177,13 @@ def test_shampoo_is_grafted_scalable_shampoo_with_its_hyperparameters() -> None:
     direction = -(left @ grad @ right)
     cosine = float((step * direction).sum() / (step.norm() * direction.norm()))
     assert cosine > 0.999, cosine
+
+
+def test_fisher_probes_of_a_shampoo_run_use_its_factor_decay() -> None:
+    from dykaf.fisher.monitor import DEFAULT_BETA, optimizer_beta
+
+    model = TinyLM()
+    shampoo = registry.build_optimizer("shampoo", model.named_parameters(), {"beta2": 0.8})
+    assert optimizer_beta(shampoo, model.fc.weight) == 0.8
+    adamw = registry.build_optimizer("adamw", model.named_parameters(), {"beta2": 0.8})
+    assert optimizer_beta(adamw, model.fc.weight) == DEFAULT_BETA  # a diagonal second moment

@@ -50,7 +50,8 @@ DEFAULT_SHADOW_TAIL = 1e-3
 def optimizer_beta(optimizer: torch.optim.Optimizer | None, param: Tensor) -> float:
     """The Kronecker-factor decay the optimizer uses for ``param``, else 0.95.
 
-    For a Kronecker-factored optimizer (its group has ``shampoo_beta``: DyKAF, SOAP) that is
+    For a Kronecker-factored optimizer (its group has ``shampoo_beta``: DyKAF, SOAP, the registry's
+    Shampoo) that is
     ``shampoo_beta``, else ``betas[1]``, exactly as the optimizer decays its factors; measuring
     against the Fisher the optimizer itself tries to track makes "own" comparable to the shadows.
     Other optimizers (AdamW, Muon, SGD, ...) have no factors: their ``betas[1]`` decays a diagonal
