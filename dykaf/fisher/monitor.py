@@ -51,9 +51,9 @@ def optimizer_beta(optimizer: torch.optim.Optimizer | None, param: Tensor) -> fl
     """The Kronecker-factor decay the optimizer uses for ``param``, else 0.95.
 
     For a Kronecker-factored optimizer (its group has ``shampoo_beta``: DyKAF, SOAP, the registry's
-    Shampoo) that is
-    ``shampoo_beta``, else ``betas[1]``, exactly as the optimizer decays its factors; measuring
-    against the Fisher the optimizer itself tries to track makes "own" comparable to the shadows.
+    Shampoo) that is ``shampoo_beta``, else ``betas[1]``, exactly as the optimizer decays its
+    factors; measuring against the Fisher the optimizer itself tries to track makes "own"
+    comparable to the shadows.
     Other optimizers (AdamW, Muon, SGD, ...) have no factors: their ``betas[1]`` decays a diagonal
     second moment (AdamW's 0.999 would make ``H``'s weights flat over the window while the shadows
     average ~1000 steps), so their runs use the factor optimizers' default, 0.95.
