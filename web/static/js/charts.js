@@ -2,7 +2,10 @@
 
 import { ema } from './stats.js';
 
-export const PALETTE = ['#0072B2', '#E69F00', '#009E73', '#D55E00', '#CC79A7', '#56B4E9', '#8C564B', '#332288', '#999933', '#882255', '#44AA99', '#555555'];
+// Okabe-Ito's colour-blind-safe hues first, ordered so that the first five labels (a typical
+// comparison) never sit next to a look-alike: vermillion (#D55E00) beside orange is hard to tell
+// apart in thin lines, so it comes later.
+export const PALETTE = ['#0072B2', '#E69F00', '#009E73', '#CC79A7', '#8C564B', '#56B4E9', '#D55E00', '#332288', '#999933', '#882255', '#44AA99', '#555555'];
 
 export const METHOD_STYLE = {
   optimal: { name: 'optimal (floor)', color: '#222222', dash: 'dash' },

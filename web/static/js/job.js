@@ -205,7 +205,7 @@ function renderSummary(job) {
     h('thead', {}, h('tr', {}, h('th', { text: 'Optimizer' }), h('th', { class: 'num', text: 'Runs' }),
       columns.map((c) => h('th', { class: 'num', text: c.title, title: c.hint || (c.better === 'max' ? 'higher is better' : 'lower is better') })))),
     h('tbody', {}, rows.map((row) => h('tr', { dataset: { label: row.label } },
-      h('td', {}, h('span', { class: 'swatch', style: { color: state.colors.get(row.label) }, text: '■ ' }), h('span', { text: row.label }),
+      h('td', {}, h('span', { class: 'nowrap' }, h('span', { class: 'swatch', style: { color: state.colors.get(row.label) }, text: '■ ' }), h('span', { text: row.label })),
         row.label !== row.optimizer ? h('div', { class: 'muted small', text: row.optimizer }) : null),
       h('td', { class: 'num', text: `${row.ended}/${row.total}` }),
       columns.map((c) => h('td', { class: `num${best[c.key].has(row.label) ? ' best' : ''}`, dataset: { col: c.key } }, cellContent(row, c)))))));
