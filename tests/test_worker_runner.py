@@ -6,6 +6,7 @@ import csv
 import functools
 import math
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -275,6 +276,38 @@ def test_huge_lr_diverges_with_step_and_reason_and_siblings_run_on(monkeypatch: 
     monkeypatch.setattr(optim, "build_optimizer", real_build)
     (good,) = _run(steps=2)
     assert execute_run(good, MemorySink()).status == "succeeded"
+
+
+def test_a_breakdown_of_the_optimizers_linear_algebra_is_divergence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A matrix optimizer whose statistics a too-large step has wrecked fails inside its
+    decomposition before any loss turns non-finite; that is the run diverging, not the worker
+    failing. The breakdown here is torch's own (a Cholesky of a matrix that is not positive
+    definite), raised from a real optimizer's step at step 3."""
+    real_build = optim.build_optimizer
+
+    def breaking(*args: Any) -> Any:
+        optimizer = real_build(*args)
+        real_step = optimizer.step
+        calls = {"n": 0}
+
+        def step(self: Any, *a: Any, **k: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                torch.linalg.cholesky(-torch.eye(3))
+            return real_step(*a, **k)
+
+        optimizer.step = types.MethodType(step, optimizer)  # bound, as the LR scheduler expects
+        return optimizer
+
+    monkeypatch.setattr(optim, "build_optimizer", breaking)
+    (spec,) = _run(steps=6)
+    sink = MemorySink()
+    result = execute_run(spec, sink)
+    assert result.status == "diverged" and result.final_step == 3 and result.summary["diverged_step"] == 3
+    assert result.reason is not None and result.reason.startswith(
+        "the optimizer's linear algebra broke down at step 3: linalg.cholesky"
+    )
+    assert sink.records[-1][0] == 3  # the step's loss and gradient norm were still recorded
 
 
 def test_exceptions_become_failed(monkeypatch: pytest.MonkeyPatch) -> None:

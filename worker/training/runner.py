@@ -9,8 +9,10 @@ Guarantees the comparison relies on:
 - a run resumed from a checkpoint ends bit-identical (on CPU) to one that never stopped, because the
   checkpoint carries model, optimizer, scheduler and RNG states and the data position is a function
   of the step;
-- a non-finite loss, gradient or update ends the run as ``diverged`` (with step and reason), any
-  exception as ``failed``; neither escapes to the caller, so sibling runs are unaffected.
+- a non-finite loss, gradient or update ends the run as ``diverged`` (with step and reason), and so
+  does a breakdown of the optimizer's own linear algebra (``torch.linalg.LinAlgError``: an
+  eigendecomposition or inverse root of statistics blown up by too large a step); any other
+  exception ends it as ``failed``; neither escapes to the caller, so sibling runs are unaffected.
 """
 
 from __future__ import annotations
@@ -368,7 +370,17 @@ class _Run:
             # own factors equal its DyKAF shadow's).
             _, diagnostics = self.timed_diagnostics(functools.partial(self.fisher.observe, self.step))
         step_start = measure.now(self.device)
-        self.optimizer.step()
+        try:
+            self.optimizer.step()
+        except torch.linalg.LinAlgError as exc:
+            # Matrix optimizers decompose statistics built from the gradients; when a sweep's large
+            # lr blows those up the decomposition fails before any loss is non-finite. That is the
+            # run diverging, not the worker failing: a sweep should read it as such.
+            self.sink.log_metrics(self.step, metrics, self.wall_time())
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise Diverged(
+                f"the optimizer's linear algebra broke down at step {self.step}: {detail}"
+            ) from exc
         self.scheduler.step()
         end = measure.now(self.device)
         fwd_bwd, opt_time = after_backward - start, end - step_start
