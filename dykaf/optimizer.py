@@ -45,7 +45,8 @@ class PreconditionerState:
 
     ``left``/``right`` are the Kronecker factors (None: identity side, beyond ``max_precond_dim``),
     ``left_basis``/``right_basis`` their eigenbases, ``second_moment`` the ``m × n`` Adam second
-    moment in the rotated basis (materialised from its vectors for ``rank1``). ``beta`` (the factor
+    moment in the rotated basis (materialised from its vectors for ``rank1``; None for an
+    optimizer that does not run Adam in that basis, such as the registry's Shampoo). ``beta`` (the factor
     decay), ``init`` and ``updates`` (gradients folded into the factors so far) let the Fisher
     diagnostics recognise factors identical to one of their shadows and reuse them.
     """
@@ -54,7 +55,7 @@ class PreconditionerState:
     right: Tensor | None
     left_basis: Tensor | None
     right_basis: Tensor | None
-    second_moment: Tensor
+    second_moment: Tensor | None
     matrix_shape: tuple[int, int]
     factor_rule: str
     beta: float | None = None

@@ -230,8 +230,9 @@ def _build_shampoo(triples: list[tuple[str, Tensor, str]], hp: dict[str, Any]) -
     competitive with Adam in practice; the library's plain ``Shampoo`` (the 2018 AdaGrad-sum version
     without grafting) reached only 4.58 where AdamW reached 2.36 on the convergence task, so it would
     make a straw-man baseline."""
-    from pytorch_optimizer import ScalableShampoo
     from pytorch_optimizer.optimizer.utils.graft import LayerWiseGrafting
+
+    from dykaf.shampoo_state import shampoo_class
 
     limit = hp["max_precond_dim"]
     fits = [p for _, p, _ in triples if p.ndim >= 2 and max(p.shape) <= limit]
@@ -244,7 +245,7 @@ def _build_shampoo(triples: list[tuple[str, Tensor, str]], hp: dict[str, Any]) -
     }[hp["graft"]]
 
     def make(params: list[Tensor]) -> Optimizer:
-        optimizer = ScalableShampoo(
+        optimizer = shampoo_class()(
             params,
             lr=hp["lr"],
             betas=(hp["beta1"], hp["beta2"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -187,3 +188,54 @@ def test_fisher_probes_of_a_shampoo_run_use_its_factor_decay() -> None:
     assert optimizer_beta(shampoo, model.fc.weight) == 0.8
     adamw = registry.build_optimizer("adamw", model.named_parameters(), {"beta2": 0.8})
     assert optimizer_beta(adamw, model.fc.weight) == DEFAULT_BETA  # a diagonal second moment
+
+
+def _shampoo_run(block_size: int = 512) -> tuple[nn.Linear, Any, list[Any]]:
+    """A Shampoo-trained layer with Fisher probes, reporting after the last step."""
+    from dykaf.fisher import FisherMonitor
+
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4, bias=False)
+    hp = {"start_preconditioning_step": 1, "precondition_frequency": 1, "block_size": block_size}
+    optimizer = registry.build_optimizer("shampoo", layer.named_parameters(), hp)
+    monitor = FisherMonitor(layer, optimizer, layers=["weight"], window=8)
+    g = torch.Generator().manual_seed(5)
+    mixing = torch.randn(4, 4, generator=g)
+    for _ in range(8):
+        layer.weight.grad = mixing @ torch.randn(4, 6, generator=g)
+        monitor.observe()
+        optimizer.step()
+    return layer, optimizer, monitor.report(8)
+
+
+def test_shampoo_shows_its_own_factors_to_the_fisher_probes() -> None:
+    layer, optimizer, rows = _shampoo_run()
+    own = optimizer.preconditioner_state(layer.weight)
+    pre = optimizer.parts["shampoo"].state[layer.weight]["pre_conditioner"]
+    assert own is not None and own.left is pre.statistics[0] and own.right is pre.statistics[1]
+    assert own.second_moment is None and own.matrix_shape == (4, 6) and own.beta == 0.95
+    # The bases are those of the inverse roots Shampoo applies: they diagonalise them (float64).
+    for basis, root in (
+        (own.left_basis, pre.pre_conditioners[0]),
+        (own.right_basis, pre.pre_conditioners[1]),
+    ):
+        q, p = basis.double(), root.double()
+        rotated = q.T @ p @ q
+        off_diagonal = rotated - torch.diag(torch.diagonal(rotated))
+        assert torch.allclose(q.T @ q, torch.eye(len(q), dtype=torch.float64), atol=1e-5)
+        assert float(off_diagonal.norm()) < 1e-5 * float(rotated.norm())
+
+    values = {(r.method, r.metric): r.value for r in rows}
+    assert ("own", "kron_rel_err") in values and ("own", "diag_mass") in values
+    assert ("own", "precond_rel_err") not in values  # not Adam in a rotated basis
+    # Its statistics are the SOAP/Shampoo EMA with the same β2, started from ε·I instead of 0.
+    assert values[("own", "kron_rel_err")] == pytest.approx(
+        values[("soap_shampoo", "kron_rel_err")], rel=1e-3
+    )
+    assert values[("own", "diag_mass")] == pytest.approx(values[("soap_shampoo", "diag_mass")], rel=1e-2)
+
+
+def test_a_blocked_shampoo_matrix_has_no_single_factor_pair() -> None:
+    layer, optimizer, rows = _shampoo_run(block_size=4)  # the 6-long side is split into 4 + 2
+    assert optimizer.preconditioner_state(layer.weight) is None
+    assert not any(r.method == "own" for r in rows) and any(r.method == "soap_shampoo" for r in rows)
