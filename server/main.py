@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import RedirectResponse
 
 from server.api.main import api_router
@@ -70,6 +71,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_router, prefix=API_PREFIX)
     app.include_router(health.router)
     mount_web(app)
+    # Chart data (/metrics, /fisher) is JSON of ~0.1 MB per request that compresses ~8×, and CSV
+    # exports compress as well; a dashboard on another machine than the API then waits on far
+    # fewer bytes. Static files carry their own precomputed gzip (``server.web``) and pass through.
+    app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=5)
     app.add_middleware(PrometheusMiddleware)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -131,3 +131,25 @@ def test_spec_digest_tolerates_odd_specs() -> None:
 def test_jobs_redirect(api: Any) -> None:
     r = api.client.get("/jobs", follow_redirects=False)
     assert r.status_code in (302, 307) and r.headers["location"] == "/"
+
+
+def test_chart_data_is_gzipped_for_clients_that_accept_it(api: Any) -> None:
+    """/metrics and /fisher bodies compress ~8×: a dashboard on another machine waits on the bytes."""
+    from server.crud import jobs as jobs_crud
+    from server.crud.metrics import insert_fisher, insert_metrics
+    from server.db.session import get_engine
+    from worker.spec import JobSpec
+
+    with session_scope(api.settings.database_url) as session:
+        job = jobs_crud.create_job(session, JobSpec.model_validate(tiny_job()), auto_queue="cpu")
+        job_id, run_id = job.id, job.runs[0].id
+    with get_engine(api.settings.database_url).begin() as conn:
+        insert_metrics(conn, [(run_id, "train_loss", s, 1.0 / s, float(s)) for s in range(1, 400)])
+        insert_fisher(conn, [(run_id, s, "w", "optimal", "kron_rel_err", 0.5) for s in range(1, 200)])
+    for path in (f"/api/v1/jobs/{job_id}/metrics", f"/api/v1/jobs/{job_id}/fisher"):
+        plain = api.client.get(path, headers={"Accept-Encoding": "identity"})
+        packed = api.client.get(path, headers={"Accept-Encoding": "gzip"})
+        assert plain.status_code == packed.status_code == 200
+        assert "content-encoding" not in plain.headers and packed.headers["content-encoding"] == "gzip"
+        assert packed.json() == plain.json()  # httpx decodes it: the same document
+        assert packed.num_bytes_downloaded * 3 < plain.num_bytes_downloaded, path
