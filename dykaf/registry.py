@@ -237,12 +237,7 @@ def _build_shampoo(triples: list[tuple[str, Tensor, str]], hp: dict[str, Any]) -
     limit = hp["max_precond_dim"]
     fits = [p for _, p, _ in triples if p.ndim >= 2 and max(p.shape) <= limit]
     rest = [p for _, p, _ in triples if not (p.ndim >= 2 and max(p.shape) <= limit)]
-    graft = {
-        "rmsprop": LayerWiseGrafting.RMSPROP,
-        "adagrad": LayerWiseGrafting.ADAGRAD,
-        "sgd": LayerWiseGrafting.SGD,
-        "none": LayerWiseGrafting.NONE,
-    }[hp["graft"]]
+    graft = LayerWiseGrafting[hp["graft"].upper()]  # GRAFTS are the enum's member names
 
     def make(params: list[Tensor]) -> Optimizer:
         optimizer = shampoo_class()(

@@ -63,8 +63,4 @@ def shampoo_class() -> type[Optimizer]:
         def preconditioner_state(self, param: Tensor) -> PreconditionerState | None:
             return shampoo_preconditioner_state(self, param)
 
-        def __str__(self) -> str:
-            return "ScalableShampoo"
-
-    ShampooWithFactors.__qualname__ = "ShampooWithFactors"
     return ShampooWithFactors
