@@ -30,6 +30,10 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path: Path) -> None:
     assert [r["optimizer"] for r in runs] == ["adamw", "soap", "dykaf"]
     assert all(r["status"] == "succeeded" and r["final_val_loss"] > 0 for r in runs)
     assert all(r["fisher_overhead"] > 0 for r in runs)  # diagnostics on by default, self-measured
+    default = report["default_task"]["runs"]  # bench/default_task.yaml through the worker code path
+    assert [r["optimizer"] for r in default] == ["adamw", "soap", "dykaf"]
+    assert all(r["status"] == "succeeded" and r["fisher_overhead"] > 0 for r in default)
+    assert all(r["fisher_rows"] > 0 for r in default)  # its reports were stored
     fisher = report["fisher"]["rows"]
     assert [r["label"].split()[0] for r in fisher] == ["adamw", "soap", "dykaf", "adamw"]
     # On the CPU "auto" means eager; on a GPU the first three say "CUDA graph", the last "eager".
@@ -49,10 +53,10 @@ def test_report_written_midway_marks_the_sections_still_to_run(tmp_path: Path) -
     finally:
         sys.path.remove(str(ROOT / "bench"))
     finished = {"environment": gpu_check.environment(), "cuda_tests": {"summary": "14 passed"}}
-    pending = ["optimizer_step", "training", "fisher"]
+    pending = ["default_task", "optimizer_step", "training", "fisher"]
     gpu_check.write_report(tmp_path, finished, pending=pending)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["cuda_tests"] == {"summary": "14 passed"}
     assert all("not run yet" in report[name]["skipped"] for name in pending)
     markdown = (tmp_path / "gpu_check.md").read_text()
-    assert "`14 passed`" in markdown and markdown.count("not run yet") == 3
+    assert "`14 passed`" in markdown and markdown.count("not run yet") == 4
