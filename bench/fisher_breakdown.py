@@ -1,0 +1,253 @@
+"""Where a run's Fisher-diagnostics time goes, as the worker spends it (for tuning the GPU path).
+
+    python bench/fisher_breakdown.py --out results/              # CUDA when present
+    python bench/fisher_breakdown.py --out /tmp/x --dry-run      # CPU, tiny sizes: checks the script
+
+Three parts, each written to ``--out`` as soon as it finishes:
+
+* ``runs``: ``bench/default_task.yaml`` (and, on a GPU, the same three optimizers on a 6-layer,
+  d = 384 model) through ``worker.training.runner.execute_run``, each once with diagnostics and once
+  without (``fisher_every: 0``). Every ``timed_diagnostics`` call of the runner is recorded with its
+  step and kind (observe / submit_report / finished_reports / close), so the product's own
+  ``fisher_time_s`` splits into per-step observes, the first observe of each report cycle (shadow
+  initialisation and the CUDA-graph capture), report submission and the waits for reports. The
+  with/without difference of ``train_time_s`` shows cost that ``fisher_time_s`` cannot see (a
+  background report competing with training for the GPU or the interpreter).
+* ``report``: one report of a probed layer under ``torch.profiler``: the operators it spends its
+  time in.
+* ``eigh``: ``torch.linalg.eigh`` of the factor sizes a report decomposes, float32 and float64,
+  on the device and on the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OPTIMIZERS = ("adamw", "soap", "dykaf")
+LARGER_MODEL = {"n_layer": 6, "n_head": 6, "d_model": 384, "context": 256, "batch_size": 32}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def traced_run(task: dict[str, Any], optimizer: str, device: str) -> dict[str, Any]:
+    """One run through the worker; returns its summary and every timed diagnostics call."""
+    from worker.spec import JobSpec
+    from worker.training import runner as runner_module
+    from worker.training.runner import execute_run
+    from worker.training.sinks import MemorySink
+
+    calls: list[tuple[int, str, float]] = []
+    original = runner_module._Run.timed_diagnostics
+
+    def traced(self: Any, work: Any) -> Any:
+        result, spent = original(self, work)
+        func = work.func if isinstance(work, functools.partial) else work
+        calls.append((self.step, getattr(func, "__name__", str(func)), spent))
+        return result, spent
+
+    job = JobSpec.model_validate(
+        {
+            "name": "breakdown",
+            "device": device,
+            "seeds": [0],
+            "task": {"kind": "pretrain", **task},
+            "optimizers": [{"name": optimizer}],
+        }
+    )
+    (run,) = job.expand()
+    runner_module._Run.timed_diagnostics = traced  # type: ignore[method-assign]
+    try:
+        started = time.perf_counter()
+        result = execute_run(run, MemorySink(), device=device)
+        wall = time.perf_counter() - started
+    finally:
+        runner_module._Run.timed_diagnostics = original  # type: ignore[method-assign]
+    summary = result.summary
+    by_kind: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for _, kind, spent in calls:
+        by_kind[kind] += spent
+        counts[kind] += 1
+    observes = [(step, spent) for step, kind, spent in calls if kind == "observe"]
+    # A cycle's first active observe initialises the shadows (and, once, captures the graph).
+    firsts = [(s, t) for i, (s, t) in enumerate(observes) if i == 0 or observes[i - 1][0] != s - 1]
+    active = [t for step, t in observes if t > 0]
+    return {
+        "status": result.status,
+        "reason": result.reason,
+        "wall_s": round(wall, 3),
+        "train_time_s": summary.get("train_time_s"),
+        "step_time_ms": summary.get("step_time_ms"),
+        "fisher_time_s": summary.get("fisher_time_s"),
+        "fisher_overhead": summary.get("fisher_overhead"),
+        "seconds_by_kind": {k: round(v, 4) for k, v in by_kind.items()},
+        "calls_by_kind": dict(counts),
+        "cycle_first_observes": [(s, round(t * 1000, 2)) for s, t in firsts],
+        "observe_median_ms": round(1000 * statistics.median(active), 3) if active else None,
+        "observe_calls_over_0p2ms": sum(1 for t in active if t > 2e-4),
+        "largest_calls": [(s, k, round(t * 1000, 2)) for s, k, t in sorted(calls, key=lambda c: -c[2])[:8]],
+    }
+
+
+def runs_part(device: str, dry_run: bool) -> list[dict[str, Any]]:
+    import yaml
+
+    default = yaml.safe_load((ROOT / "bench" / "default_task.yaml").read_text())["task"]
+    default = {k: v for k, v in default.items() if k != "kind"}
+    variants: list[tuple[str, dict[str, Any]]] = [("default task", default)]
+    if dry_run:
+        tiny = {
+            "n_layer": 1,
+            "d_model": 32,
+            "n_head": 2,
+            "context": 32,
+            "batch_size": 4,
+            "steps": 8,
+            "warmup_steps": 1,
+            "fisher_every": 4,
+            "fisher_window": 4,
+            "eval_every": 4,
+            "eval_batches": 1,
+        }
+        variants = [("default task (tiny)", tiny)]
+    elif device == "cuda":
+        variants.append(("6 x 384 model, 500 steps", {**default, **LARGER_MODEL}))
+    rows = []
+    for label, task in variants:
+        for optimizer in OPTIMIZERS:
+            row: dict[str, Any] = {"task": label, "optimizer": optimizer}
+            row["with"] = traced_run(task, optimizer, device)
+            row["without"] = traced_run({**task, "fisher_every": 0}, optimizer, device)
+            with_t, without_t = row["with"]["train_time_s"], row["without"]["train_time_s"]
+            if with_t and without_t:
+                row["train_time_rise"] = round(with_t / without_t - 1, 4)
+            if row["with"]["wall_s"] and row["without"]["wall_s"]:
+                row["wall_rise"] = round(row["with"]["wall_s"] / row["without"]["wall_s"] - 1, 4)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def report_part(device: str, dry_run: bool) -> list[dict[str, Any]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    from dykaf.fisher import LayerProbe
+
+    dev = torch.device(device)
+    shapes = [(16, 24)] if dry_run else [(128, 384), (384, 1152)]
+    out = []
+    for rows, cols in shapes:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        param = torch.nn.Parameter(torch.zeros(rows, cols, device=dev))
+        probe = LayerProbe(param, "bench", window=32, beta=0.95)
+        for _ in range(40):
+            probe.observe(torch.randn(rows, cols, generator=gen).to(dev))
+        probe.report(0)  # warm-up: solver workspaces, cuBLAS handles
+        _sync(dev)
+        timings = []
+        for _ in range(3):
+            began = time.perf_counter()
+            probe.report(0)
+            _sync(dev)
+            timings.append(time.perf_counter() - began)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            probe.report(0)
+            _sync(dev)
+        sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=48)
+        cpu_table = prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=48
+        )
+        events = prof.key_averages()
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel"))
+        syncs = sum(e.count for e in events if "Synchronize" in e.key or e.key == "aten::_local_scalar_dense")
+        entry = {
+            "shape": f"{rows}x{cols}",
+            "report_ms": round(1000 * statistics.median(timings), 2),
+            "kernel_launches": launches,
+            "host_syncs": syncs,
+            "by_device_time": table,
+            "by_host_time": cpu_table,
+        }
+        print(f"report {rows}x{cols}: {entry['report_ms']} ms, {launches} launches, {syncs} syncs")
+        print(table, flush=True)
+        out.append(entry)
+    return out
+
+
+def eigh_part(device: str, dry_run: bool) -> list[dict[str, Any]]:
+    sizes = [16, 48] if dry_run else [128, 384, 512, 1152, 1536]
+    places = [torch.device("cpu")] + ([torch.device("cuda")] if device == "cuda" else [])
+    out = []
+    for n in sizes:
+        base = torch.randn(n, n, dtype=torch.float64)
+        sym = base @ base.T / n + torch.eye(n, dtype=torch.float64)
+        for place in places:
+            for dtype in (torch.float32, torch.float64):
+                mat = sym.to(device=place, dtype=dtype)
+                torch.linalg.eigh(mat)
+                _sync(place)
+                times = []
+                for _ in range(5):
+                    began = time.perf_counter()
+                    torch.linalg.eigh(mat)
+                    _sync(place)
+                    times.append(time.perf_counter() - began)
+                row = {
+                    "n": n,
+                    "device": place.type,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "ms": round(1000 * statistics.median(times), 3),
+                }
+                print(row, flush=True)
+                out.append(row)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--parts", default="eigh,report,runs")
+    args = parser.parse_args()
+    device = "cpu" if args.dry_run or not torch.cuda.is_available() else "cuda"
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    parts = {"eigh": eigh_part, "report": report_part, "runs": runs_part}
+    for name in args.parts.split(","):
+        began = time.perf_counter()
+        try:
+            report[name] = parts[name](device, args.dry_run)
+        except Exception as exc:  # a broken part must not lose the others' figures
+            report[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"part {name} failed: {exc!r}", file=sys.stderr, flush=True)
+        print(f"== {name} took {time.perf_counter() - began:.1f}s", flush=True)
+        (args.out / "fisher_breakdown.json").write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
