@@ -105,7 +105,13 @@ def traced_run(task: dict[str, Any], optimizer: str, device: str) -> dict[str, A
     }
 
 
-def runs_part(device: str, dry_run: bool) -> list[dict[str, Any]]:
+def runs_part(
+    device: str,
+    dry_run: bool,
+    optimizers: tuple[str, ...] = OPTIMIZERS,
+    compare: bool = True,
+    larger: bool = True,
+) -> list[dict[str, Any]]:
     import yaml
 
     default = yaml.safe_load((ROOT / "bench" / "default_task.yaml").read_text())["task"]
@@ -126,13 +132,17 @@ def runs_part(device: str, dry_run: bool) -> list[dict[str, Any]]:
             "eval_batches": 1,
         }
         variants = [("default task (tiny)", tiny)]
-    elif device == "cuda":
+    elif device == "cuda" and larger:
         variants.append(("6 x 384 model, 500 steps", {**default, **LARGER_MODEL}))
     rows = []
     for label, task in variants:
-        for optimizer in OPTIMIZERS:
+        for optimizer in optimizers:
             row: dict[str, Any] = {"task": label, "optimizer": optimizer}
             row["with"] = traced_run(task, optimizer, device)
+            if not compare:
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                continue
             row["without"] = traced_run({**task, "fisher_every": 0}, optimizer, device)
             with_t, without_t = row["with"]["train_time_s"], row["without"]["train_time_s"]
             if with_t and without_t:
@@ -228,6 +238,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--parts", default="eigh,report,runs")
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="runs part: these optimizers")
+    parser.add_argument(
+        "--no-compare", action="store_true", help="runs part: skip the runs without diagnostics"
+    )
+    parser.add_argument("--no-larger", action="store_true", help="runs part: only the default task")
     args = parser.parse_args()
     device = "cpu" if args.dry_run or not torch.cuda.is_available() else "cuda"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -236,7 +251,13 @@ def main() -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    parts = {"eigh": eigh_part, "report": report_part, "runs": runs_part}
+    runs = functools.partial(
+        runs_part,
+        optimizers=tuple(args.optimizers.split(",")),
+        compare=not args.no_compare,
+        larger=not args.no_larger,
+    )
+    parts = {"eigh": eigh_part, "report": report_part, "runs": runs}
     for name in args.parts.split(","):
         began = time.perf_counter()
         try:

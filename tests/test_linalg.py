@@ -62,3 +62,35 @@ def test_an_embedding_with_absent_tokens_stays_finite(optimizer: type[DyKAF], fi
         assert torch.isfinite(param).all(), step
     state = opt.state[param]
     assert torch.isfinite(state["left_basis"]).all() and torch.isfinite(state["exp_avg_sq"]).all()
+
+
+def test_the_cpu_solves_in_the_factors_own_dtype_first() -> None:
+    # LAPACK's float32 is the faster one on a CPU; float64 is only the retry there.
+    from dykaf.linalg import solves_in_float64
+
+    assert not solves_in_float64(torch.eye(3))
+    values, vectors = eigh(torch.diag(torch.tensor([3.0, 1.0, 2.0])))
+    assert values.dtype == vectors.dtype == torch.float32
+    torch.testing.assert_close(values, torch.tensor([1.0, 2.0, 3.0]))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+@pytest.mark.parametrize("size", [64, 384])
+def test_on_cuda_float32_factors_are_solved_in_float64_and_cast_back(size: int) -> None:
+    # cuSOLVER's float64 eigh is faster than its float32 one at these sizes (module docstring), and
+    # exact to float32 rounding: checked against float64 LAPACK on the host.
+    from dykaf.linalg import solves_in_float64
+
+    g = torch.Generator().manual_seed(size)
+    base = torch.randn(size, size // 2, generator=g, dtype=torch.float64)
+    factor = base @ base.T / size  # rank-deficient, as Kronecker factors are
+    expected = torch.linalg.eigvalsh(factor)
+    matrix = factor.float().cuda()
+    assert solves_in_float64(matrix)
+    values, vectors = eigh(matrix)
+    assert values.dtype == vectors.dtype == torch.float32 and values.is_cuda
+    scale = float(expected.abs().max())
+    assert float((values.double().cpu() - expected).abs().max()) < 1e-5 * scale
+    rebuilt = (vectors * values) @ vectors.T
+    assert float((rebuilt.double().cpu() - factor).abs().max()) < 1e-5 * scale
