@@ -12,9 +12,12 @@ solved every such case.
 On a GPU the solver runs in float64 from the start. cuSOLVER's float32 path is not the fast one
 for the factor sizes that matter here: on an H200 (torch 2.11, cu130) a 384×384 float32 ``eigh``
 took 9.3 ms and a float64 one 3.5 ms, 512×512 14.2 against 4.7 ms, 128×128 1.9 against 1.6 ms, and
-from 1152 on the two cost the same (``bench/fisher_breakdown.py``, part ``eigh``). So float64 is
-both the faster and the robust choice there, and the retry can never be needed. On the CPU float32
-stays first: LAPACK's float32 is 1.3–1.4× faster than its float64 at every size measured.
+from 1152 on the two cost the same (``bench/fisher_breakdown.py``, part ``eigh``). Up to
+``FLOAT64_ON_GPU_UP_TO`` float64 is therefore both the faster and the robust choice on a GPU, and
+the retry is never needed. Beyond it the solver becomes compute-bound, and many GPUs that users own
+(consumer and inference cards) run float64 at 1/32–1/64 of their float32 rate, so larger matrices
+keep the float32-first path. On the CPU float32 stays first: LAPACK's float32 was 1.3–1.5× faster
+than its float64 at every size measured (128 to 1536).
 """
 
 from __future__ import annotations
@@ -27,16 +30,20 @@ def _finite(*tensors: Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+# Largest side solved in float64 straight away on a GPU (see the module docstring).
+FLOAT64_ON_GPU_UP_TO = 1024
+
+
 def solves_in_float64(matrix: Tensor) -> bool:
-    """Whether :func:`eigh` skips ``matrix``'s own dtype and solves in float64 straight away (on a
-    GPU, where that is faster; see the module docstring)."""
-    return matrix.device.type == "cuda"
+    """Whether :func:`eigh` skips ``matrix``'s own dtype and solves in float64 straight away: on a
+    GPU, up to ``FLOAT64_ON_GPU_UP_TO``, where that is faster (module docstring)."""
+    return matrix.device.type == "cuda" and matrix.shape[-1] <= FLOAT64_ON_GPU_UP_TO
 
 
 def eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """``torch.linalg.eigh`` (eigenvalues ascending) in ``matrix``'s dtype, retried in float64 when
     the solver raises or returns non-finite values; results are cast back to ``matrix``'s dtype.
-    On a GPU it solves in float64 directly (``solves_in_float64``).
+    On a GPU it solves small matrices in float64 directly (``solves_in_float64``).
 
     Raises ``torch.linalg.LinAlgError`` (a ``RuntimeError``) when float64 fails as well, and for a
     non-finite input, which no retry can fix.

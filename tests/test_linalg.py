@@ -88,6 +88,7 @@ def test_on_cuda_float32_factors_are_solved_in_float64_and_cast_back(size: int) 
     expected = torch.linalg.eigvalsh(factor)
     matrix = factor.float().cuda()
     assert solves_in_float64(matrix)
+    assert not solves_in_float64(torch.eye(2048, device="cuda"))  # compute-bound: float32 first
     values, vectors = eigh(matrix)
     assert values.dtype == vectors.dtype == torch.float32 and values.is_cuda
     scale = float(expected.abs().max())
