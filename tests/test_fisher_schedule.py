@@ -185,3 +185,40 @@ def test_beta_is_the_factor_decay_only_for_kronecker_optimizers() -> None:
     layer = nn.Linear(3, 4)
     assert optimizer_beta(torch.optim.AdamW(layer.parameters(), betas=(0.9, 0.999)), layer.weight) == 0.95
     assert optimizer_beta(DyKAF(layer.parameters(), betas=(0.9, 0.97)), layer.weight) == 0.97
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+@pytest.mark.parametrize("with_optimizer", [False, True])
+def test_has_work_is_false_exactly_when_observe_changes_nothing(with_optimizer: bool) -> None:
+    # The runner skips observe (and its device syncs) when has_work says so: it must never skip a
+    # step whose gradient a report, a shadow or the own-factor link needs.
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3, bias=False).double()
+    optimizer = DyKAF(layer.parameters(), lr=1e-3, shampoo_beta=0.9) if with_optimizer else None
+    monitor = FisherMonitor(layer, optimizer, layers=["weight"], window=6, beta=0.9, report_every=100)
+    probe, horizon = monitor.probes["weight"], monitor.horizons["weight"]
+    undecided_steps = 0
+    for step, grad in enumerate(_stationary_stream(3, 4, 200, seed=7), start=1):
+        layer.weight.grad = grad
+        before = copy.deepcopy(monitor.state_dict())
+        undecided = optimizer is not None and not probe.link_decided
+        undecided_steps += undecided
+        work = monitor.has_work(step)
+        until = monitor.steps_until_report(step)
+        assert until is not None
+        assert work == (until < horizon or undecided), step
+        monitor.observe(step)
+        if optimizer is not None:
+            optimizer.step()
+        if not work:
+            assert _same(monitor.state_dict(), before), f"observe changed the monitor at idle step {step}"
+    assert (undecided_steps > 0) == with_optimizer and probe.linked == ("dykaf" if with_optimizer else None)

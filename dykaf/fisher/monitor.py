@@ -175,6 +175,16 @@ class FisherMonitor:
                 probe.restart_shadows()
             probe.observe(record=record, feed_shadows=feed)
 
+    def has_work(self, step: int | None = None) -> bool:
+        """Whether ``observe(step)`` would touch anything (record, feed a shadow, decide a link).
+
+        Between a report and the next burn-in most steps have nothing to do; a loop that times its
+        diagnostics with device synchronisation skips the call then (on a GPU the two syncs of an
+        idle call cost ≈ 0.1 ms, 1 % of the default task's step).
+        """
+        state_of = getattr(self.optimizer, "preconditioner_state", None) if self.reuse_own else None
+        return self._touches_probes(self.steps_until_report(step), callable(state_of))
+
     def _work_for(
         self, name: str, probe: LayerProbe, until_report: int | None, linking: bool
     ) -> tuple[bool, bool, bool]:

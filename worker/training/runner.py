@@ -364,7 +364,7 @@ class _Run:
             raise Diverged(f"non-finite gradient norm ({grad_norm}) at step {self.step}")
         before = measure.snapshot(self.params) if log_this else None
         diagnostics = 0.0
-        if self.fisher is not None:
+        if self.fisher is not None and self.fisher.has_work(self.step):
             # After clipping: the shadow estimators and the Fisher window see exactly the gradient
             # stream the optimizer sees, so "own" and the shadows are comparable (and a DyKAF run's
             # own factors equal its DyKAF shadow's).
