@@ -119,3 +119,33 @@ def test_redis_lost_messages_are_republished_and_an_unreachable_broker_decides_n
 
 def _never(settings: Any, run_id: int, queue: str) -> str:
     raise AssertionError("nothing may be published while the broker cannot be inspected")
+
+
+def test_stale_messages_of_cancelled_runs_delay_a_lost_message_by_at_most_full_scan_every_passes(
+    sqlite_settings: Settings,
+) -> None:
+    # A cancelled job's messages stay in the broker until a worker drains them; with no worker
+    # free they pad the O(1) count, which alone would then never call for the scan.
+    from worker.reconcile import FULL_SCAN_EVERY
+
+    api = Api(sqlite_settings)
+    cancelled = api.post("/jobs", json=tiny_job()).json()
+    assert api.post(f"/jobs/{cancelled['id']}/cancel").status_code == 200
+    job = api.post("/jobs", json=tiny_job()).json()
+    published = _task_ids(api, job["id"])
+    _backdate(api, job["id"])
+    broker = create_engine(sqlite_settings.broker_url.removeprefix("sqla+"))
+    with broker.begin() as conn:
+        for task_id in published.values():
+            conn.execute(
+                text("DELETE FROM kombu_message WHERE CAST(payload AS TEXT) LIKE :id"), {"id": f"%{task_id}%"}
+            )
+        stale = conn.execute(text("SELECT count(*) FROM kombu_message WHERE visible")).scalar_one()
+    broker.dispose()
+    assert stale >= len(published)  # the count covers the queued runs: no reason to scan from it
+    lost = LostMessages()
+    passes = [reconcile_once(sqlite_settings, lost=lost).republished for _ in range(FULL_SCAN_EVERY + 1)]
+    # The tenth pass scans and suspects them, the eleventh confirms and republishes them, once.
+    assert passes[:-1] == [[]] * FULL_SCAN_EVERY
+    assert sorted(passes[-1]) == sorted(published)
+    assert set(_task_ids(api, job["id"]).values()).isdisjoint(published.values())

@@ -8,10 +8,12 @@ a run is requeued once. Runs whose submit-time publish failed (broker down) have
 are published here once the broker is back. Queued runs whose message the broker lost (Redis
 restarted without persistence) are republished once two passes in a row found their task id
 missing from the broker (``worker.broker_messages``; a message in flight between queue and
-worker is missing for an instant, never for a whole pass interval). The scan only happens when
-the broker holds fewer messages than there are queued runs (an O(1) count first), so stale
-messages of cancelled runs can delay the detection until workers have drained them. A republished
-run can at worst get two messages; the claim lets only one of them run it.
+worker is missing for an instant, never for a whole pass interval). The full scan runs when the
+broker holds fewer messages than there are queued runs (an O(1) count first), while there are
+suspects to confirm, and at least every ``FULL_SCAN_EVERY`` passes: messages of cancelled runs stay
+in the broker until a worker drains them, and without that bound they could pad the count and hide
+a lost message for as long as no worker is free. A republished run can at worst get two messages;
+the claim lets only one of them run it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ log = logging.getLogger(__name__)
 # A freshly submitted run gets its task id milliseconds after commit; only older ones are orphans.
 UNENQUEUED_GRACE_S = 10.0
 
+# Passes between full scans of the broker even when its message count looks complete (stale
+# messages of cancelled runs can make it so): the longest a lost message stays undetected
+# (≈ 100 s at the default reconcile_every_s of 10 s, plus one pass to confirm).
+FULL_SCAN_EVERY = 10
+
 Enqueue = Callable[[Settings, int, str], str]
 
 
@@ -51,6 +58,12 @@ class LostMessages:
     """
 
     suspects: dict[int, str] = field(default_factory=dict)
+    # Passes since the last full scan of the broker's messages.
+    passes_since_scan: int = 0
+
+    def scan_due(self) -> bool:
+        """Whether this pass must scan even if the message count covers the queued runs."""
+        return bool(self.suspects) or self.passes_since_scan + 1 >= FULL_SCAN_EVERY
 
     def confirm(self, missing: dict[int, str]) -> list[int]:
         """Record this pass's missing runs; return those missing (same task id) last pass too."""
@@ -115,15 +128,20 @@ def _lost_message_runs(settings: Settings, lost: LostMessages, now: datetime) ->
 
     with session_scope(settings.database_url) as session:
         published = runs_crud.enqueued_runs(session, now - timedelta(seconds=UNENQUEUED_GRACE_S))
-    queues = {queue for _, _, queue in published}
-    count = held_message_count(settings, queues) if published else None
-    if not published or (count is not None and count >= len(published)):
-        # Every queued run can still have its message (the usual case): skip the full scan.
+    if not published:
         lost.confirm({})
+        lost.passes_since_scan = 0  # nothing queued: nothing a later scan could find
+        return []
+    queues = {queue for _, _, queue in published}
+    count = held_message_count(settings, queues)
+    if count is not None and count >= len(published) and not lost.scan_due():
+        # Every queued run can still have its message (the usual case): skip the full scan.
+        lost.passes_since_scan += 1
         return []
     held = held_task_ids(settings, queues)
     if held is None:  # broker down or not inspectable: decide nothing this pass
         return []
+    lost.passes_since_scan = 0
     return lost.confirm({run_id: task_id for run_id, task_id, _ in published if task_id not in held})
 
 
