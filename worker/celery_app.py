@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import warnings
 from typing import Any
 
 from celery import Celery, signals
@@ -19,6 +20,12 @@ from celery import Celery, signals
 from server.core.config import Settings
 
 log = logging.getLogger(__name__)
+
+# kombu's SQLAlchemy transport (the embedded broker) maps its tables with a loader option that
+# SQLAlchemy 2.1 deprecates; every process using it printed that warning, which no user can act on.
+warnings.filterwarnings(
+    "ignore", message=r"The ``noload`` loader strategy is deprecated", category=DeprecationWarning
+)
 
 TASK_NAME = "dykaf.execute_run"
 # A publish gives up after about a second: the run stays queued without a task id and the
