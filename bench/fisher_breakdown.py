@@ -35,6 +35,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from gpu_check import DRY_RUN_DEFAULT_TASK  # noqa: E402  (a sibling script, found through the path above)
 
 OPTIMIZERS = ("adamw", "soap", "dykaf")
 LARGER_MODEL = {"n_layer": 6, "n_head": 6, "d_model": 384, "context": 256, "batch_size": 32}
@@ -113,20 +116,7 @@ def runs_part(
     default = {k: v for k, v in default.items() if k != "kind"}
     variants: list[tuple[str, dict[str, Any]]] = [("default task", default)]
     if dry_run:
-        tiny = {
-            "n_layer": 1,
-            "d_model": 32,
-            "n_head": 2,
-            "context": 32,
-            "batch_size": 4,
-            "steps": 8,
-            "warmup_steps": 1,
-            "fisher_every": 4,
-            "fisher_window": 4,
-            "eval_every": 4,
-            "eval_batches": 1,
-        }
-        variants = [("default task (tiny)", tiny)]
+        variants = [("default task (tiny)", DRY_RUN_DEFAULT_TASK)]
     elif device == "cuda" and larger:
         variants.append(("6 x 384 model, 500 steps", {**default, **LARGER_MODEL}))
     rows = []

@@ -36,6 +36,20 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 TRAIN_OPTIMIZERS = ("adamw", "soap", "dykaf")
 STEP_OPTIMIZERS = ("adamw", "soap", "dykaf", "dykaf-rank1", "muon")
+# ``bench/default_task.yaml`` shrunk for --dry-run (seconds on a CPU), reports every 4 steps.
+DRY_RUN_DEFAULT_TASK = {
+    "n_layer": 1,
+    "d_model": 32,
+    "n_head": 2,
+    "context": 32,
+    "batch_size": 4,
+    "steps": 8,
+    "warmup_steps": 1,
+    "fisher_every": 4,
+    "fisher_window": 4,
+    "eval_every": 4,
+    "eval_batches": 1,
+}
 
 
 def missing(*modules: str) -> list[str]:
@@ -192,20 +206,7 @@ def default_task(device: str, dry_run: bool) -> dict[str, Any]:
     data = yaml.safe_load((ROOT / "bench" / "default_task.yaml").read_text())
     data["device"] = device
     if dry_run:
-        tiny = {
-            "n_layer": 1,
-            "d_model": 32,
-            "n_head": 2,
-            "context": 32,
-            "batch_size": 4,
-            "steps": 8,
-            "warmup_steps": 1,
-            "fisher_every": 4,
-            "fisher_window": 4,
-            "eval_every": 4,
-            "eval_batches": 1,
-        }
-        data["task"] = {**data["task"], **tiny}
+        data["task"] = {**data["task"], **DRY_RUN_DEFAULT_TASK}
     job = JobSpec.model_validate(data)
     rows = []
     for run in job.expand():
@@ -268,6 +269,12 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _table(keys: list[str], rows: list[dict[str, Any]]) -> list[str]:
+    """A Markdown table of ``rows``' ``keys``, one column each."""
+    head = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return head + ["| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |" for row in rows]
+
+
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [
@@ -306,13 +313,7 @@ def markdown(report: dict[str, Any]) -> str:
             "optimizer_ms",
             "fisher_overhead",
         ]
-        lines += [
-            f"Task: {train['task']}; autocast: {train['autocast']}",
-            "",
-            "| " + " | ".join(keys) + " |",
-            "|" + "---|" * len(keys),
-        ]
-        lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in train["runs"]]
+        lines += [f"Task: {train['task']}; autocast: {train['autocast']}", "", *_table(keys, train["runs"])]
     else:
         lines.append(train.get("skipped", ""))
     default = report.get("default_task", {})
@@ -330,13 +331,7 @@ def markdown(report: dict[str, Any]) -> str:
             "fisher_overhead",
             "fisher_rows",
         ]
-        lines += [
-            f"Task: {default['task']}",
-            "",
-            "| " + " | ".join(keys) + " |",
-            "|" + "---|" * len(keys),
-        ]
-        lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in default["runs"]]
+        lines += [f"Task: {default['task']}", "", *_table(keys, default["runs"])]
     else:
         lines.append(default.get("skipped") or default.get("error", ""))
     fisher = report.get("fisher", {})
