@@ -179,8 +179,8 @@ class FisherMonitor:
         """Whether ``observe(step)`` would touch anything (record, feed a shadow, decide a link).
 
         Between a report and the next burn-in most steps have nothing to do; a loop that times its
-        diagnostics with device synchronisation skips the call then (on a GPU the two syncs of an
-        idle call cost ≈ 0.1 ms, 1 % of the default task's step).
+        diagnostics with device synchronisation skips the call then (on an H200 the two syncs of an
+        idle call cost ≈ 0.08 ms, 0.7 % of the default task's step).
         """
         state_of = getattr(self.optimizer, "preconditioner_state", None) if self.reuse_own else None
         return self._touches_probes(self.steps_until_report(step), callable(state_of))
