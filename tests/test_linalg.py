@@ -64,12 +64,21 @@ def test_an_embedding_with_absent_tokens_stays_finite(optimizer: type[DyKAF], fi
     assert torch.isfinite(state["left_basis"]).all() and torch.isfinite(state["exp_avg_sq"]).all()
 
 
-def test_the_cpu_solves_in_the_factors_own_dtype_first() -> None:
+def test_the_cpu_solves_in_the_factors_own_dtype_first(monkeypatch: pytest.MonkeyPatch) -> None:
     # LAPACK's float32 is the faster one on a CPU; float64 is only the retry there.
     from dykaf.linalg import solves_in_float64
 
+    solved: list[torch.dtype] = []
+    solver = torch.linalg.eigh
+
+    def spy(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        solved.append(matrix.dtype)
+        return solver(matrix)
+
+    monkeypatch.setattr(torch.linalg, "eigh", spy)
     assert not solves_in_float64(torch.eye(3))
     values, vectors = eigh(torch.diag(torch.tensor([3.0, 1.0, 2.0])))
+    assert solved == [torch.float32]
     assert values.dtype == vectors.dtype == torch.float32
     torch.testing.assert_close(values, torch.tensor([1.0, 2.0, 3.0]))
 
