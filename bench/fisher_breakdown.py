@@ -2,6 +2,7 @@
 
     python bench/fisher_breakdown.py --out results/              # CUDA when present
     python bench/fisher_breakdown.py --out /tmp/x --dry-run      # CPU, tiny sizes: checks the script
+    python bench/fisher_breakdown.py --parts runs --repeat 2 --no-compare --no-larger   # cold vs warm
 
 Three parts, each written to ``--out`` as soon as it finishes:
 
@@ -109,7 +110,11 @@ def runs_part(
     optimizers: tuple[str, ...] = OPTIMIZERS,
     compare: bool = True,
     larger: bool = True,
+    repeat: int = 1,
 ) -> list[dict[str, Any]]:
+    """Every (task, optimizer) run ``repeat`` times in this process, labelled by pass: with
+    ``repeat`` 2 and this part run first, pass 1 holds the process's first use of each library
+    (cuSOLVER, kernels loaded lazily) and pass 2 the same runs warm."""
     import yaml
 
     default = yaml.safe_load((ROOT / "bench" / "default_task.yaml").read_text())["task"]
@@ -120,7 +125,12 @@ def runs_part(
     elif device == "cuda" and larger:
         variants.append(("6 x 384 model, 500 steps", {**default, **LARGER_MODEL}))
     rows = []
-    for label, task in variants:
+    passes = [
+        (f"{label}, pass {n}" if repeat > 1 else label, task)
+        for n in range(1, repeat + 1)
+        for label, task in variants
+    ]
+    for label, task in passes:
         for optimizer in optimizers:
             row: dict[str, Any] = {"task": label, "optimizer": optimizer}
             row["with"] = traced_run(task, optimizer, device)
@@ -297,6 +307,12 @@ def main() -> int:
     )
     parser.add_argument("--no-larger", action="store_true", help="runs part: only the default task")
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs part: passes over the runs in this process (2: cold, then warm)",
+    )
+    parser.add_argument(
         "--render", type=Path, help="only print the Markdown of a saved fisher_breakdown.json"
     )
     args = parser.parse_args()
@@ -315,6 +331,7 @@ def main() -> int:
         optimizers=tuple(args.optimizers.split(",")),
         compare=not args.no_compare,
         larger=not args.no_larger,
+        repeat=args.repeat,
     )
     parts = {"eigh": eigh_part, "report": report_part, "runs": runs}
     for name in args.parts.split(","):

@@ -23,6 +23,8 @@ def test_dry_run_splits_the_fisher_time_by_kind(tmp_path: Path) -> None:
             "eigh,runs",
             "--optimizers",
             "adamw",
+            "--repeat",
+            "2",
         ],
         capture_output=True,
         text=True,
@@ -32,7 +34,8 @@ def test_dry_run_splits_the_fisher_time_by_kind(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "fisher_breakdown.json").read_text())
     assert {row["dtype"] for row in report["eigh"]} == {"float32", "float64"}
-    (run,) = report["runs"]
+    cold, run = report["runs"]  # --repeat 2: the same run twice in one process
+    assert (cold["task"], run["task"]) == ("default task (tiny), pass 1", "default task (tiny), pass 2")
     with_diag, without = run["with"], run["without"]
     assert with_diag["status"] == without["status"] == "succeeded"
     kinds = with_diag["seconds_by_kind"]
@@ -40,4 +43,4 @@ def test_dry_run_splits_the_fisher_time_by_kind(tmp_path: Path) -> None:
     assert abs(sum(kinds.values()) - with_diag["fisher_time_s"]) < 1e-3
     assert kinds["observe"] > 0 and without["fisher_time_s"] == 0.0
     markdown = (tmp_path / "fisher_breakdown.md").read_text()
-    assert "| default task (tiny) | adamw |" in markdown and "float64" in markdown
+    assert "| default task (tiny), pass 2 | adamw |" in markdown and "float64" in markdown
