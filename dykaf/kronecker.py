@@ -113,33 +113,38 @@ def _balanced(scale: Tensor, u1: Tensor, v1: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _galerkin_cross_term(
-    g: Tensor, u0: Tensor, v0: Tensor, y: Tensor, x: Tensor, k: Tensor, m_mat: Tensor, s: Tensor
+    g: Tensor,
+    u0: Tensor,
+    v0: Tensor,
+    y: Tensor,
+    x: Tensor,
+    k: Tensor,
+    s: Tensor,
+    unit: tuple[Tensor, Tensor],
+    norms: tuple[Tensor, Tensor],
 ) -> Tensor:
     """``⟨U1, Ĝ V1 Ĝᵀ⟩`` of the parallel rule without another pair of full products.
 
-    With ``Y = ĜV0Ĝᵀ``, ``X = ĜᵀU0Ĝ``, ``K = sU0 + Y``, ``M = sV0 + X`` (all already computed),
-    ``U1 = K/‖K‖`` and ``V1 = M/‖M‖``: ``⟨K, ĜMĜᵀ⟩ = s⟨K, Y⟩ + s‖X‖² + ⟨Y, ĜXĜᵀ⟩``, and
-    ``⟨Y, ĜXĜᵀ⟩ = ⟨Y, C U0 C⟩`` with ``C = ĜĜᵀ`` or ``= ⟨V0, D X D⟩`` with ``D = ĜᵀĜ``. We take
-    whichever of the three evaluation orders costs fewest flops for the shape (for 768×3072 this is
-    3.3× cheaper than forming ``U1Ĝ`` and ``ĜV1``).
+    With ``Y = ĜV0Ĝᵀ``, ``X = ĜᵀU0Ĝ``, ``K = sU0 + Y``, ``M = sV0 + X`` (all already computed, as are
+    ``unit = (U1, V1)`` and ``norms = (‖K‖, ‖M‖)``, both clamped away from 0):
+    ``⟨K, ĜMĜᵀ⟩ = s⟨K, Y⟩ + s‖X‖² + ⟨Y, ĜXĜᵀ⟩``, and ``⟨Y, ĜXĜᵀ⟩ = ⟨Y, C U0 C⟩`` with ``C = ĜĜᵀ``
+    or ``= ⟨V0, D X D⟩`` with ``D = ĜᵀĜ``. We take whichever of the three evaluation orders costs
+    fewest flops for the shape (for 768×3072 this is 3.3× cheaper than forming ``U1Ĝ`` and ``ĜV1``).
     """
     rows, cols = g.shape
     direct_cost = rows * rows * cols + rows * cols * cols
     left_cost = rows * rows * cols + 2 * rows**3
     right_cost = rows * cols * cols + 2 * cols**3
-    tiny = torch.finfo(g.dtype).tiny
-    k_norm = torch.linalg.matrix_norm(k).clamp_min(tiny)
-    m_norm = torch.linalg.matrix_norm(m_mat).clamp_min(tiny)
     if direct_cost <= min(left_cost, right_cost):
-        return _inner((k / k_norm) @ g, g @ (m_mat / m_norm))
+        return _inner(unit[0] @ g, g @ unit[1])
     if left_cost <= right_cost:
         c = g @ g.T
         y_gxg = _inner(y, c @ u0 @ c)
     else:
         d = g.T @ g
         y_gxg = _inner(v0, d @ x @ d)
-    numerator = s * _inner(k, y) + s * _inner(x, x) + y_gxg
-    return numerator / (k_norm * m_norm)
+    numerator = s * (_inner(k, y) + _inner(x, x)) + y_gxg
+    return numerator / (norms[0] * norms[1])
 
 
 def update_parallel(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tuple[Tensor, Tensor]:
@@ -147,19 +152,23 @@ def update_parallel(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> t
 
     ``s ← βs``, ``Ĝ = sqrt(1-β)G``; ``K = sU0 + ĜV0Ĝᵀ``, ``M = sV0 + ĜᵀU0Ĝ``; ``U1 = K/‖K‖``,
     ``V1 = M/‖M‖``; ``S1 = s⟨U0,U1⟩⟨V0,V1⟩ + ⟨U1, ĜV1Ĝᵀ⟩``; ``L = sqrt(S1)U1``, ``R = sqrt(S1)V1``.
+
+    Written for few kernels (≈ 45 per update; a GPU runs small layers' updates launch-bound): fused
+    multiply-adds, and the norms and unit factors computed once and shared with the cross term.
     """
     u0, v0, s = _split_scale(left, right)
     s = s * beta
     g = grad * math.sqrt(1.0 - beta)
     y = g @ v0 @ g.T
     x = g.T @ u0 @ g
-    k = s * u0 + y
-    m_mat = s * v0 + x
+    k = torch.addcmul(y, u0, s)
+    m_mat = torch.addcmul(x, v0, s)
     tiny = torch.finfo(g.dtype).tiny
-    u1 = k / torch.linalg.matrix_norm(k).clamp_min(tiny)
-    v1 = m_mat / torch.linalg.matrix_norm(m_mat).clamp_min(tiny)
-    cross = _galerkin_cross_term(g, u0, v0, y, x, k, m_mat, s)
-    s1 = s * _inner(u0, u1) * _inner(v0, v1) + cross
+    k_norm = torch.linalg.matrix_norm(k).clamp_min(tiny)
+    m_norm = torch.linalg.matrix_norm(m_mat).clamp_min(tiny)
+    u1, v1 = k / k_norm, m_mat / m_norm
+    cross = _galerkin_cross_term(g, u0, v0, y, x, k, s, (u1, v1), (k_norm, m_norm))
+    s1 = torch.addcmul(cross, s * _inner(u0, u1), _inner(v0, v1))
     return _balanced(s1, u1, v1)
 
 
@@ -173,14 +182,14 @@ def update_sequential(left: Tensor, right: Tensor, grad: Tensor, beta: float) ->
     s = s * beta
     g = grad * math.sqrt(1.0 - beta)
     y = g @ v0 @ g.T
-    k = s * u0 + y
+    k = torch.addcmul(y, u0, s)
     tiny = torch.finfo(g.dtype).tiny
     u1 = k / torch.linalg.matrix_norm(k).clamp_min(tiny)
     # Backward S-step. ``Ŝ − ⟨U1, ĜV0Ĝᵀ⟩`` equals ``s⟨U1, U0⟩`` exactly (``Ŝ = ⟨U1, K⟩``), and the
     # latter has no cancellation: when the new gradient dominates, the difference of two nearly
     # equal numbers lost most float32 digits (CPU and CUDA then drifted apart by 1e-4 in 10 steps).
     s_tilde = s * _inner(u1, u0)
-    m_mat = s_tilde * v0 + g.T @ u1 @ g
+    m_mat = torch.addcmul(g.T @ u1 @ g, v0, s_tilde)
     m_norm = torch.linalg.matrix_norm(m_mat)
     v1 = m_mat / m_norm.clamp_min(tiny)
     return _balanced(m_norm, u1, v1)

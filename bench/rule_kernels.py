@@ -1,0 +1,99 @@
+"""Kernels and time per Kronecker-factor update, per rule (``dykaf.kronecker``).
+
+    python bench/rule_kernels.py                      # CPU, one thread
+    python bench/rule_kernels.py --device cuda        # host time per update on a GPU (CUDA events)
+
+On a GPU the updates of small layers are launch-bound: each kernel costs a few microseconds of host
+time whatever its size, so a rule's cost there follows its kernel count more than its flops (the
+difference between DyKAF's and SOAP's optimizer step on a 6 × 384 GPT on an H200 was ≈ 50 extra
+kernels per matrix, BENCHMARKS.md §1). This counts the kernels one update dispatches (views and
+layout-only ops excluded) and times updates at a small and a real layer shape; the ``× ema`` column
+is the ratio to SOAP's rule measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dykaf.kronecker import FACTOR_RULES, init_kron, update_factors
+
+# Ops that only relabel memory: no kernel runs for them.
+LAYOUT_OPS = frozenset({"permute", "view", "reshape", "t", "transpose", "_reshape_alias", "expand", "detach"})
+
+
+class KernelCount(TorchDispatchMode):
+    """Counts the aten ops that launch work while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.overloadpacket.__name__ not in LAYOUT_OPS:
+            self.kernels += 1
+        return func(*args, **(kwargs or {}))
+
+
+def kernels_per_update(rule: str, shape: tuple[int, int] = (48, 32)) -> int:
+    """Kernels one ``update_factors(rule, …)`` dispatches on a CPU tensor of ``shape``."""
+    gen = torch.Generator().manual_seed(0)
+    left, right = init_kron(torch.randn(*shape, generator=gen), 0.95)
+    grad = torch.randn(*shape, generator=gen)
+    with KernelCount() as count:
+        update_factors(rule, left, right, grad, 0.95)
+    return count.kernels
+
+
+def seconds_per_update(rule: str, shape: tuple[int, int], device: torch.device, updates: int = 50) -> float:
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(*shape, generator=gen).to(device) for _ in range(updates + 1)]
+    left, right = init_kron(grads[0], 0.95)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        factors = (left, right)
+        for grad in grads[1:]:
+            factors = update_factors(rule, *factors, grad, 0.95)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - started) / updates)
+    return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shapes", default="48x32,384x128")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    print(f"Command: `python bench/rule_kernels.py {' '.join(sys.argv[1:])}`  ")
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} CPU threads, float32\n")
+    print("| rule | kernels per update | " + " | ".join(f"{m}×{n} µs | × ema" for m, n in shapes) + " |")
+    print("|---|---:|" + "---:|---:|" * len(shapes))
+    ema = {shape: seconds_per_update("ema", shape, device) for shape in shapes}
+    for rule in FACTOR_RULES:
+        cells = [str(kernels_per_update(rule))]
+        for shape in shapes:
+            took = ema[shape] if rule == "ema" else seconds_per_update(rule, shape, device)
+            cells += [f"{1e6 * took:.1f}", f"{took / ema[shape]:.2f}"]
+        print(f"| {rule} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
