@@ -14,7 +14,8 @@ Protocol (fixed before looking at any result, the same for every optimizer):
 
 Run (about 9 minutes on 2 idle CPU cores for the default four; much longer when they are shared):
     nice .venv/bin/python bench/convergence.py --out bench/results/convergence
-Shampoo (pytorch-optimizer's grafted ScalableShampoo, coupled-Newton inverse roots every 10 steps) adds about 8 minutes:
+Shampoo (pytorch-optimizer's grafted ScalableShampoo, coupled-Newton inverse roots every 10 steps)
+adds about 8 minutes:
     nice .venv/bin/python bench/convergence.py --optimizers adamw,soap,dykaf,muon,shampoo
 """
 

@@ -40,13 +40,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from gpu_check import DRY_RUN_DEFAULT_TASK  # noqa: E402  (a sibling script, found through the path above)
 
+from worker.training.measure import synchronize  # noqa: E402  (torch only: the device's bare Python has it)
+
 OPTIMIZERS = ("adamw", "soap", "dykaf")
 LARGER_MODEL = {"n_layer": 6, "n_head": 6, "d_model": 384, "context": 256, "batch_size": 32}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def traced_run(task: dict[str, Any], optimizer: str, device: str) -> dict[str, Any]:
@@ -164,17 +161,17 @@ def report_part(device: str, dry_run: bool) -> list[dict[str, Any]]:
         for _ in range(40):
             probe.observe(torch.randn(rows, cols, generator=gen).to(dev))
         probe.report(0)  # warm-up: solver workspaces, cuBLAS handles
-        _sync(dev)
+        synchronize(dev)
         timings = []
         for _ in range(3):
             began = time.perf_counter()
             probe.report(0)
-            _sync(dev)
+            synchronize(dev)
             timings.append(time.perf_counter() - began)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with profile(activities=activities) as prof:
             probe.report(0)
-            _sync(dev)
+            synchronize(dev)
         sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=48)
         cpu_table = prof.key_averages().table(
@@ -208,12 +205,12 @@ def eigh_part(device: str, dry_run: bool) -> list[dict[str, Any]]:
             for dtype in (torch.float32, torch.float64):
                 mat = sym.to(device=place, dtype=dtype)
                 torch.linalg.eigh(mat)
-                _sync(place)
+                synchronize(place)
                 times = []
                 for _ in range(5):
                     began = time.perf_counter()
                     torch.linalg.eigh(mat)
-                    _sync(place)
+                    synchronize(place)
                     times.append(time.perf_counter() - began)
                 row = {
                     "n": n,

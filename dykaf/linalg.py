@@ -10,10 +10,11 @@ silently turned a SOAP run's embedding, then every parameter, into NaN one step 
 solved every such case.
 
 On a GPU, matrices up to ``FLOAT64_ON_GPU_UP_TO`` wide are solved in float64 from the start.
-cuSOLVER's float32 path is not the fast one for the factor sizes that matter here: on an H200 (torch 2.11, cu130) a 384×384 float32 ``eigh``
-took 9.3 ms and a float64 one 3.5 ms, 512×512 14.2 against 4.7 ms, 128×128 1.9 against 1.6 ms, and
-from 1152 on the two cost the same (``bench/fisher_breakdown.py``, part ``eigh``). Up to
-``FLOAT64_ON_GPU_UP_TO`` float64 is therefore both the faster and the robust choice on a GPU, and
+cuSOLVER's float32 path is not the fast one for the factor sizes that matter here: on an H200
+(torch 2.11, cu130) a 384×384 float32 ``eigh`` took 9.3 ms and a float64 one 3.5 ms, 512×512 14.2
+against 4.7 ms, 128×128 1.9 against 1.6 ms, and from 1152 on the two cost the same
+(``bench/fisher_breakdown.py``, part ``eigh``). Up to ``FLOAT64_ON_GPU_UP_TO``
+float64 is therefore both the faster and the robust choice on a GPU, and
 the retry is never needed. Beyond it the solver becomes compute-bound, and many GPUs that users own
 (consumer and inference cards) run float64 at 1/32–1/64 of their float32 rate, so larger matrices
 keep the float32-first path. On the CPU float32 stays first: LAPACK's float32 was 1.3–1.6× faster

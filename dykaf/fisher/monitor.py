@@ -162,7 +162,7 @@ class FisherMonitor:
         enter that stretch after a skipped one (steps count down by one between reports, so the
         entry is always at ``horizon - 1`` steps to go).
         """
-        state_of = getattr(self.optimizer, "preconditioner_state", None) if self.reuse_own else None
+        state_of = self._own_state_reader()
         until_report = self.steps_until_report(step)
         if self._reports.busy and self._touches_probes(until_report, callable(state_of)):
             self._reports.join()  # a background report still reads the ring and shadows
@@ -182,8 +182,11 @@ class FisherMonitor:
         diagnostics with device synchronisation skips the call then (on an H200 the two syncs of an
         idle call cost ≈ 0.08 ms, 0.7 % of the default task's step).
         """
-        state_of = getattr(self.optimizer, "preconditioner_state", None) if self.reuse_own else None
-        return self._touches_probes(self.steps_until_report(step), callable(state_of))
+        return self._touches_probes(self.steps_until_report(step), callable(self._own_state_reader()))
+
+    def _own_state_reader(self) -> Any:
+        """The optimizer's ``preconditioner_state`` when own factors may be linked, else None."""
+        return getattr(self.optimizer, "preconditioner_state", None) if self.reuse_own else None
 
     def _work_for(
         self, name: str, probe: LayerProbe, until_report: int | None, linking: bool
