@@ -3,6 +3,7 @@
     python bench/fisher_breakdown.py --out results/              # CUDA when present
     python bench/fisher_breakdown.py --out /tmp/x --dry-run      # CPU, tiny sizes: checks the script
     python bench/fisher_breakdown.py --parts runs --repeat 2 --no-compare --no-larger   # cold vs warm
+    python bench/fisher_breakdown.py --parts runs --repeat 2 --no-compare --no-larger --no-warmup
 
 Three parts, each written to ``--out`` as soon as it finishes:
 
@@ -13,7 +14,10 @@ Three parts, each written to ``--out`` as soon as it finishes:
   ``fisher_time_s`` splits into per-step observes, the first observe of each report cycle (shadow
   initialisation and the CUDA-graph capture), report submission and the waits for reports. The
   with/without difference of ``train_time_s`` shows cost that ``fisher_time_s`` cannot see (a
-  background report competing with training for the GPU or the interpreter).
+  background report competing with training for the GPU or the interpreter). The runner warms the
+  device once per process before a run's clocks start (``worker/training/warmup.py``; its time is
+  the ``warm-up`` column); ``--no-warmup`` turns that off, so that pass 1 of ``--repeat 2`` shows
+  the process's start-up costs where a run would otherwise pay them.
 * ``report``: one report of a probed layer under ``torch.profiler``: the operators it spends its
   time in.
 * ``eigh``: ``torch.linalg.eigh`` of the factor sizes a report decomposes, float32 and float64,
@@ -94,6 +98,7 @@ def traced_run(task: dict[str, Any], optimizer: str, device: str) -> dict[str, A
         "step_time_ms": summary.get("step_time_ms"),
         "fisher_time_s": summary.get("fisher_time_s"),
         "fisher_overhead": summary.get("fisher_overhead"),
+        "device_warmup_s": summary.get("device_warmup_s"),
         "seconds_by_kind": {k: round(v, 4) for k, v in by_kind.items()},
         "calls_by_kind": dict(counts),
         "observe_median_ms": round(1000 * statistics.median(active), 3) if active else None,
@@ -267,10 +272,11 @@ def markdown(report: dict[str, Any]) -> str:
             "observe: all timed observes (median of one active step); largest: the three slowest",
             "observes (shadow (re)initialisation at a burn-in's start, once the CUDA-graph capture);",
             "close: the wait for the last report. Without: the same run with `fisher_every: 0`.",
+            "Warm-up: the process's device start-up the run paid before its clocks started (first run).",
             "",
             "| task | optimizer | train s | fisher ms | overhead | observe ms (median) "
-            "| largest, ms @ step | close ms | train s without |",
-            "|---|---|---:|---:|---:|---:|---|---:|---:|",
+            "| largest, ms @ step | close ms | train s without | warm-up ms |",
+            "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
         ]
         for row in runs:
             w, wo = row["with"], row.get("without") or {}
@@ -286,6 +292,7 @@ def markdown(report: dict[str, Any]) -> str:
                 ", ".join(f"{ms:.0f} @ {s}" for s, ms in largest),
                 _ms(kinds.get("close")),
                 f"{wo['train_time_s']:.2f}" if wo.get("train_time_s") else "",
+                _ms(w.get("device_warmup_s")),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -310,6 +317,11 @@ def main() -> int:
         help="runs part: passes over the runs in this process (2: cold, then warm)",
     )
     parser.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="runs part: skip the runner's once-per-process device warm-up (worker/training/warmup.py)",
+    )
+    parser.add_argument(
         "--render", type=Path, help="only print the Markdown of a saved fisher_breakdown.json"
     )
     args = parser.parse_args()
@@ -317,6 +329,10 @@ def main() -> int:
         print(markdown(json.loads(args.render.read_text())), end="")
         return 0
     device = "cpu" if args.dry_run or not torch.cuda.is_available() else "cuda"
+    if args.no_warmup:
+        from worker.training import warmup
+
+        warmup.WARMED_DEVICE_TYPES = ()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",

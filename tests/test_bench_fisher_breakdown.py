@@ -42,5 +42,6 @@ def test_dry_run_splits_the_fisher_time_by_kind(tmp_path: Path) -> None:
     # Every second of the product's fisher_time_s is attributed to one timed call of the runner.
     assert abs(sum(kinds.values()) - with_diag["fisher_time_s"]) < 1e-3
     assert kinds["observe"] > 0 and without["fisher_time_s"] == 0.0
+    assert with_diag["device_warmup_s"] == 0.0  # the CPU is not warmed (worker/training/warmup.py)
     markdown = (tmp_path / "fisher_breakdown.md").read_text()
     assert "| default task (tiny), pass 2 | adamw |" in markdown and "float64" in markdown

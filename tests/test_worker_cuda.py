@@ -64,3 +64,18 @@ def test_lora_finetune_of_our_export_on_cuda(tmp_path: Path) -> None:
     result = execute_run(spec, MemorySink())
     assert result.status == "succeeded", result.reason
     assert result.summary["trainable_parameters"] < result.summary["parameters"]
+
+
+def test_first_run_of_a_fresh_process_pays_the_warm_up_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the runner warms the device (worker/training/warmup.py) before the first run's clocks
+    start, throwaway probes and their CUDA graphs included; later runs pay nothing, and the runs'
+    own diagnostics report as usual."""
+    from worker.training import warmup
+
+    monkeypatch.setattr(warmup, "_done", set())  # as in a new worker process
+    spec = _spec("adamw", steps=12, fisher_every=6, fisher_window=4, log_every=6, eval_every=6)
+    first, second = MemorySink(), MemorySink()
+    one, two = execute_run(spec, first), execute_run(spec, second)
+    assert one.status == two.status == "succeeded"
+    assert one.summary["device_warmup_s"] > 0.0 and two.summary["device_warmup_s"] == 0.0
+    assert {row[0] for row in first.fisher} == {6, 12} and len(first.fisher) == len(second.fisher)

@@ -36,7 +36,7 @@ from worker.lm.data import WindowBatches, validation_batches
 from worker.lm.task import LMTask, build_task
 from worker.spec import RunSpec
 from worker.training import checkpoint as ckpt
-from worker.training import measure, optim
+from worker.training import measure, optim, warmup
 from worker.training.schedule import build_scheduler
 from worker.training.sinks import MetricSink
 
@@ -90,6 +90,8 @@ class _Tracker:
     # step times: the probes cost different optimizers different amounts (a DyKAF or SOAP run reuses
     # its own factors for one shadow), so billing them to training would skew time-to-target.
     fisher_total: float = 0.0
+    # Device start-up paid before this run's timed phases (``warmup.py``); in no other figure.
+    warmup_total: float = 0.0
     tokens_total: int = 0
     timed_steps: int = 0
     best_val: float = math.inf
@@ -126,6 +128,7 @@ class _Tracker:
             "wall_time_s": wall_time,
             "peak_memory_mb": self.peak_memory_mb,
             "fisher_time_s": self.fisher_total,
+            "device_warmup_s": self.warmup_total,
         }
         if self.train_time > 0:
             out["fisher_overhead"] = self.fisher_total / self.train_time
@@ -180,6 +183,7 @@ class _Run:
         self.started = time.perf_counter()
         self.task: LMTask | None = None
         self.fisher: Any = None  # the FisherMonitor, set by build() when diagnostics are on
+        self.warmup_s = 0.0  # device start-up paid by build() (``warmup.py``)
 
     # -- set-up -------------------------------------------------------------------------------
     def build(self) -> None:
@@ -201,7 +205,6 @@ class _Run:
         self.batches = WindowBatches(task.train_tokens, t.context, t.batch_size, self.spec.seed)
         self.val_batches = validation_batches(task.val_tokens, t.context, t.batch_size, t.eval_batches)
         self.tokens_per_step = t.batch_size * t.grad_accum * t.context
-        self.memory = measure.MemoryPeak(self.device)
         monitor_cls = optim.fisher_monitor_class() if t.fisher_every > 0 else None
         if monitor_cls is not None:
             self.fisher = monitor_cls(
@@ -216,6 +219,9 @@ class _Run:
             log.warning(
                 "fisher_every=%d but dykaf.fisher is not available; diagnostics skipped", t.fisher_every
             )
+        # Once-per-process device start-up, before the peak-memory window and every timed phase.
+        self.warmup_s = warmup.warm_up(self.device, self.params, self.fisher)
+        self.memory = measure.MemoryPeak(self.device)
         # Dropout and any other in-loop randomness: seeded per run (the caller's RNG is forked).
         torch.manual_seed(self.spec.seed)
         random.seed(self.spec.seed)
@@ -416,6 +422,7 @@ class _Run:
         t = self.task_spec
         self.build()
         resumed = self.resume()
+        self.tracker.warmup_total += self.warmup_s  # after resume(), which restores the tracker
         if self.step >= t.steps:
             return self.result("succeeded", None)
         if not resumed:

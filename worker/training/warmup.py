@@ -1,0 +1,151 @@
+"""Pay a GPU's once-per-process start-up costs before a run's clocks start.
+
+A CUDA process sets up most libraries and kernels lazily, on their first use: cuSOLVER (library,
+handle, workspace, eigensolver kernels), the cuBLAS GEMMs of each dtype, the CUDA-graph machinery.
+Without a warm-up that cost lands in whichever run of a worker process first needs the piece, and
+in whichever phase of it. On an H200 the default job's first run, AdamW, spent ≈ 165 ms more in its
+Fisher diagnostics than the same run in a process that had used the solver before (8.8 % against
+5.1 % of its training time, BENCHMARKS.md §2): AdamW never calls ``eigh`` itself, so the
+diagnostics' first shadow initialisation paid for the process. A SOAP or DyKAF run that came first
+would pay it in its first optimizer step instead. Either way a run's figures depended on the order
+in which a worker happened to execute runs, which an optimizer comparison must not.
+
+So before a run's timed phases, ``warm_up`` does on the run's device the kinds of work the run will
+do, at the run's own shapes, once per process: ``dykaf.linalg.eigh`` at every side of a trainable
+matrix (the optimizers' Kronecker factors, up to ``WARM_EIGH_UP_TO``), a throwaway copy of every
+probe through shadow initialisation, CUDA-graph capture and one report, and the GEMMs of the
+autocast dtypes. It never touches the model, its gradients, the probes or any global RNG. The
+runner keeps the seconds it took out of train and Fisher time and reports them apart, as the
+summary's ``device_warmup_s`` (0 for every later run of the process).
+
+Only on CUDA (``WARMED_DEVICE_TYPES``): a CPU links BLAS/LAPACK at import and has no lazily loaded
+kernels, and there a probe's report alone costs ≈ 0.45 s, too much to spend on nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Hashable, Iterable
+from typing import Any
+
+import torch
+
+from dykaf import linalg
+
+log = logging.getLogger(__name__)
+
+# Device types whose process start-up costs are paid up front (module docstring).
+WARMED_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+
+# Largest factor side warmed with its own ``eigh``. Optimizers precondition up to their
+# ``max_precond_dim`` (SOAP's default 10000), but a side that large costs seconds to solve
+# on a consumer GPU, and the kernels of smaller sides cover most of what it would load.
+WARM_EIGH_UP_TO = 4096
+
+# Gradients fed to each throwaway probe: the first initialises its shadows eagerly, the second
+# captures the static step (a CUDA graph on a GPU), the third replays it.
+_PROBE_STEPS = 3
+
+_lock = threading.Lock()
+_done: set[Hashable] = set()
+
+
+def factor_sides(params: Iterable[torch.Tensor]) -> set[int]:
+    """Sides of the Kronecker factors a matrix optimizer keeps for ``params``: ``shape[0]`` and the
+    product of the rest, for every parameter with two or more dimensions."""
+    sides: set[int] = set()
+    for param in params:
+        if param.ndim >= 2:
+            sides.update((param.shape[0], math.prod(param.shape[1:])))
+    return sides
+
+
+def warm_up(device: torch.device, params: Iterable[torch.Tensor], monitor: Any = None) -> float:
+    """Warm ``device`` for a run training ``params`` (probed by ``monitor``, a ``FisherMonitor`` or
+    None); returns the seconds spent, 0.0 when everything was already warm in this process."""
+    if device.type not in WARMED_DEVICE_TYPES:
+        return 0.0
+    params = list(params)
+    start = time.perf_counter()
+    with _lock, torch.no_grad():
+        generator = torch.Generator(device=device)
+        generator.manual_seed(0)
+        did = _warm_gemms(device, generator)
+        did |= _warm_solver(device, factor_sides(params), generator)
+        did |= _warm_probes(device, monitor, generator)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    if not did:
+        return 0.0
+    elapsed = time.perf_counter() - start
+    log.info("warmed %s for this process in %.3f s (kept out of the run's timings)", device, elapsed)
+    return elapsed
+
+
+def _first_time(key: Hashable) -> bool:
+    """True once per ``key`` and process (callers hold ``_lock``)."""
+    if key in _done:
+        return False
+    _done.add(key)
+    return True
+
+
+def _warm_gemms(device: torch.device, generator: torch.Generator) -> bool:
+    """GEMMs in the dtypes a run multiplies in: float32 and float64 (optimizer and diagnostics
+    algebra) and, under the runner's autocast, bfloat16."""
+    if not _first_time(("gemm", str(device))):
+        return False
+    matrix = torch.randn(64, 64, generator=generator, device=device)
+    _ = matrix @ matrix
+    _ = matrix.double() @ matrix.double()
+    if device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _ = matrix @ matrix
+    return True
+
+
+def _warm_solver(device: torch.device, sides: set[int], generator: torch.Generator) -> bool:
+    """One ``dykaf.linalg.eigh`` of a well-conditioned SPD matrix per side not yet warmed; float32
+    input, so it takes the path (float64 or float32 first) the factors of that side will take."""
+    did = False
+    for side in sorted(sides):
+        if side > WARM_EIGH_UP_TO or not _first_time(("eigh", str(device), side)):
+            continue
+        matrix = torch.randn(side, side, generator=generator, device=device)
+        spd = torch.addmm(torch.eye(side, device=device), matrix, matrix.T, alpha=1.0 / side)
+        linalg.eigh(spd)
+        did = True
+    return did
+
+
+def _warm_probes(device: torch.device, monitor: Any, generator: torch.Generator) -> bool:
+    """Each probe's work once, on a throwaway probe of the same class, shape and settings fed
+    random gradients: shadow initialisation, static-step capture and replay, a report."""
+    if monitor is None:
+        return False
+    did = False
+    for probe in monitor.probes.values():
+        methods = tuple(probe.shadows)
+        key = ("probe", str(device), probe.shape, probe.window, probe.dtype, methods, probe.replay)
+        if not _first_time(key):
+            continue
+        param = torch.zeros(probe.shape, dtype=probe.param.dtype, device=device)
+        throwaway = type(probe)(
+            param,
+            probe.name,
+            window=probe.window,
+            beta=probe.beta,
+            methods=methods,
+            tol=probe.tol,
+            max_iter=probe.max_iter,
+            replay=probe.replay,
+        )
+        for _ in range(_PROBE_STEPS):
+            grad = torch.randn(probe.shape, generator=generator, device=device, dtype=param.dtype)
+            throwaway.observe(grad)
+        throwaway.report(0)
+        did = True
+    return did
