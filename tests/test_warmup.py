@@ -54,7 +54,7 @@ def test_the_cpu_is_not_warmed(fresh_process: None, solved_sides: list[int]) -> 
 
 
 def test_every_factor_side_is_solved_once_per_process(force_warmup: None, solved_sides: list[int]) -> None:
-    too_wide = warmup.WARM_EIGH_UP_TO + 1
+    too_wide = warmup.WARM_SOLVER_UP_TO + 1
     params = [torch.zeros(6, 10), torch.zeros(10, 6), torch.zeros(3, 2, 5), torch.zeros(2, too_wide)]
     params.append(torch.zeros(7))  # a vector has no factors
     assert warmup.factor_sides(params) == {2, 3, 6, 10, too_wide}

@@ -11,15 +11,17 @@ would pay it in its first optimizer step instead. Either way a run's figures dep
 in which a worker happened to execute runs, which an optimizer comparison must not.
 
 So before a run's timed phases, ``warm_up`` does on the run's device the kinds of work the run will
-do, at the run's own shapes, once per process: ``dykaf.linalg.eigh`` at every side of a trainable
-matrix (the optimizers' Kronecker factors, up to ``WARM_EIGH_UP_TO``), a throwaway copy of every
-probe through shadow initialisation, CUDA-graph capture and one report, and the GEMMs of the
-autocast dtypes. It never touches the model, its gradients, the probes or any global RNG. The
-runner keeps the seconds it took out of train and Fisher time and reports them apart, as the
-summary's ``device_warmup_s`` (0 for every later run of the process).
+do, at the run's own shapes, once per process: the eigendecomposition and the QR refresh of
+``dykaf.eigenbasis`` at every side of a trainable matrix (the optimizers' Kronecker factors, up to
+``WARM_SOLVER_UP_TO``), a throwaway copy of every probe through shadow initialisation, CUDA-graph
+capture and one report over a full window, and the GEMMs of the autocast dtypes. It never touches
+the model, its gradients, the probes or any global RNG. The runner keeps the seconds it took out of
+train and Fisher time and reports them apart, as the summary's ``device_warmup_s`` (0 for every
+later run of the process).
 
 Only on CUDA (``WARMED_DEVICE_TYPES``): a CPU links BLAS/LAPACK at import and has no lazily loaded
-kernels, and there a probe's report alone costs ≈ 0.45 s, too much to spend on nothing.
+kernels, and there the warm-up would cost ≈ 0.8 s on the default task (mostly the probes'
+reports) for nothing.
 """
 
 from __future__ import annotations
@@ -40,13 +42,14 @@ log = logging.getLogger(__name__)
 # Device types whose process start-up costs are paid up front (module docstring).
 WARMED_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 
-# Largest factor side warmed with its own ``eigh``. Optimizers precondition up to their
+# Largest factor side warmed with its own solves. Optimizers precondition up to their
 # ``max_precond_dim`` (SOAP's default 10000), but a side that large costs seconds to solve
 # on a consumer GPU, and the kernels of smaller sides cover most of what it would load.
-WARM_EIGH_UP_TO = 4096
+WARM_SOLVER_UP_TO = 4096
 
-# Gradients fed to each throwaway probe: the first initialises its shadows eagerly, the second
-# captures the static step (a CUDA graph on a GPU), the third replays it.
+# Fewest gradients fed to a throwaway probe: the first initialises its shadows eagerly, the second
+# captures the static step (a CUDA graph on a GPU), the third replays it. A full window is fed
+# when longer, so that the report multiplies tensors of the real run's shapes.
 _PROBE_STEPS = 3
 
 _lock = threading.Lock()
@@ -108,15 +111,17 @@ def _warm_gemms(device: torch.device, generator: torch.Generator) -> bool:
 
 
 def _warm_solver(device: torch.device, sides: set[int], generator: torch.Generator) -> bool:
-    """One ``dykaf.linalg.eigh`` of a well-conditioned SPD matrix per side not yet warmed; float32
-    input, so it takes the path (float64 or float32 first) the factors of that side will take."""
+    """Per side not yet warmed, what ``dykaf.eigenbasis`` does to a factor of that side: one
+    ``dykaf.linalg.eigh`` (float32 input, so it takes the path, float64 or float32 first, that the
+    factors of that side will take) and one QR refresh, on a well-conditioned SPD matrix."""
     did = False
     for side in sorted(sides):
-        if side > WARM_EIGH_UP_TO or not _first_time(("eigh", str(device), side)):
+        if side > WARM_SOLVER_UP_TO or not _first_time(("solver", str(device), side)):
             continue
         matrix = torch.randn(side, side, generator=generator, device=device)
         spd = torch.addmm(torch.eye(side, device=device), matrix, matrix.T, alpha=1.0 / side)
-        linalg.eigh(spd)
+        _, basis = linalg.eigh(spd)
+        torch.linalg.qr(spd @ basis)
         did = True
     return did
 
@@ -143,7 +148,7 @@ def _warm_probes(device: torch.device, monitor: Any, generator: torch.Generator)
             max_iter=probe.max_iter,
             replay=probe.replay,
         )
-        for _ in range(_PROBE_STEPS):
+        for _ in range(max(_PROBE_STEPS, probe.window)):
             grad = torch.randn(probe.shape, generator=generator, device=device, dtype=param.dtype)
             throwaway.observe(grad)
         throwaway.report(0)
