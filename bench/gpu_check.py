@@ -7,9 +7,11 @@ It prints the device, driver, torch and CUDA versions; runs the test suite's CUD
 times one optimizer step of adamw, soap, dykaf, dykaf-rank1 and muon on GPT-2-small layer shapes
 (CUDA events, median of several refresh windows) with the FLOP floor of DyKAF's extra work; trains
 the embedded pre-training task for a fixed number of steps (bf16 autocast on CUDA) for adamw, soap
-and dykaf through the real worker code path; runs ``bench/default_task.yaml`` (the worker's defaults)
-the same way for the product's own ``fisher_overhead``; measures the Fisher diagnostics' overhead on
-the default task as the worker schedules them; and writes one JSON and one Markdown report to --out.
+and dykaf through the real worker code path; runs the default task's AdamW run first in fresh
+processes, with and without the runner's device warm-up; runs ``bench/default_task.yaml`` (the
+worker's defaults) the same way for the product's own ``fisher_overhead``; measures the Fisher
+diagnostics' overhead on the default task as the worker schedules them; and writes one JSON and
+one Markdown report to --out.
 
 It needs only what a CUDA machine with PyTorch has: sections whose packages are missing are skipped
 with a line saying so (``bench/gpu_check.sh`` installs carried wheels first when there are any).
@@ -190,6 +192,57 @@ def training(device: str, dry_run: bool) -> dict[str, Any]:
     return {"task": task, "autocast": "bf16" if device == "cuda" else "none", "runs": rows}
 
 
+def cold_start(device: str, dry_run: bool) -> dict[str, Any]:
+    """The default task's AdamW run in two fresh processes, twice in each (``bench/fisher_breakdown.py
+    --repeat 2``): once with the runner's device warm-up turned off, once with it on. Pass 1 of the
+    first shows what a process's start-up costs a run's figures when nothing pays it up front, pass 2
+    the warm figure; pass 1 of the second must match pass 2 if the warm-up
+    (``worker/training/warmup.py``) pays all of it, and its ``device_warmup_s`` is what it moved."""
+    absent = missing("pydantic", "yaml")
+    if absent:
+        return {"skipped": f"worker code path needs {', '.join(absent)}; carry wheels (bench/gpu_check.sh)"}
+    import tempfile
+
+    rows = []
+    for warm_up in (False, True):
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [sys.executable, str(ROOT / "bench" / "fisher_breakdown.py"), "--out", out]
+            cmd += [
+                "--parts",
+                "runs",
+                "--repeat",
+                "2",
+                "--no-compare",
+                "--no-larger",
+                "--optimizers",
+                "adamw",
+            ]
+            cmd += [] if warm_up else ["--no-warmup"]
+            cmd += ["--dry-run"] if dry_run else []
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, check=False)
+            if proc.returncode != 0:
+                return {"error": f"fisher_breakdown exited {proc.returncode}: {proc.stderr[-500:]}"}
+            runs = json.loads((Path(out) / "fisher_breakdown.json").read_text())["runs"]
+        for run in runs:
+            with_diag = run["with"]
+            rows.append(
+                {
+                    "warm_up": "on" if warm_up else "off",
+                    "pass": run["task"].rsplit("pass ", 1)[-1],
+                    "status": with_diag["status"],
+                    "train_time_s": with_diag["train_time_s"],
+                    "fisher_time_s": with_diag["fisher_time_s"],
+                    "fisher_overhead": with_diag["fisher_overhead"],
+                    "device_warmup_s": with_diag.get("device_warmup_s"),
+                    "largest_calls": ", ".join(
+                        f"{ms:.0f} ms @ {step} ({kind})" for step, kind, ms in with_diag["largest_calls"][:3]
+                    ),
+                }
+            )
+            print(rows[-1], flush=True)
+    return {"optimizer": "adamw", "runs": rows}
+
+
 def default_task(device: str, dry_run: bool) -> dict[str, Any]:
     """``bench/default_task.yaml`` (the worker's TaskSpec defaults: 500 steps, a Fisher report every
     250, each optimizer at its library-default lr) through the real worker code path: the product's
@@ -316,6 +369,22 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"Task: {train['task']}; autocast: {train['autocast']}", "", *_table(keys, train["runs"])]
     else:
         lines.append(train.get("skipped", ""))
+    cold = report.get("cold_start", {})
+    lines += ["", "## A fresh process's first run, with and without the device warm-up (AdamW)", ""]
+    if "runs" in cold:
+        keys = [
+            "warm_up",
+            "pass",
+            "status",
+            "train_time_s",
+            "fisher_time_s",
+            "fisher_overhead",
+            "device_warmup_s",
+            "largest_calls",
+        ]
+        lines += _table(keys, cold["runs"])
+    else:
+        lines.append(cold.get("skipped") or cold.get("error", ""))
     default = report.get("default_task", {})
     lines += ["", "## Default task (`bench/default_task.yaml`): the product's own diagnostics overhead", ""]
     if "runs" in default:
@@ -347,7 +416,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: checks the script itself")
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["tests", "default", "fisher", "training", "steps"]
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["tests", "cold", "default", "fisher", "training", "steps"],
     )
     args = parser.parse_args()
     device = "cpu" if args.dry_run else "cuda"
@@ -358,10 +430,12 @@ def main() -> int:
         torch.backends.cuda.matmul.allow_tf32 = False
     report: dict[str, Any] = {"environment": environment()}
     print(json.dumps(report["environment"], indent=2), flush=True)
-    # Run order: what has never run on a GPU first (tests, the default task's own overhead, the
-    # fisher section), so a run cut off by the device's time limit keeps the figures that matter.
+    # Run order: what has never run on a GPU first (tests, the fresh-process runs, the default
+    # task's own overhead, the fisher section), so a run cut off by the device's time limit keeps
+    # the figures that matter.
     sections = {
         "tests": ("cuda_tests", cuda_tests),
+        "cold": ("cold_start", cold_start),
         "default": ("default_task", default_task),
         "fisher": ("fisher", fisher_overhead),
         "training": ("training", training),

@@ -30,6 +30,12 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path: Path) -> None:
     assert [r["optimizer"] for r in runs] == ["adamw", "soap", "dykaf"]
     assert all(r["status"] == "succeeded" and r["final_val_loss"] > 0 for r in runs)
     assert all(r["fisher_overhead"] > 0 for r in runs)  # diagnostics on by default, self-measured
+    cold = report["cold_start"]["runs"]  # two fresh processes: warm-up off, then on; two passes each
+    assert [(r["warm_up"], r["pass"]) for r in cold] == [("off", "1"), ("off", "2"), ("on", "1"), ("on", "2")]
+    assert all(
+        r["status"] == "succeeded" and r["fisher_time_s"] > 0 and "@" in r["largest_calls"] for r in cold
+    )
+    assert all(r["device_warmup_s"] == 0.0 for r in cold)  # the CPU is never warmed
     default = report["default_task"]["runs"]  # bench/default_task.yaml through the worker code path
     assert [r["optimizer"] for r in default] == ["adamw", "soap", "dykaf"]
     assert all(r["status"] == "succeeded" and r["fisher_overhead"] > 0 for r in default)
@@ -40,6 +46,7 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path: Path) -> None:
     assert all("shadow updates: eager" in r["label"] for r in fisher)
     assert all(r["step_ms"] > 0 and r["report_ms"] > 0 and r["horizon"] >= 4 for r in fisher)
     markdown = (tmp_path / "gpu_check.md").read_text()
+    assert "## A fresh process's first run" in markdown and "| on | 1 | succeeded |" in markdown
     assert "## Fisher diagnostics overhead" in markdown and "overhead @ every 250" in markdown
     assert "## One optimizer step" in markdown and "| dykaf |" in markdown
 
@@ -53,10 +60,10 @@ def test_report_written_midway_marks_the_sections_still_to_run(tmp_path: Path) -
     finally:
         sys.path.remove(str(ROOT / "bench"))
     finished = {"environment": gpu_check.environment(), "cuda_tests": {"summary": "14 passed"}}
-    pending = ["default_task", "optimizer_step", "training", "fisher"]
+    pending = ["cold_start", "default_task", "optimizer_step", "training", "fisher"]
     gpu_check.write_report(tmp_path, finished, pending=pending)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["cuda_tests"] == {"summary": "14 passed"}
     assert all("not run yet" in report[name]["skipped"] for name in pending)
     markdown = (tmp_path / "gpu_check.md").read_text()
-    assert "`14 passed`" in markdown and markdown.count("not run yet") == 4
+    assert "`14 passed`" in markdown and markdown.count("not run yet") == 5
