@@ -182,7 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "convergence")
-    parser.add_argument("--report", type=Path, default=ROOT / "bench" / "results" / "convergence.md")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="Markdown report (default: beside --out, named after it: bench/results/convergence.md for "
+        "the default --out), so a run elsewhere never overwrites the recorded report",
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is far faster on a shared, busy CPU)"
     )
@@ -207,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         argv if argv is not None else sys.argv[1:]
     )
     text = report(outcome, job, command.strip(), elapsed)
-    args.report.write_text(text, encoding="utf-8")
+    report_path = args.report if args.report is not None else args.out.with_suffix(".md")
+    report_path.write_text(text, encoding="utf-8")
     print(text)
     return 0
 

@@ -19,12 +19,13 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_chosen_subset_is_swept_selected_and_reported(tmp_path: Path) -> None:
-    report = tmp_path / "convergence.md"
-    proc = _run(
-        "--steps", "3", "--optimizers", "adamw,shampoo", "--out", str(tmp_path), "--report", str(report)
-    )
+    recorded = ROOT / "bench" / "results" / "convergence.md"
+    before = recorded.read_bytes()
+    proc = _run("--steps", "3", "--optimizers", "adamw,shampoo", "--out", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    text = report.read_text()
+    # The report goes beside --out (run.md); the recorded report is left alone.
+    assert recorded.read_bytes() == before
+    text = (tmp_path / "run.md").read_text()
     assert text.startswith("# Convergence benchmark: AdamW vs Shampoo\n")
     sweep_rows = [line for line in text.splitlines() if line.startswith(("| adamw |", "| shampoo |"))]
     assert len(sweep_rows) == 2 and all(line.count(": ") == 5 for line in sweep_rows)  # 5 lrs each
