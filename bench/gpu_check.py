@@ -206,17 +206,9 @@ def cold_start(device: str, dry_run: bool) -> dict[str, Any]:
     rows = []
     for warm_up in (False, True):
         with tempfile.TemporaryDirectory() as out:
-            cmd = [sys.executable, str(ROOT / "bench" / "fisher_breakdown.py"), "--out", out]
-            cmd += [
-                "--parts",
-                "runs",
-                "--repeat",
-                "2",
-                "--no-compare",
-                "--no-larger",
-                "--optimizers",
-                "adamw",
-            ]
+            script = str(ROOT / "bench" / "fisher_breakdown.py")
+            cmd = [sys.executable, script, "--out", out, "--parts", "runs", "--repeat", "2"]
+            cmd += ["--no-compare", "--no-larger", "--optimizers", "adamw"]
             cmd += [] if warm_up else ["--no-warmup"]
             cmd += ["--dry-run"] if dry_run else []
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, check=False)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_worker_runner import _assert_identical, _final_state, _run
+from tests.test_worker_runner import _assert_identical, _CrashAt, _final_state, _run
 from worker.training import warmup
 from worker.training.runner import execute_run
 from worker.training.sinks import MemorySink
@@ -33,15 +33,15 @@ def force_warmup(fresh_process: None, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def solved_sides(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Sides of the matrices the warm-up hands to ``dykaf.linalg.eigh``."""
+    """Sides of the matrices the warm-up decomposes through ``dykaf.eigenbasis``."""
     sides: list[int] = []
-    real = warmup.linalg.eigh
+    real = warmup.eigenbasis.eigh
 
     def spy(matrix: torch.Tensor) -> Any:
         sides.append(matrix.shape[-1])
         return real(matrix)
 
-    monkeypatch.setattr(warmup.linalg, "eigh", spy)
+    monkeypatch.setattr(warmup.eigenbasis, "eigh", spy)
     yield sides
 
 
@@ -140,14 +140,7 @@ def test_a_resumed_run_keeps_the_warm_up_it_paid_before(force_warmup: None, tmp_
     """``device_warmup_s`` is part of the checkpointed tracker: a run resumed in a process that is
     already warm still reports what its first part paid."""
     (spec,) = _run(steps=6, checkpoint_every=3)
-
-    class StopAt4(MemorySink):
-        def log_metrics(self, step: int, metrics: Any, wall_time: float) -> None:
-            if step == 4:
-                raise RuntimeError("simulated worker crash")
-            super().log_metrics(step, metrics, wall_time)
-
-    assert execute_run(spec, StopAt4(), checkpoint_dir=tmp_path).status == "failed"
+    assert execute_run(spec, _CrashAt(4), checkpoint_dir=tmp_path).status == "failed"
     result = execute_run(spec, MemorySink(), checkpoint_dir=tmp_path)
     assert result.status == "succeeded" and result.summary["device_warmup_s"] > 0.0
 
@@ -156,7 +149,7 @@ def test_a_failing_warm_up_never_fails_the_run(force_warmup: None, monkeypatch: 
     def out_of_memory(matrix: torch.Tensor) -> Any:
         raise torch.OutOfMemoryError("simulated: the solver's workspace does not fit")
 
-    monkeypatch.setattr(warmup.linalg, "eigh", out_of_memory)
+    monkeypatch.setattr(warmup.eigenbasis, "eigh", out_of_memory)
     (spec,) = _run(steps=3)
     result = execute_run(spec, MemorySink())
     assert result.status == "succeeded" and result.summary["device_warmup_s"] > 0.0

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from dykaf import linalg
+from dykaf import eigenbasis
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,6 @@ def warm_up(device: torch.device, params: Iterable[torch.Tensor], monitor: Any =
     None); returns the seconds spent, 0.0 when everything was already warm in this process."""
     if device.type not in WARMED_DEVICE_TYPES:
         return 0.0
-    params = list(params)
     start = time.perf_counter()
     did = False
     with _lock, torch.no_grad():
@@ -120,17 +119,17 @@ def _warm_gemms(device: torch.device, generator: torch.Generator) -> bool:
 
 
 def _warm_solver(device: torch.device, sides: set[int], generator: torch.Generator) -> bool:
-    """Per side not yet warmed, what ``dykaf.eigenbasis`` does to a factor of that side: one
-    ``dykaf.linalg.eigh`` (float32 input, so it takes the path, float64 or float32 first, that the
-    factors of that side will take) and one QR refresh, on a well-conditioned SPD matrix."""
+    """Per side not yet warmed, what the optimizers do to a factor of that side: its
+    ``dykaf.eigenbasis.initial`` basis (float32 input, so ``eigh`` takes the path, float64 or
+    float32 first, that the factors of that side will take) and one ``refresh``, on a
+    well-conditioned SPD matrix."""
     did = False
     for side in sorted(sides):
         if side > WARM_SOLVER_UP_TO or not _first_time(("solver", str(device), side)):
             continue
         matrix = torch.randn(side, side, generator=generator, device=device)
         spd = torch.addmm(torch.eye(side, device=device), matrix, matrix.T, alpha=1.0 / side)
-        _, basis = linalg.eigh(spd)
-        torch.linalg.qr(spd @ basis)
+        eigenbasis.refresh(spd, eigenbasis.initial(spd))
         did = True
     return did
 
