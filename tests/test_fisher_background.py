@@ -4,7 +4,9 @@ the loop not held up, waits where the probes are needed again, errors surfaced, 
 from __future__ import annotations
 
 import functools
+import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -220,3 +222,25 @@ def test_snapshot_clones_the_tensors_of_any_own_state() -> None:
         assert snap.left is not own.left and torch.equal(snap.left, own.left)
         own.left.add_(1.0)  # the optimizer moves on ...
         assert not torch.equal(snap.left, own.left)  # ... the snapshot does not
+
+
+def _topology(root: Path, cores_of_cpus: dict[int, tuple[int, int]]) -> Path:
+    """A sysfs-like CPU topology: CPU number → (package, core)."""
+    for cpu, (package, core) in cores_of_cpus.items():
+        place = root / f"cpu{cpu}" / "topology"
+        place.mkdir(parents=True)
+        (place / "physical_package_id").write_text(f"{package}\n")
+        (place / "core_id").write_text(f"{core}\n")
+    return root
+
+
+def test_hyperthreads_of_one_core_are_not_spare_cores(tmp_path: Path) -> None:
+    """On an SMT machine torch's default (one thread per physical core) leaves no spare core."""
+    cpus = sorted(os.sched_getaffinity(0))
+    siblings = _topology(tmp_path / "smt", {cpu: (0, cpu // 2) for cpu in cpus})
+    assert available_cores(siblings) == (len(cpus) + 1) // 2
+    separate = _topology(tmp_path / "plain", {cpu: (0, cpu) for cpu in cpus})
+    assert available_cores(separate) == len(cpus)
+    two_sockets = _topology(tmp_path / "sockets", {cpu: (cpu % 2, 0) for cpu in cpus})
+    assert available_cores(two_sockets) == min(2, len(cpus))
+    assert available_cores(tmp_path / "unreadable") == len(cpus)  # no topology: logical CPUs

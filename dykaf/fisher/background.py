@@ -21,9 +21,10 @@ for the core (or hyperthread) and caches the loop uses; a report every few hundr
 measurably slow training (82.2 s → 82.9 s).
 
 ``background="auto"`` uses the thread when a probed parameter is on a GPU (whose host cores idle)
-or when torch runs fewer intra-op threads than the process may use cores (a spare core), and only
-when float32 matmuls are already at "highest" precision: a report forces that global setting, which
-from another thread would change the training loop's own products.
+or when torch runs fewer intra-op threads than the process may use physical cores (a spare core;
+hyperthreads do not count, see ``available_cores``), and only when float32 matmuls are already at
+"highest" precision: a report forces that global setting, which from another thread would change
+the training loop's own products.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,12 +67,32 @@ def snapshot_own(own: Any | None) -> Any | None:
     return snapshot
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+# Linux's CPU topology: cpuN/topology/{physical_package_id,core_id} name the core CPU N runs on.
+CPU_TOPOLOGY = Path("/sys/devices/system/cpu")
+
+
+def available_cores(topology: Path = CPU_TOPOLOGY) -> int:
+    """Physical CPU cores this process may run on (its affinity mask, each core counted once).
+
+    Hyperthreads of one core share its arithmetic units, and torch starts one intra-op thread per
+    physical core by default. Counting logical CPUs would see a "spare core" on every SMT machine
+    and run reports on the training threads' siblings, where they slow training by an amount no
+    diagnostics timer sees. CPUs are grouped by (package, core) from ``topology``; where that is
+    unreadable (not Linux, a restricted container) the logical count stands in.
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+    cores: set[tuple[str, str]] = set()
+    for cpu in cpus:
+        place = topology / f"cpu{cpu}" / "topology"
+        try:
+            package = (place / "physical_package_id").read_text().strip()
+            cores.add((package, (place / "core_id").read_text().strip()))
+        except OSError:
+            return len(cpus)
+    return max(1, len(cores))
 
 
 def use_background(mode: str, params: Iterable[Tensor]) -> bool:
