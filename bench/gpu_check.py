@@ -10,8 +10,8 @@ the embedded pre-training task for a fixed number of steps (bf16 autocast on CUD
 and dykaf through the real worker code path; runs the default task's AdamW run first in fresh
 processes, with and without the runner's device warm-up; runs ``bench/default_task.yaml`` (the
 worker's defaults) the same way for the product's own ``fisher_overhead``; measures the Fisher
-diagnostics' overhead on the default task as the worker schedules them; and writes one JSON and
-one Markdown report to --out.
+diagnostics' overhead on the default task as the worker schedules them; times one update of each
+Kronecker-factor rule; and writes one JSON and one Markdown report to --out.
 
 It needs only what a CUDA machine with PyTorch has: sections whose packages are missing are skipped
 with a line saying so (``bench/gpu_check.sh`` installs carried wheels first when there are any).
@@ -115,6 +115,20 @@ def optimizer_steps(device: str, dry_run: bool) -> dict[str, Any]:
     widths = [16] if dry_run else None
     result = optimizer_step.run(device, widths, optimizers)
     print(optimizer_step.markdown(result))
+    return result
+
+
+# Factor-rule shapes: the default task's probed layers, a GPT-2-small square and MLP matrix.
+RULE_SHAPES = ((384, 128), (768, 768), (768, 3072))
+
+
+def factor_rules(device: str, dry_run: bool) -> dict[str, Any]:
+    """Time per Kronecker-factor update, per rule (``bench/rule_kernels.py``): on a GPU small layers
+    are launch-bound, so this is where the rules' kernel counts show."""
+    import rule_kernels
+
+    result = rule_kernels.run(device, [(48, 32)] if dry_run else list(RULE_SHAPES))
+    print(rule_kernels.markdown(result))
     return result
 
 
@@ -398,6 +412,14 @@ def markdown(report: dict[str, Any]) -> str:
     fisher = report.get("fisher", {})
     lines += ["", "## Fisher diagnostics overhead", ""]
     lines.append(fisher.get("markdown") or fisher.get("skipped") or fisher.get("error", ""))
+    rules = report.get("factor_rules", {})
+    lines += ["", "## Factor-rule updates (µs each)", ""]
+    if "rows" in rules:
+        import rule_kernels
+
+        lines.append(rule_kernels.markdown(rules))
+    else:
+        lines.append(rules.get("skipped") or rules.get("error", ""))
     return "\n".join(lines) + "\n"
 
 
@@ -411,7 +433,7 @@ def main() -> int:
         "--skip",
         nargs="*",
         default=[],
-        choices=["tests", "cold", "default", "fisher", "training", "steps"],
+        choices=["tests", "cold", "default", "fisher", "rules", "training", "steps"],
     )
     args = parser.parse_args()
     device = "cpu" if args.dry_run else "cuda"
@@ -423,13 +445,14 @@ def main() -> int:
     report: dict[str, Any] = {"environment": environment()}
     print(json.dumps(report["environment"], indent=2), flush=True)
     # Run order: what has never run on a GPU first (tests, the fresh-process runs, the default
-    # task's own overhead, the fisher section), so a run cut off by the device's time limit keeps
-    # the figures that matter.
+    # task's own overhead, the fisher section, the rewritten factor rules), so a run cut off by the
+    # device's time limit keeps the figures that matter.
     sections = {
         "tests": ("cuda_tests", cuda_tests),
         "cold": ("cold_start", cold_start),
         "default": ("default_task", default_task),
         "fisher": ("fisher", fisher_overhead),
+        "rules": ("factor_rules", factor_rules),
         "training": ("training", training),
         "steps": ("optimizer_step", optimizer_steps),
     }

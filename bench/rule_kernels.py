@@ -17,6 +17,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -70,6 +71,37 @@ def seconds_per_update(rule: str, shape: tuple[int, int], device: torch.device, 
     return best
 
 
+def run(device: str, shapes: list[tuple[int, int]]) -> dict[str, Any]:
+    """Kernels per update and time per update of every rule at ``shapes`` on ``device``."""
+    dev = torch.device(device)
+    ema = {shape: seconds_per_update("ema", shape, dev) for shape in shapes}
+    rows = []
+    for rule in FACTOR_RULES:
+        row: dict[str, Any] = {"rule": rule, "kernels": kernels_per_update(rule)}
+        for shape in shapes:
+            took = ema[shape] if rule == "ema" else seconds_per_update(rule, shape, dev)
+            row[f"{shape[0]}x{shape[1]}_us"] = round(1e6 * took, 1)
+            row[f"{shape[0]}x{shape[1]}_x_ema"] = round(took / ema[shape], 2)
+        rows.append(row)
+    return {"device": device, "shapes": [f"{m}x{n}" for m, n in shapes], "rows": rows}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """``run``'s result as a Markdown table (µs per update and its ratio to SOAP's EMA rule)."""
+    shapes = result["shapes"]
+    columns = " | ".join(f"{shape.replace('x', '×')} µs | × ema" for shape in shapes)
+    lines = [
+        f"| rule | kernels per update | {columns} |",
+        "|---|---:|" + "---:|---:|" * len(shapes),
+    ]
+    for row in result["rows"]:
+        cells = [str(row["kernels"])]
+        for shape in shapes:
+            cells += [f"{row[f'{shape}_us']:.1f}", f"{row[f'{shape}_x_ema']:.2f}"]
+        lines.append(f"| {row['rule']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -79,19 +111,10 @@ def main() -> int:
     parser.add_argument("--shapes", default="48x32,384x128")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = [(int(m), int(n)) for m, n in (s.split("x") for s in args.shapes.split(","))]
     print(f"Command: `python bench/rule_kernels.py {' '.join(sys.argv[1:])}`  ")
-    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} CPU threads, float32\n")
-    print("| rule | kernels per update | " + " | ".join(f"{m}×{n} µs | × ema" for m, n in shapes) + " |")
-    print("|---|---:|" + "---:|---:|" * len(shapes))
-    ema = {shape: seconds_per_update("ema", shape, device) for shape in shapes}
-    for rule in FACTOR_RULES:
-        cells = [str(kernels_per_update(rule))]
-        for shape in shapes:
-            took = ema[shape] if rule == "ema" else seconds_per_update(rule, shape, device)
-            cells += [f"{1e6 * took:.1f}", f"{took / ema[shape]:.2f}"]
-        print(f"| {rule} | " + " | ".join(cells) + " |")
+    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} CPU threads, float32\n")
+    print(markdown(run(args.device, shapes)))
     return 0
 
 

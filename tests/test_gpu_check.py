@@ -45,7 +45,11 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path: Path) -> None:
     # On the CPU "auto" means eager; on a GPU the first three say "CUDA graph", the last "eager".
     assert all("shadow updates: eager" in r["label"] for r in fisher)
     assert all(r["step_ms"] > 0 and r["report_ms"] > 0 and r["horizon"] >= 4 for r in fisher)
+    rules = report["factor_rules"]["rows"]
+    assert [r["rule"] for r in rules] == ["parallel", "sequential", "ema"]
+    assert all(r["48x32_us"] > 0 and r["kernels"] > 0 for r in rules)
     markdown = (tmp_path / "gpu_check.md").read_text()
+    assert "## Factor-rule updates" in markdown and "| parallel |" in markdown
     assert "## A fresh process's first run" in markdown and "| on | 1 | succeeded |" in markdown
     assert "## Fisher diagnostics overhead" in markdown and "overhead @ every 250" in markdown
     assert "## One optimizer step" in markdown and "| dykaf |" in markdown
@@ -60,10 +64,10 @@ def test_report_written_midway_marks_the_sections_still_to_run(tmp_path: Path) -
     finally:
         sys.path.remove(str(ROOT / "bench"))
     finished = {"environment": gpu_check.environment(), "cuda_tests": {"summary": "14 passed"}}
-    pending = ["cold_start", "default_task", "optimizer_step", "training", "fisher"]
+    pending = ["cold_start", "default_task", "optimizer_step", "training", "fisher", "factor_rules"]
     gpu_check.write_report(tmp_path, finished, pending=pending)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["cuda_tests"] == {"summary": "14 passed"}
     assert all("not run yet" in report[name]["skipped"] for name in pending)
     markdown = (tmp_path / "gpu_check.md").read_text()
-    assert "`14 passed`" in markdown and markdown.count("not run yet") == 5
+    assert "`14 passed`" in markdown and markdown.count("not run yet") == 6
