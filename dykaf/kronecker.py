@@ -115,9 +115,12 @@ def update_one_sided(factor: Tensor, grad: Tensor, beta: float, side: Literal["l
 
 
 def _scaled_unit(factor: Tensor, weight: float) -> Tensor:
-    """``weight/‖F‖ · F/‖F‖``: the unit factor with the gradient term's weight folded in."""
+    """``weight/‖F‖ · F/‖F‖``: the unit factor with the gradient term's weight folded in.
+
+    Scalars are divided by Python floats, never the reverse: ``float / tensor`` costs two kernels.
+    """
     norm = _norm(factor)
-    return factor * (weight / (norm * norm))
+    return factor / (norm * norm / weight)
 
 
 def _parallel_tall(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tuple[Tensor, Tensor]:
@@ -134,7 +137,7 @@ def _parallel_tall(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tu
     scaled_v0 = _scaled_unit(right, weight)  # (1-β)/‖R‖ · V0
     k_hat = torch.addmm(left, grad @ scaled_v0, grad.T, beta=beta)
     left_norm = _norm(left)
-    x = grad.T @ ((left @ grad) * (weight / left_norm))  # X = ĜᵀU0Ĝ
+    x = grad.T @ ((left @ grad) / (left_norm / weight))  # X = ĜᵀU0Ĝ
     m_hat = torch.add(x / left_norm, right, alpha=beta)
     k_norm, m_norm = _norm(k_hat), _norm(m_hat)
     if 2 * cols * cols < rows * rows:
@@ -180,7 +183,7 @@ def update_sequential(left: Tensor, right: Tensor, grad: Tensor, beta: float) ->
     k_hat = torch.addmm(left, grad @ _scaled_unit(right, weight), grad.T, beta=beta)
     k_norm = _norm(k_hat)
     s_tilde_v0 = right * (beta * _dot(left, k_hat) / k_norm)
-    m_mat = torch.addmm(s_tilde_v0, grad.T, (k_hat @ grad) * (weight / k_norm))
+    m_mat = torch.addmm(s_tilde_v0, grad.T, (k_hat @ grad) / (k_norm / weight))
     root = _norm(m_mat).sqrt()
     return k_hat * (root / k_norm), m_mat / root
 
