@@ -234,6 +234,7 @@ def _topology(root: Path, cores_of_cpus: dict[int, tuple[int, int]]) -> Path:
     return root
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="affinity and sysfs are Linux's")
 def test_hyperthreads_of_one_core_are_not_spare_cores(tmp_path: Path) -> None:
     """On an SMT machine torch's default (one thread per physical core) leaves no spare core."""
     cpus = sorted(os.sched_getaffinity(0))
