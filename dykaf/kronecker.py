@@ -114,13 +114,15 @@ def update_one_sided(factor: Tensor, grad: Tensor, beta: float, side: Literal["l
 # wider range of gradient scales (tests/test_kronecker.py).
 
 
-def _scaled_unit(factor: Tensor, weight: float) -> Tensor:
-    """``weight/‖F‖ · F/‖F‖``: the unit factor with the gradient term's weight folded in.
+def _k_hat(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """``(K̂, (1-β)/‖R‖ · V0)``: both rules' first matrix and the scaled unit factor it was built
+    from (the parallel rule reuses it in its Galerkin term).
 
     Scalars are divided by Python floats, never the reverse: ``float / tensor`` costs two kernels.
     """
-    norm = _norm(factor)
-    return factor / (norm * norm / weight)
+    norm = _norm(right)
+    scaled_v0 = right / (norm * norm / (1.0 - beta))
+    return torch.addmm(left, grad @ scaled_v0, grad.T, beta=beta), scaled_v0
 
 
 def _parallel_tall(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tuple[Tensor, Tensor]:
@@ -134,8 +136,7 @@ def _parallel_tall(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tu
     """
     weight = 1.0 - beta
     rows, cols = grad.shape
-    scaled_v0 = _scaled_unit(right, weight)  # (1-β)/‖R‖ · V0
-    k_hat = torch.addmm(left, grad @ scaled_v0, grad.T, beta=beta)
+    k_hat, scaled_v0 = _k_hat(left, right, grad, beta)
     left_norm = _norm(left)
     x = grad.T @ ((left @ grad) / (left_norm / weight))  # X = ĜᵀU0Ĝ
     m_hat = torch.add(x / left_norm, right, alpha=beta)
@@ -180,7 +181,7 @@ def update_sequential(left: Tensor, right: Tensor, grad: Tensor, beta: float) ->
     ``S̃V0 = β⟨L,K̂⟩/‖K̂‖ · R`` and ``ĜᵀU1Ĝ = Gᵀ(K̂G)·(1-β)/‖K̂‖``.
     """
     weight = 1.0 - beta
-    k_hat = torch.addmm(left, grad @ _scaled_unit(right, weight), grad.T, beta=beta)
+    k_hat, _ = _k_hat(left, right, grad, beta)
     k_norm = _norm(k_hat)
     s_tilde_v0 = right * (beta * _dot(left, k_hat) / k_norm)
     m_mat = torch.addmm(s_tilde_v0, grad.T, (k_hat @ grad) / (k_norm / weight))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -81,9 +82,15 @@ def available_cores(topology: Path = CPU_TOPOLOGY) -> int:
     unreadable (not Linux, a restricted container) the logical count stands in.
     """
     try:
-        cpus = sorted(os.sched_getaffinity(0))
+        cpus = tuple(sorted(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+    return _physical_cores(topology, cpus)
+
+
+@functools.lru_cache(maxsize=8)
+def _physical_cores(topology: Path, cpus: tuple[int, ...]) -> int:
+    """Distinct (package, core) pairs of ``cpus``; read once per mask, as every report asks."""
     cores: set[tuple[str, str]] = set()
     for cpu in cpus:
         place = topology / f"cpu{cpu}" / "topology"
