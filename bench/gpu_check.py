@@ -92,8 +92,8 @@ def cuda_tests(dry_run: bool) -> dict[str, Any]:
     """Run the suite's CUDA-marked tests (on CPU they all skip; the dry run checks the plumbing)."""
     if missing("pytest"):
         return {"skipped": "pytest is not installed"}
-    files = [str(p) for p in sorted((ROOT / "tests").glob("test_*.py")) if "cuda" in p.read_text()]
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "-rfEs", *files]
+    files = [str(p) for p in sorted((ROOT / "tests").rglob("test_*.py")) if "cuda" in p.read_text()]
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfEs", *files]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     tail = proc.stdout.strip().splitlines()[-1:] or [proc.stderr.strip()[-300:]]

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.browser_support import launch_chromium  # noqa: E402
+from tests.support.browser import launch_chromium  # noqa: E402
 
 WIDTH = 1366
 

@@ -111,7 +111,7 @@ def update_one_sided(factor: Tensor, grad: Tensor, beta: float, side: Literal["l
 # add and a temporary. On the large side only reductions and one final scaling remain. On two CPU
 # threads this took 9–19 % off an update at 384×128 to 768×768 and half at 1024×256, whose 4 MiB
 # ``m × m`` passes are memory-bound (BENCHMARKS.md §1), and float32 updates stay accurate over a
-# wider range of gradient scales (tests/test_kronecker.py).
+# wider range of gradient scales (tests/dykaf/test_kronecker.py).
 
 
 def _k_hat(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,73 @@
+"""The GPU check script runs end to end on the CPU in dry-run mode (so it works before a GPU is lent)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(tmp_path), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["environment"]["torch"]
+    assert "summary" in report["cuda_tests"], report["cuda_tests"]
+    shapes = {row["shape"] for row in report["optimizer_step"]["rows"]}
+    optimizers = {row["optimizer"] for row in report["optimizer_step"]["rows"]}
+    assert shapes == {"16x16", "16x48", "16x64", "64x16"}
+    assert optimizers == {"adamw", "soap", "dykaf", "dykaf-rank1", "muon"}
+    runs = report["training"]["runs"]
+    assert [r["optimizer"] for r in runs] == ["adamw", "soap", "dykaf"]
+    assert all(r["status"] == "succeeded" and r["final_val_loss"] > 0 for r in runs)
+    assert all(r["fisher_overhead"] > 0 for r in runs)  # diagnostics on by default, self-measured
+    cold = report["cold_start"]["runs"]  # two fresh processes: warm-up off, then on; two passes each
+    assert [(r["warm_up"], r["pass"]) for r in cold] == [("off", "1"), ("off", "2"), ("on", "1"), ("on", "2")]
+    assert all(
+        r["status"] == "succeeded" and r["fisher_time_s"] > 0 and "@" in r["largest_calls"] for r in cold
+    )
+    assert all(r["device_warmup_s"] == 0.0 for r in cold)  # the CPU is never warmed
+    default = report["default_task"]["runs"]  # bench/default_task.yaml through the worker code path
+    assert [r["optimizer"] for r in default] == ["adamw", "soap", "dykaf"]
+    assert all(r["status"] == "succeeded" and r["fisher_overhead"] > 0 for r in default)
+    assert all(r["fisher_rows"] > 0 for r in default)  # its reports were stored
+    fisher = report["fisher"]["rows"]
+    assert [r["label"].split()[0] for r in fisher] == ["adamw", "soap", "dykaf", "adamw"]
+    # On the CPU "auto" means eager; on a GPU the first three say "CUDA graph", the last "eager".
+    assert all("shadow updates: eager" in r["label"] for r in fisher)
+    assert all(r["step_ms"] > 0 and r["report_ms"] > 0 and r["horizon"] >= 4 for r in fisher)
+    rules = report["factor_rules"]["rows"]
+    assert [r["rule"] for r in rules] == ["parallel", "sequential", "ema"]
+    assert all(r["48x32_us"] > 0 and r["kernels"] > 0 for r in rules)
+    markdown = (tmp_path / "gpu_check.md").read_text()
+    assert "## Factor-rule updates" in markdown and "| parallel |" in markdown
+    assert "## A fresh process's first run" in markdown and "| on | 1 | succeeded |" in markdown
+    assert "## Fisher diagnostics overhead" in markdown and "overhead @ every 250" in markdown
+    assert "## One optimizer step" in markdown and "| dykaf |" in markdown
+
+
+def test_report_written_midway_marks_the_sections_still_to_run(tmp_path: Path) -> None:
+    # main() rewrites the report after every section, so a run cut off by a lent GPU's time limit
+    # still leaves what finished; the sections that did not run are marked, not silently empty.
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    finished = {"environment": gpu_check.environment(), "cuda_tests": {"summary": "14 passed"}}
+    pending = ["cold_start", "default_task", "optimizer_step", "training", "fisher", "factor_rules"]
+    gpu_check.write_report(tmp_path, finished, pending=pending)
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["cuda_tests"] == {"summary": "14 passed"}
+    assert all("not run yet" in report[name]["skipped"] for name in pending)
+    markdown = (tmp_path / "gpu_check.md").read_text()
+    assert "`14 passed`" in markdown and markdown.count("not run yet") == 6
