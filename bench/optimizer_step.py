@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dykaf import registry
+from dykaf.baselines import registry
 
 OPTIMIZERS = ("adamw", "soap", "dykaf", "dykaf-rank1", "muon", "shampoo")
 FREQUENCY = 10

@@ -12,7 +12,7 @@ Every rule tracks the exponential moving average of the empirical Fisher of one 
 These functions are shared by the optimizer and by the Fisher diagnostics' shadow estimators, so
 that a diagnostic "DyKAF factor" is exactly what the optimizer would hold. They never modify their
 inputs (in particular never the gradient) and never form an ``mn × mn`` matrix. See
-``shared/docs/dykaf-math.md`` for the derivation; names below follow it.
+``dykaf/docs/math.md`` for the derivation; names below follow it.
 """
 
 from __future__ import annotations

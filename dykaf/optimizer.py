@@ -1,6 +1,6 @@
 """The DyKAF optimizer: Kronecker factors of the Fisher, Adam in their eigenbasis.
 
-One engine, three factor rules (``shared/docs/dykaf-math.md``):
+One engine, three factor rules (``dykaf/docs/math.md``):
 
 * ``parallel`` (default) and ``sequential`` — DyKAF's projector-splitting integrators;
 * ``ema`` — Shampoo/SOAP statistics, which makes this engine SOAP (exported as :class:`SOAP`).
@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from dykaf import eigenbasis, kronecker
-from dykaf.options import DEFAULTS, factor_beta, validate_hyperparameters
+from dykaf.options import DEFAULTS, DyKAFConfig, factor_beta
 from dykaf.second_moment import rank1_denominator, update_rank1
 
 
@@ -82,7 +82,7 @@ def matrix_shape(param: Tensor, precondition_1d: bool) -> tuple[int, int] | None
 
 
 class DyKAF(Optimizer):
-    """DyKAF (arXiv 2511.06477) with the fixes listed in ``shared/docs/dykaf-math.md``.
+    """DyKAF (arXiv 2511.06477) with the fixes listed in ``dykaf/docs/math.md``.
 
     Args:
         params: parameters or param groups.
@@ -127,12 +127,12 @@ class DyKAF(Optimizer):
             "init": init,
             "precondition_1d": precondition_1d,
         }
-        validate_hyperparameters(defaults)
+        DyKAFConfig.from_group(defaults)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        validate_hyperparameters(self.param_groups[-1])
+        DyKAFConfig.from_group(self.param_groups[-1])
 
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()

@@ -1,84 +1,88 @@
-"""Hyperparameter defaults and validation for the DyKAF engine.
+"""The DyKAF engine's hyperparameters: one validated config, :class:`DyKAFConfig`.
 
-Validation lives in one function used both at construction and by ``add_param_group`` so that a bad
-value in any param group is caught before the first step, with a message that names the argument
-and the values it accepts (the registry and the REST API surface these messages verbatim).
+``DyKAF(params, lr=..., betas=..., ...)`` keeps torch's keyword arguments and param-group dicts;
+every group (at construction and in ``add_param_group``) is checked by building a ``DyKAFConfig``
+from it, so a bad value in any group is refused before the first step with a message naming the
+argument and its range. The registry serves the same config's schema to the REST API and the
+dashboard (``dykaf.baselines.registry``), so the library and the service accept the same values.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
-from dykaf.kronecker import FACTOR_RULES, INIT_RULES
+from dykaf.config import (
+    HyperparameterError,
+    OptimizerConfig,
+    decay,
+    decoupled_weight_decay,
+    epsilon,
+    hyperparameter,
+    learning_rate,
+)
+from dykaf.kronecker import FactorRule, InitRule
 
-SECOND_MOMENTS: tuple[str, ...] = ("full", "rank1")
-
-DEFAULTS: dict[str, Any] = {
-    "lr": 3e-3,
-    "betas": (0.95, 0.95),
-    "shampoo_beta": None,
-    "eps": 1e-8,
-    "weight_decay": 0.01,
-    "precondition_frequency": 10,
-    "max_precond_dim": 10000,
-    "factor_rule": "parallel",
-    "second_moment": "full",
-    "init": "kron",
-    "precondition_1d": False,
-}
+SecondMoment = Literal["full", "rank1"]
+SECOND_MOMENTS: tuple[str, ...] = get_args(SecondMoment)
 
 
-def _finite_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+@dataclass(frozen=True, kw_only=True)
+class DyKAFConfig(OptimizerConfig):
+    """DyKAF's and SOAP's hyperparameters (defaults: the authors' public code; see dykaf/docs/math.md)."""
+
+    lr: float = learning_rate(3e-3)
+    beta1: float = decay(0.95, "first-moment decay β1")
+    beta2: float = decay(0.95, "second-moment decay β2")
+    shampoo_beta: float | None = decay(None, "factor decay β (null: β2)")
+    eps: float = epsilon(1e-8)
+    weight_decay: float = decoupled_weight_decay(0.01)
+    precondition_frequency: int = hyperparameter(
+        10, "steps between eigenbasis refreshes", minimum=1, maximum=100000
+    )
+    max_precond_dim: int = hyperparameter(
+        10000, "sides longer than this get no factor (identity rotation)", minimum=0, maximum=65536
+    )
+    precondition_1d: bool = hyperparameter(False, "precondition 1-D params instead of Adam")
+    factor_rule: FactorRule = hyperparameter(
+        "parallel", "factor update: projector splitting (parallel, sequential) or SOAP's EMA (ema)"
+    )
+    second_moment: SecondMoment = hyperparameter(
+        "full", "Adam's second moment in the eigenbasis: full, or rank1 (no m×n buffer)"
+    )
+    init: InitRule = hyperparameter("kron", "factor initialisation of the projector-splitting rules")
+
+    @property
+    def factor_beta(self) -> float:
+        """The factor decay β: ``shampoo_beta`` when set, else ``β2`` (the public code's default)."""
+        return self.beta2 if self.shampoo_beta is None else self.shampoo_beta
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """``DyKAF``'s keyword arguments (``betas`` as a pair), i.e. its param-group defaults."""
+        values = self.as_dict()
+        values["betas"] = (values.pop("beta1"), values.pop("beta2"))
+        return values
+
+    @classmethod
+    def from_group(cls, group: Mapping[str, Any]) -> DyKAFConfig:
+        """Validate a param group (keys as ``DyKAF``'s keyword arguments; others, such as ``params``
+        or a scheduler's ``initial_lr``, are ignored). Errors name ``betas[0]``, not ``beta1``."""
+        betas = group["betas"]
+        if not isinstance(betas, tuple | list) or len(betas) != 2:
+            raise HyperparameterError("betas", "a pair (beta1, beta2), each >= 0 and < 1", betas)
+        names = set(cls.hyperparameters()) - {"beta1", "beta2"}
+        try:
+            return cls(beta1=betas[0], beta2=betas[1], **{k: group[k] for k in names})
+        except HyperparameterError as error:
+            raise error.renamed({"beta1": "betas[0]", "beta2": "betas[1]"}) from None
 
 
-def _in_unit_interval(name: str, value: Any) -> None:
-    number = _finite_number(name, value)
-    if not 0.0 <= number < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def validate_hyperparameters(group: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first invalid hyperparameter of a param group."""
-    if _finite_number("lr", group["lr"]) < 0:
-        raise ValueError(f"lr must be >= 0, got {group['lr']!r}")
-    betas = group["betas"]
-    if not isinstance(betas, tuple | list) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2) with each in [0, 1), got {betas!r}")
-    _in_unit_interval("betas[0]", betas[0])
-    _in_unit_interval("betas[1]", betas[1])
-    if group["shampoo_beta"] is not None:
-        _in_unit_interval("shampoo_beta", group["shampoo_beta"])
-    if _finite_number("eps", group["eps"]) <= 0:
-        raise ValueError(f"eps must be > 0, got {group['eps']!r}")
-    if _finite_number("weight_decay", group["weight_decay"]) < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
-    _positive_int("precondition_frequency", group["precondition_frequency"])
-    max_dim = group["max_precond_dim"]
-    if isinstance(max_dim, bool) or not isinstance(max_dim, int) or max_dim < 0:
-        raise ValueError(f"max_precond_dim must be an integer >= 0, got {max_dim!r}")
-    _choice("factor_rule", group["factor_rule"], FACTOR_RULES)
-    _choice("second_moment", group["second_moment"], SECOND_MOMENTS)
-    _choice("init", group["init"], INIT_RULES)
-    if not isinstance(group["precondition_1d"], bool):
-        raise ValueError(f"precondition_1d must be true or false, got {group['precondition_1d']!r}")
+# DyKAF's keyword defaults, derived from the config so they cannot drift from it.
+DEFAULTS: dict[str, Any] = DyKAFConfig().as_kwargs()
 
 
 def factor_beta(group: Mapping[str, Any]) -> float:
-    """The factor decay β: ``shampoo_beta`` when set, else ``β2`` (the public code's default)."""
+    """The factor decay β of a param group: ``shampoo_beta`` when set, else ``β2``."""
     beta = group["shampoo_beta"]
     return float(group["betas"][1] if beta is None else beta)

@@ -230,7 +230,7 @@ HyperValue = Annotated[
 def _registry() -> Any | None:
     """The optimizer registry, or None while ``dykaf.registry`` is not installed (checks are skipped)."""
     try:
-        from dykaf import registry
+        from dykaf.baselines import registry
     except ImportError:
         return None
     return registry

@@ -1,181 +1,102 @@
 """Every optimizer the service can run, by name, with a hyperparameter schema.
 
 The schema (type, default, range, help) is what the REST API validates against and what the
-dashboard renders as a form, so it is data, not code. Baselines come from well-kept libraries:
-``torch.optim`` (AdamW, Adafactor, Muon) and ``pytorch-optimizer`` (grafted ScalableShampoo, PSGD Kron); only
-DyKAF and SOAP (one engine) are written here.
+dashboard renders as a form, so it is data, not code: each entry names its config dataclass
+(:class:`dykaf.options.DyKAFConfig`, :mod:`dykaf.baselines.configs`) and the schema is derived from
+it, so the values the form offers are exactly those the config accepts. Baselines come from
+well-kept libraries: ``torch.optim`` (AdamW, Adafactor, Muon) and ``pytorch-optimizer`` (grafted
+ScalableShampoo, PSGD Kron); only DyKAF and SOAP (one engine) are written here.
 
-Routing follows practice: Muon takes hidden 2-D matrices and AdamW the embeddings, head and 1-D
-params; Shampoo takes matrices whose every side fits ``max_precond_dim`` and AdamW the rest; the
-DyKAF engine runs 1-D params as Adam itself.
+Routing follows practice (``roles.py``): Muon takes hidden 2-D matrices and AdamW the embeddings,
+head and 1-D params; Shampoo takes matrices whose every side fits ``max_precond_dim`` and AdamW the
+rest; the DyKAF engine runs 1-D params as Adam itself.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from dykaf import roles as role_names
+from dykaf.baselines import roles as role_names
+from dykaf.baselines.configs import (
+    AdafactorConfig,
+    AdamWConfig,
+    MuonConfig,
+    PSGDKronConfig,
+    ShampooConfig,
+)
+from dykaf.baselines.optional import pytorch_optimizer
+from dykaf.baselines.roles import resolve_roles
+from dykaf.baselines.routed import RoutedOptimizer
+from dykaf.baselines.shampoo_state import shampoo_class
+from dykaf.config import Hyperparameter, OptimizerConfig
 from dykaf.optimizer import DyKAF
-from dykaf.roles import resolve_roles
-from dykaf.routed import RoutedOptimizer
+from dykaf.options import DyKAFConfig
 
-
-@dataclass(frozen=True)
-class Hyperparameter:
-    """One hyperparameter's schema entry (JSON-schema-like, rendered by the dashboard)."""
-
-    type: str  # "number" | "integer" | "boolean" | "string"
-    default: Any
-    help: str
-    minimum: float | None = None
-    maximum: float | None = None
-    exclusive_minimum: float | None = None
-    exclusive_maximum: float | None = None
-    enum: tuple[str, ...] | None = None
-    log_scale: bool = False
-    nullable: bool = False
-
-    def as_schema(self) -> dict[str, Any]:
-        schema = {k: v for k, v in asdict(self).items() if v is not None and v is not False}
-        if self.enum is not None:
-            schema["enum"] = list(self.enum)
-        schema.setdefault("default", self.default)
-        return schema
-
-    def check(self, name: str, value: Any) -> Any:
-        """Return the value (ints promoted for numbers) or raise ``ValueError`` naming ``name``."""
-        if value is None and self.nullable:
-            return None
-        if self.type == "boolean":
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be true or false, got {value!r}")
-            return value
-        if self.type == "string":
-            if value not in (self.enum or ()):
-                raise ValueError(
-                    f"{name} must be one of {', '.join(map(repr, self.enum or ()))}; got {value!r}"
-                )
-            return value
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{name} must be a {self.type}, got {value!r}")
-        if self.type == "integer" and not (isinstance(value, int) or float(value).is_integer()):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value!r}")
-        value = int(value) if self.type == "integer" else float(value)
-        self._check_range(name, value)
-        return value
-
-    def _check_range(self, name: str, value: float) -> None:
-        bounds = []
-        if self.minimum is not None:
-            bounds.append(f">= {self.minimum:g}")
-        if self.exclusive_minimum is not None:
-            bounds.append(f"> {self.exclusive_minimum:g}")
-        if self.maximum is not None:
-            bounds.append(f"<= {self.maximum:g}")
-        if self.exclusive_maximum is not None:
-            bounds.append(f"< {self.exclusive_maximum:g}")
-        ok = (
-            (self.minimum is None or value >= self.minimum)
-            and (self.exclusive_minimum is None or value > self.exclusive_minimum)
-            and (self.maximum is None or value <= self.maximum)
-            and (self.exclusive_maximum is None or value < self.exclusive_maximum)
-        )
-        if not ok:
-            raise ValueError(f"{name} must be {' and '.join(bounds)}, got {value!r}")
-
-
-def _lr(default: float) -> Hyperparameter:
-    return Hyperparameter("number", default, "learning rate", exclusive_minimum=0, maximum=10, log_scale=True)
-
-
-def _beta(default: float, what: str) -> Hyperparameter:
-    return Hyperparameter("number", default, what, minimum=0, exclusive_maximum=1)
-
-
-def _weight_decay(default: float) -> Hyperparameter:
-    return Hyperparameter("number", default, "decoupled weight decay", minimum=0, maximum=1)
-
-
-_EPS = Hyperparameter("number", 1e-8, "Adam's epsilon", exclusive_minimum=0, maximum=1, log_scale=True)
-
-_ENGINE_COMMON: dict[str, Hyperparameter] = {
-    "lr": _lr(3e-3),
-    "beta1": _beta(0.95, "first-moment decay β1"),
-    "beta2": _beta(0.95, "second-moment decay β2"),
-    "shampoo_beta": Hyperparameter(
-        "number", None, "factor decay β (null: β2)", minimum=0, exclusive_maximum=1, nullable=True
-    ),
-    "eps": _EPS,
-    "weight_decay": _weight_decay(0.01),
-    "precondition_frequency": Hyperparameter(
-        "integer", 10, "steps between eigenbasis refreshes", minimum=1, maximum=100000
-    ),
-    "max_precond_dim": Hyperparameter(
-        "integer", 10000, "sides longer than this get no factor (identity rotation)", minimum=0, maximum=65536
-    ),
-    "precondition_1d": Hyperparameter("boolean", False, "precondition 1-D params instead of Adam"),
-}
-_INIT = Hyperparameter("string", "kron", "factor initialisation", enum=("kron", "eps"))
+Triples = list[tuple[str, Tensor, str]]
 
 
 @dataclass(frozen=True)
 class OptimizerEntry:
-    """A registry entry: schema plus a builder taking resolved ``(name, param, role)`` triples."""
+    """A registry entry: its config class, the config fields the entry fixes (``preset``: e.g. the
+    factor rule that makes the engine DyKAF or SOAP; they are not in its schema) and a builder taking
+    resolved ``(name, param, role)`` triples and the validated config."""
 
     name: str
     description: str
     source: str
-    hyperparameters: Mapping[str, Hyperparameter]
-    build: Callable[[list[tuple[str, Tensor, str]], dict[str, Any]], Optimizer]
-    fixed: Mapping[str, Any] = field(default_factory=dict)
+    config: type[OptimizerConfig]
+    build: Callable[[Triples, Any], Optimizer]
+    preset: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def hyperparameters(self) -> dict[str, Hyperparameter]:
+        """The user-settable hyperparameters (the config's fields less the preset ones)."""
+        return {k: h for k, h in self.config.hyperparameters().items() if k not in self.preset}
+
+    def configure(self, hyperparameters: Mapping[str, Any] | None) -> OptimizerConfig:
+        """The validated config; ``ValueError`` names the bad or unknown field."""
+        return self.config.from_mapping(hyperparameters or {}, owner=self.name, preset=self.preset)
 
     def schema(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "description": self.description,
             "source": self.source,
-            "hyperparameters": {k: h.as_schema() for k, h in self.hyperparameters.items()},
+            "hyperparameters": self.config.schema(exclude=self.preset),
         }
 
 
-def _params(triples: list[tuple[str, Tensor, str]]) -> list[Tensor]:
+def _params(triples: Triples) -> list[Tensor]:
     return [p for _, p, _ in triples]
 
 
-def _engine_builder(**fixed: Any) -> Callable[[list[tuple[str, Tensor, str]], dict[str, Any]], Optimizer]:
-    def build(triples: list[tuple[str, Tensor, str]], hp: dict[str, Any]) -> Optimizer:
-        kwargs = dict(hp)
-        kwargs["betas"] = (kwargs.pop("beta1"), kwargs.pop("beta2"))
-        return DyKAF(_params(triples), **kwargs, **fixed)
-
-    return build
+def _build_engine(triples: Triples, config: DyKAFConfig) -> Optimizer:
+    return DyKAF(_params(triples), **config.as_kwargs())
 
 
 def _adamw(params: list[Tensor], lr: float, beta1: float, beta2: float, eps: float, wd: float) -> Optimizer:
     return torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd)
 
 
-def _build_adamw(triples: list[tuple[str, Tensor, str]], hp: dict[str, Any]) -> Optimizer:
-    return _adamw(_params(triples), hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"])
+def _build_adamw(triples: Triples, config: AdamWConfig) -> Optimizer:
+    c = config
+    return _adamw(_params(triples), c.lr, c.beta1, c.beta2, c.eps, c.weight_decay)
 
 
-def _build_adafactor(triples: list[tuple[str, Tensor, str]], hp: dict[str, Any]) -> Optimizer:
+def _build_adafactor(triples: Triples, config: AdafactorConfig) -> Optimizer:
     return torch.optim.Adafactor(
         _params(triples),
-        lr=hp["lr"],
-        beta2_decay=hp["beta2_decay"],
-        eps=(None, hp["eps2"]),
-        d=hp["clip_threshold"],
-        weight_decay=hp["weight_decay"],
+        lr=config.lr,
+        beta2_decay=config.beta2_decay,
+        eps=(None, config.eps2),
+        d=config.clip_threshold,
+        weight_decay=config.weight_decay,
     )
 
 
@@ -184,184 +105,133 @@ def _routed(
     primary: list[Tensor],
     rest: list[Tensor],
     make_primary: Callable[[list[Tensor]], Optimizer],
-    hp: dict[str, Any],
+    config: MuonConfig | ShampooConfig,
 ) -> Optimizer:
+    """``primary`` to the method, ``rest`` to AdamW with the config's ``adamw_*`` hyperparameters."""
+    c = config
     parts: dict[str, Optimizer] = {}
     if primary:
         parts[primary_name] = make_primary(primary)
     if rest:
         parts["adamw"] = _adamw(
-            rest,
-            hp["adamw_lr"],
-            hp["adamw_beta1"],
-            hp["adamw_beta2"],
-            hp["adamw_eps"],
-            hp["adamw_weight_decay"],
+            rest, c.adamw_lr, c.adamw_beta1, c.adamw_beta2, c.adamw_eps, c.adamw_weight_decay
         )
     return RoutedOptimizer(parts)
 
 
-def _build_muon(triples: list[tuple[str, Tensor, str]], hp: dict[str, Any]) -> Optimizer:
+def _build_muon(triples: Triples, config: MuonConfig) -> Optimizer:
     hidden = [p for _, p, role in triples if role == role_names.HIDDEN and p.ndim == 2]
     rest = [p for _, p, role in triples if not (role == role_names.HIDDEN and p.ndim == 2)]
 
     def make(params: list[Tensor]) -> Optimizer:
         return torch.optim.Muon(
             params,
-            lr=hp["lr"],
-            weight_decay=hp["weight_decay"],
-            momentum=hp["momentum"],
-            nesterov=hp["nesterov"],
-            ns_steps=hp["ns_steps"],
-            adjust_lr_fn=hp["adjust_lr_fn"],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            ns_steps=config.ns_steps,
+            adjust_lr_fn=config.adjust_lr_fn,
         )
 
-    return _routed("muon", hidden, rest, make, hp)
+    return _routed("muon", hidden, rest, make, config)
 
 
-GRAFTS = ("rmsprop", "adagrad", "sgd", "none")
-
-
-def _build_shampoo(triples: list[tuple[str, Tensor, str]], hp: dict[str, Any]) -> Optimizer:
+def _build_shampoo(triples: Triples, config: ShampooConfig) -> Optimizer:
     """Shampoo as practitioners run it: pytorch-optimizer's ``ScalableShampoo`` (a port of Google's
     scalable_shampoo), i.e. EMA Kronecker statistics with inverse roots every few steps, blocked
     large sides, Nesterov momentum and layer-wise grafting. Grafting (Agarwal et al. 2020) takes each
     layer's update *direction* from Shampoo and its *size* from RMSProp, which is what makes Shampoo
     competitive with Adam in practice; the library's plain ``Shampoo`` (the 2018 AdaGrad-sum version
-    without grafting) reached only 4.58 where AdamW reached 2.36 on the convergence task, so it would
-    make a straw-man baseline."""
-    from pytorch_optimizer.optimizer.utils.graft import LayerWiseGrafting
-
-    from dykaf.shampoo_state import shampoo_class
-
-    limit = hp["max_precond_dim"]
+    without grafting) trails AdamW far behind on a language model, so it would make a straw-man
+    baseline."""
+    graft_types = pytorch_optimizer("shampoo", "optimizer.utils.graft").LayerWiseGrafting
+    limit = config.max_precond_dim
     fits = [p for _, p, _ in triples if p.ndim >= 2 and max(p.shape) <= limit]
     rest = [p for _, p, _ in triples if not (p.ndim >= 2 and max(p.shape) <= limit)]
-    graft = LayerWiseGrafting[hp["graft"].upper()]  # GRAFTS are the enum's member names
 
     def make(params: list[Tensor]) -> Optimizer:
         optimizer = shampoo_class()(
             params,
-            lr=hp["lr"],
-            betas=(hp["beta1"], hp["beta2"]),
+            lr=config.lr,
+            betas=(config.beta1, config.beta2),
             moving_average_for_momentum=True,  # an EMA like Adam's β1, so lr means what it means there
-            weight_decay=hp["weight_decay"],
+            weight_decay=config.weight_decay,
             decoupled_weight_decay=True,
-            start_preconditioning_step=hp["start_preconditioning_step"],
-            preconditioning_compute_steps=hp["precondition_frequency"],
-            block_size=hp["block_size"],
+            start_preconditioning_step=config.start_preconditioning_step,
+            preconditioning_compute_steps=config.precondition_frequency,
+            block_size=config.block_size,
             # Off: the library would otherwise flatten any matrix with ≤ block_size entries into a
             # vector and run grafted RMSProp on it; Shampoo preconditions every matrix as a matrix.
             shape_interpretation=False,
-            inverse_exponent_override=hp["inverse_root"],
-            graft_type=graft,
-            nesterov=hp["nesterov"],
-            matrix_eps=hp["matrix_eps"],
+            inverse_exponent_override=config.inverse_root,
+            graft_type=graft_types[config.graft.upper()],  # GRAFTS are the enum's member names
+            nesterov=config.nesterov,
+            matrix_eps=config.matrix_eps,
         )
         # The group key the Fisher probes read as "this optimizer's Kronecker-factor decay"
         # (dykaf.fisher.monitor.optimizer_beta), as on DyKAF/SOAP groups; the library ignores it.
         for group in optimizer.param_groups:
-            group["shampoo_beta"] = hp["beta2"]
+            group["shampoo_beta"] = config.beta2
         return optimizer
 
-    return _routed("shampoo", fits, rest, make, hp)
+    return _routed("shampoo", fits, rest, make, config)
 
 
-def _build_psgd_kron(triples: list[tuple[str, Tensor, str]], hp: dict[str, Any]) -> Optimizer:
-    from pytorch_optimizer import Kron
-
-    return Kron(
+def _build_psgd_kron(triples: Triples, config: PSGDKronConfig) -> Optimizer:
+    return pytorch_optimizer("psgd-kron").Kron(
         _params(triples),
-        lr=hp["lr"],
-        momentum=hp["momentum"],
-        weight_decay=hp["weight_decay"],
-        max_size_triangular=hp["max_size_triangular"],
-        pre_conditioner_update_probability=hp["preconditioner_update_probability"],
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        max_size_triangular=config.max_size_triangular,
+        pre_conditioner_update_probability=config.preconditioner_update_probability,
     )
 
-
-_ADAMW_SIDE: dict[str, Hyperparameter] = {
-    "adamw_lr": _lr(3e-3),
-    "adamw_beta1": _beta(0.9, "AdamW β1 for embeddings, head and 1-D params"),
-    "adamw_beta2": _beta(0.95, "AdamW β2 for embeddings, head and 1-D params"),
-    "adamw_eps": _EPS,
-    "adamw_weight_decay": _weight_decay(0.01),
-}
 
 _ENTRIES: list[OptimizerEntry] = [
     OptimizerEntry(
         "dykaf",
         "DyKAF: projector-splitting (parallel) Kronecker factors of the Fisher, Adam in their eigenbasis",
         "dykaf",
-        {**_ENGINE_COMMON, "init": _INIT},
-        _engine_builder(factor_rule="parallel", second_moment="full"),
+        DyKAFConfig,
+        _build_engine,
+        preset={"factor_rule": "parallel", "second_moment": "full"},
     ),
     OptimizerEntry(
         "dykaf-seq",
         "DyKAF with the sequential (Lubich–Oseledets KSL) projector-splitting factor update",
         "dykaf",
-        {**_ENGINE_COMMON, "init": _INIT},
-        _engine_builder(factor_rule="sequential", second_moment="full"),
+        DyKAFConfig,
+        _build_engine,
+        preset={"factor_rule": "sequential", "second_moment": "full"},
     ),
     OptimizerEntry(
         "dykaf-rank1",
         "DyKAF with a rank-1 second moment (no m×n buffer: memory saver)",
         "dykaf",
-        {**_ENGINE_COMMON, "init": _INIT},
-        _engine_builder(factor_rule="parallel", second_moment="rank1"),
+        DyKAFConfig,
+        _build_engine,
+        preset={"factor_rule": "parallel", "second_moment": "rank1"},
     ),
     OptimizerEntry(
         "soap",
         "SOAP: Shampoo's EMA factors, Adam in their eigenbasis (the DyKAF engine with factor_rule=ema)",
         "dykaf",
-        dict(_ENGINE_COMMON),
-        _engine_builder(factor_rule="ema", second_moment="full"),
+        DyKAFConfig,
+        _build_engine,
+        # ``init`` belongs to the projector-splitting rules; the ema rule starts from zero.
+        preset={"factor_rule": "ema", "second_moment": "full", "init": "kron"},
     ),
+    OptimizerEntry("adamw", "AdamW (torch.optim.AdamW)", "torch.optim", AdamWConfig, _build_adamw),
     OptimizerEntry(
-        "adamw",
-        "AdamW (torch.optim.AdamW)",
-        "torch.optim",
-        {
-            "lr": _lr(3e-3),
-            "beta1": _beta(0.9, "first-moment decay β1"),
-            "beta2": _beta(0.95, "second-moment decay β2"),
-            "eps": _EPS,
-            "weight_decay": _weight_decay(0.01),
-        },
-        _build_adamw,
-    ),
-    OptimizerEntry(
-        "adafactor",
-        "Adafactor (torch.optim.Adafactor)",
-        "torch.optim",
-        {
-            "lr": _lr(1e-2),
-            "beta2_decay": Hyperparameter(
-                "number", -0.8, "second-moment decay exponent", minimum=-1, maximum=0
-            ),
-            "eps2": Hyperparameter("number", 1e-3, "relative step epsilon", exclusive_minimum=0, maximum=1),
-            "clip_threshold": Hyperparameter(
-                "number", 1.0, "update clipping threshold d", exclusive_minimum=0
-            ),
-            "weight_decay": _weight_decay(0.0),
-        },
-        _build_adafactor,
+        "adafactor", "Adafactor (torch.optim.Adafactor)", "torch.optim", AdafactorConfig, _build_adafactor
     ),
     OptimizerEntry(
         "muon",
         "Muon (torch.optim.Muon) on hidden matrices, AdamW on embeddings, head and 1-D params",
         "torch.optim",
-        {
-            "lr": _lr(0.02),
-            "momentum": _beta(0.95, "momentum"),
-            "nesterov": Hyperparameter("boolean", True, "Nesterov momentum"),
-            "ns_steps": Hyperparameter("integer", 5, "Newton–Schulz iterations", minimum=1, maximum=20),
-            "weight_decay": _weight_decay(0.01),
-            "adjust_lr_fn": Hyperparameter(
-                "string", "original", "learning-rate shape scaling", enum=("original", "match_rms_adamw")
-            ),
-            **_ADAMW_SIDE,
-        },
+        MuonConfig,
         _build_muon,
     ),
     OptimizerEntry(
@@ -369,58 +239,11 @@ _ENTRIES: list[OptimizerEntry] = [
         "Shampoo with RMSProp grafting (pytorch-optimizer's ScalableShampoo) on matrices within "
         "max_precond_dim, AdamW on the rest",
         "pytorch-optimizer",
-        {
-            "lr": _lr(3e-3),
-            "beta1": _beta(0.95, "momentum β1 (an EMA, with Nesterov)"),
-            "beta2": _beta(0.95, "decay of the Kronecker statistics and of the graft's second moment"),
-            "weight_decay": _weight_decay(0.01),
-            "precondition_frequency": Hyperparameter(
-                "integer", 10, "steps between inverse-root recomputations", minimum=1, maximum=100000
-            ),
-            "start_preconditioning_step": Hyperparameter(
-                "integer", 25, "steps of grafted RMSProp before Shampoo's direction is used", minimum=1
-            ),
-            "block_size": Hyperparameter(
-                "integer", 512, "sides longer than this are split into blocks", minimum=2, maximum=65536
-            ),
-            "inverse_root": Hyperparameter(
-                "integer",
-                0,
-                "p in L^(-1/p) G R^(-1/p); 0: twice the tensor order (4 for a matrix, the library's "
-                "default); 2 is the power-1/2 variant of Anil et al. 2020",
-                minimum=0,
-                maximum=16,
-            ),
-            "graft": Hyperparameter("string", "rmsprop", "layer-wise update size taken from", enum=GRAFTS),
-            "nesterov": Hyperparameter("boolean", True, "Nesterov momentum"),
-            "matrix_eps": Hyperparameter("number", 1e-6, "damping of the factors", exclusive_minimum=0),
-            "max_precond_dim": Hyperparameter(
-                "integer", 4096, "larger matrices go to AdamW", minimum=1, maximum=65536
-            ),
-            **_ADAMW_SIDE,
-        },
+        ShampooConfig,
         _build_shampoo,
     ),
     OptimizerEntry(
-        "psgd-kron",
-        "PSGD Kron (pytorch-optimizer)",
-        "pytorch-optimizer",
-        {
-            "lr": _lr(3e-4),
-            "momentum": _beta(0.9, "momentum"),
-            "weight_decay": _weight_decay(0.0),
-            "max_size_triangular": Hyperparameter(
-                "integer", 8192, "larger sides use a diagonal preconditioner", minimum=1
-            ),
-            "preconditioner_update_probability": Hyperparameter(
-                "number",
-                0.1,
-                "probability of a preconditioner update per step",
-                exclusive_minimum=0,
-                maximum=1,
-            ),
-        },
-        _build_psgd_kron,
+        "psgd-kron", "PSGD Kron (pytorch-optimizer)", "pytorch-optimizer", PSGDKronConfig, _build_psgd_kron
     ),
 ]
 
@@ -445,19 +268,10 @@ def all_schemas() -> list[dict[str, Any]]:
 
 
 def validate_hyperparameters(name: str, hyperparameters: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Check values against the schema and fill defaults; ``ValueError`` names the bad field."""
+    """Check values with the optimizer's config and fill defaults; ``ValueError`` names the bad field."""
     entry = _entry(name)
-    given = dict(hyperparameters or {})
-    unknown = sorted(set(given) - set(entry.hyperparameters))
-    if unknown:
-        raise ValueError(
-            f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for {name}; "
-            f"accepted: {', '.join(entry.hyperparameters)}"
-        )
-    return {
-        key: spec.check(key, given[key]) if key in given else spec.default
-        for key, spec in entry.hyperparameters.items()
-    }
+    values = entry.configure(hyperparameters).as_dict()
+    return {key: values[key] for key in entry.hyperparameters}
 
 
 def build_optimizer(
@@ -468,8 +282,8 @@ def build_optimizer(
 ) -> Optimizer:
     """Build the named optimizer over ``(name, param)`` pairs, routing by role where the method does."""
     entry = _entry(name)
-    hp = validate_hyperparameters(name, hyperparameters)
+    config = entry.configure(hyperparameters)
     triples = [t for t in resolve_roles(named_parameters, roles) if t[1].requires_grad]
     if not triples:
         raise ValueError("no trainable parameters were given to the optimizer")
-    return entry.build(triples, hp)
+    return entry.build(triples, config)

@@ -1,16 +1,16 @@
 """Parameter roles, so each optimizer is applied where practitioners apply it.
 
 Muon is only meant for hidden weight matrices (embeddings, the output head and 1-D parameters go
-to AdamW), and Shampoo cannot hold a vocabulary-sized factor. A model can state its parameters'
-roles with a ``param_roles() -> dict[name, role]`` method; otherwise :func:`infer_role` guesses from
-names and shapes the way common GPT/Llama/BERT checkpoints are named.
+to AdamW), and Shampoo cannot hold a vocabulary-sized factor. A caller can state roles
+explicitly (``build_optimizer(..., roles=model.param_roles())``); otherwise :func:`infer_role`
+guesses from names and shapes the way common GPT/Llama/BERT checkpoints are named.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from torch import Tensor, nn
+from torch import Tensor
 
 EMBEDDING = "embedding"
 HEAD = "head"
@@ -32,18 +32,6 @@ def infer_role(name: str, param: Tensor) -> str:
     if any(hint in lowered for hint in _HEAD_HINTS):
         return HEAD
     return HIDDEN
-
-
-def model_roles(model: nn.Module) -> dict[str, str]:
-    """Roles of all named parameters: the model's own ``param_roles()`` when it has one."""
-    declared: Mapping[str, str] = model.param_roles() if hasattr(model, "param_roles") else {}
-    roles = {}
-    for name, param in model.named_parameters():
-        role = declared.get(name) or infer_role(name, param)
-        if role not in ROLES:
-            raise ValueError(f"parameter {name!r} has role {role!r}; roles are {', '.join(ROLES)}")
-        roles[name] = role
-    return roles
 
 
 def resolve_roles(

@@ -25,6 +25,7 @@ import functools
 from torch import Tensor
 from torch.optim import Optimizer
 
+from dykaf.baselines.optional import pytorch_optimizer
 from dykaf.linalg import eigh
 from dykaf.optimizer import PreconditionerState
 
@@ -57,9 +58,9 @@ def shampoo_preconditioner_state(optimizer: Optimizer, param: Tensor) -> Precond
 def shampoo_class() -> type[Optimizer]:
     """``ScalableShampoo`` with ``preconditioner_state`` (built on first use: pytorch-optimizer is
     an optional dependency of the library)."""
-    from pytorch_optimizer import ScalableShampoo
+    scalable_shampoo = pytorch_optimizer("shampoo").ScalableShampoo
 
-    class ShampooWithFactors(ScalableShampoo):  # type: ignore[misc]
+    class ShampooWithFactors(scalable_shampoo):  # type: ignore[misc]
         def preconditioner_state(self, param: Tensor) -> PreconditionerState | None:
             return shampoo_preconditioner_state(self, param)
 

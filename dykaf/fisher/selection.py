@@ -8,12 +8,13 @@ sparse / vocabulary-shaped and no Kronecker preconditioner is used for them in p
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
+
+from dykaf.baselines.roles import EMBEDDING, HEAD, VECTOR, infer_role
 
 DEFAULT_MAX_LAYERS = 4
 
@@ -52,9 +53,6 @@ _MLP_WORDS = frozenset(
         "w3",
     ]
 )
-# Embedding-like tokens match as prefixes ("embed" covers embed_tokens, embeddings), the rest exactly.
-_SKIP_PREFIXES = ("embed", "unembed")
-_SKIP_TOKENS = ("emb", "wte", "wpe", "lm", "head", "classifier", "vocab")
 
 
 def _tokens(name: str) -> list[str]:
@@ -63,34 +61,22 @@ def _tokens(name: str) -> list[str]:
     return parts + [t for p in parts for t in p.split("_") if t and t != p]
 
 
-def _role_function(model: nn.Module) -> Callable[[str, Tensor], str | None]:
-    """Role of a parameter: the model's ``param_roles()``, else ``dykaf.roles.infer_role``, else a
-    name heuristic (``dykaf.roles`` may not exist in every installation)."""
+def _role_function(model: nn.Module) -> Callable[[str, Tensor], str]:
+    """Role of a parameter: the model's ``param_roles()`` where it declares one, else
+    :func:`dykaf.baselines.roles.infer_role` (the same guess the optimizers route by)."""
     declared: dict[str, str] = {}
     if callable(getattr(model, "param_roles", None)):
         declared = dict(model.param_roles())
-    infer: Callable[[str, Tensor], str] | None = None
-    try:
-        infer = importlib.import_module("dykaf.roles").infer_role
-    except (ImportError, AttributeError):
-        infer = None
 
-    def role(name: str, param: Tensor) -> str | None:
-        if name in declared:
-            return declared[name]
-        if infer is not None:
-            return infer(name, param)
-        return None
+    def role(name: str, param: Tensor) -> str:
+        return declared.get(name) or infer_role(name, param)
 
     return role
 
 
-def _is_skipped(name: str, role: str | None) -> bool:
-    """Embeddings, output heads and vectors are not probed (role if known, else the name)."""
-    if role is not None:
-        return role in ("embedding", "head", "vector")
-    tokens = _tokens(name)
-    return any(t.startswith(_SKIP_PREFIXES) or t in _SKIP_TOKENS for t in tokens)
+def _is_skipped(role: str) -> bool:
+    """Embeddings, output heads and vectors are not probed."""
+    return role in (EMBEDDING, HEAD, VECTOR)
 
 
 def probeable(model: nn.Module) -> dict[str, Tensor]:
@@ -152,7 +138,7 @@ def select_layers(
 
 def _auto(model: nn.Module, available: dict[str, Tensor], max_layers: int) -> list[str]:
     role = _role_function(model)
-    hidden = [n for n, p in available.items() if not _is_skipped(n, role(n, p))]
+    hidden = [n for n, p in available.items() if not _is_skipped(role(n, p))]
     if not hidden or max_layers < 1:
         return []
     blocks: dict[int, dict[str, list[str]]] = {}

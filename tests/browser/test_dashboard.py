@@ -144,7 +144,7 @@ def page(browser: Any, stack: Stack) -> Iterator[Any]:
 # ---------------------------------------------------------------------------------------- units
 def test_js_units_match_python(page: Any, stack: Stack) -> None:
     """stats.js (run count and labels, %g, range checks, EMA, summary) against the Python side."""
-    from dykaf.registry import all_schemas, optimizer_schema, validate_hyperparameters
+    from dykaf.baselines.registry import all_schemas, optimizer_schema, validate_hyperparameters
     from worker.spec import JobSpec
 
     page.goto("/")

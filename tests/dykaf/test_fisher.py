@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from dataclasses import dataclass
 
 import pytest
@@ -472,12 +471,6 @@ def test_auto_selection_understands_torch_transformer_names() -> None:
         "layers.2.self_attn.in_proj_weight",
         "layers.2.linear1.weight",
     ]
-
-
-def test_auto_selection_falls_back_to_names_without_dykaf_roles(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "dykaf.roles", None)  # import of dykaf.roles now raises ImportError
-    chosen = select_layers(_TinyLM(blocks=3), max_layers=3)
-    assert chosen == ["blocks.0.attn.qkv.weight", "blocks.0.mlp.fc.weight", "blocks.2.attn.qkv.weight"]
 
 
 def test_explicit_selection_validates_names() -> None:

@@ -210,7 +210,7 @@ def test_resume_places_tensors_kept_in_library_objects_on_the_parameters_device(
     parameter's device but not those inside objects (pytorch-optimizer's Shampoo preconditioner
     and graft). The real Shampoo state is loaded here for parameters on the ``meta`` device, a second
     device every CPU has, standing in for a GPU."""
-    from dykaf import registry
+    from dykaf.baselines import registry
 
     layer = torch.nn.Linear(6, 4)
     optimizer = registry.build_optimizer(

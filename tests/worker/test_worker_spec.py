@@ -96,7 +96,7 @@ def test_run_count_is_capped() -> None:
 
 
 def test_registry_checks_names_and_hyperparameters() -> None:
-    pytest.importorskip("dykaf.registry")
+    pytest.importorskip("dykaf.baselines.registry")
     message = _errors(tiny_job([{"name": "sgdx"}]))
     assert "optimizers.0.name: unknown optimizer 'sgdx'; accepted:" in message and "dykaf" in message
     message = _errors(tiny_job([{"name": "adamw", "hyperparameters": {"lr": 1e30}}]))

@@ -19,7 +19,7 @@ def build_optimizer(
     roles: Mapping[str, str],
 ) -> torch.optim.Optimizer:
     """Build ``name`` from ``dykaf.registry`` with the parameters' roles for routing."""
-    from dykaf.registry import build_optimizer as registry_build
+    from dykaf.baselines.registry import build_optimizer as registry_build
 
     return registry_build(name, list(named_parameters), dict(hyperparameters), dict(roles))
 

@@ -13,7 +13,7 @@ router = APIRouter(tags=["registry"], dependencies=[Depends(read_access)])
 
 @router.get("/optimizers", summary="Optimizers with their hyperparameter schemas and defaults")
 def optimizers() -> list[dict[str, Any]]:
-    from dykaf.registry import all_schemas
+    from dykaf.baselines.registry import all_schemas
 
     return all_schemas()
 
