@@ -1,24 +1,21 @@
 """Fisher reports computed beside training, on a background thread.
 
-A report is the heavy part of the diagnostics (on the default task's two probed layers: ≈ 14
-applications of the implicit Fisher operator and 8 eigendecompositions, ≈ 0.9 s on one CPU core;
-≈ 0.13 s on an H200), and nothing it reads is needed again by training for a long while: the ring
-is next written ``window`` steps before the next report and the shadows restart ``horizon`` steps
-before it (115 steps later at the defaults). So the report can run on a spare CPU core or, on a GPU,
-on its own thread and CUDA stream, while the training loop goes on; ``FisherMonitor`` waits for it
-only when it must touch the probes again (or on ``state_dict``/``close``), which at the defaults
-is long after it has finished.
+A report is the heavy part of the diagnostics (for two probed layers: about 14 applications of the
+implicit Fisher operator and 8 eigendecompositions; timings in BENCHMARKS.md), and nothing it reads
+is needed again by training for a long while: the ring is next written ``window`` steps before the
+next report and the shadows restart ``horizon`` steps before it (115 steps later at the defaults).
+So the report can run on a spare CPU core or, on a GPU, on its own thread and CUDA stream, while
+the training loop goes on; ``FisherMonitor`` waits for it only when it must touch the probes again
+(or on ``state_dict``/``close``), which at the defaults is long after it has finished.
 
 What the report needs from the optimizer (its factors, bases and second moment) changes every step,
 so it is copied at submission (``snapshot_own``): a few MB. Torch ops release the GIL, so the
 thread's heavy products run in parallel with the loop's.
 
-Only reports go there. Moving the per-step ring/shadow work to the thread as well was tried and
-measured (default task, CPU, one training thread on a 2-vCPU machine): the loop's diagnostics time
-fell from 3.9 s to 1.0 s but AdamW's training time rose by 22 % (SOAP's by 25 %). The cost simply
-moved into the training time, where it skews the comparison. Concurrent per-step work contends
-for the core (or hyperthread) and caches the loop uses; a report every few hundred steps did not
-measurably slow training (82.2 s → 82.9 s).
+Only reports go there. Moving the per-step ring/shadow work to the thread as well was tried: the
+loop's diagnostics time fell, but the training time rose by more, so the cost merely moved into the
+training time, where it skews the comparison of optimizers. Concurrent per-step work contends for
+the core (or hyperthread) and caches the loop uses; a report every few hundred steps does not.
 
 ``background="auto"`` uses the thread when a probed parameter is on a GPU (whose host cores idle)
 or when torch runs fewer intra-op threads than the process may use physical cores (a spare core;

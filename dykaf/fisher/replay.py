@@ -1,8 +1,8 @@
 """One probe's per-step shadow updates as a single replayable unit on static buffers.
 
-On a GPU the shadow estimators of a small layer are launch-bound: one ``observe`` issues about 95
-small kernels (56 of them for the parallel DyKAF rule), ≈ 1 ms of host time per probed layer on an
-H200 against a 9.6 ms training step of the default task. The updates are pure tensor functions of
+On a GPU the shadow estimators of a small layer are launch-bound: one ``observe`` issues dozens of
+small kernels (most of them for the parallel DyKAF rule), whose host time is a sizeable share of a
+small model's training step (BENCHMARKS.md). The updates are pure tensor functions of
 fixed shapes with no host synchronisation, so they can be captured once in a CUDA graph and
 replayed with a single launch per step.
 

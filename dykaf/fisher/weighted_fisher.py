@@ -237,12 +237,12 @@ class WeightedFisher:
         of one sweep of alternating power iteration) and its Krylov space contains the power
         iterate, so the Ritz value is never below power iteration's σ² after as many sweeps — and
         where the top singular values crowd (small windows on large layers, typical of GPT
-        gradients) it converges in far fewer steps (e.g. 4 instead of 10 on a 512×128 layer).
+        gradients) it converges in far fewer steps.
         Full reorthogonalisation; the ``T(v_j)`` are kept so ``A`` needs no extra application.
 
         Starts from ``B0 ∝ Σ w_i G_iᵀ G_i`` (the window's Shampoo right factor): PSD, so it cannot be
         orthogonal to the PSD top singular vector. (Warm starts from the last report's optimum or
-        from the shadow DyKAF factor saved no sweeps on GPT gradients, so there are none.)
+        from the shadow DyKAF factor saved no sweeps on GPT gradients when tried, so there are none.)
 
         Stop when the squared relative error ``1 − σ²/‖H‖²`` falls by less than ``tol`` in a step
         (default 1e-12 in float64, 1e-6 otherwise, where rounding noise would keep it moving), or
