@@ -53,11 +53,6 @@ class DyKAFConfig(OptimizerConfig):
     )
     init: InitRule = hyperparameter("kron", "factor initialisation of the projector-splitting rules")
 
-    @property
-    def factor_beta(self) -> float:
-        """The factor decay β: ``shampoo_beta`` when set, else ``β2`` (the public code's default)."""
-        return self.beta2 if self.shampoo_beta is None else self.shampoo_beta
-
     def as_kwargs(self) -> dict[str, Any]:
         """``DyKAF``'s keyword arguments (``betas`` as a pair), i.e. its param-group defaults."""
         values = self.as_dict()
@@ -83,6 +78,7 @@ DEFAULTS: dict[str, Any] = DyKAFConfig().as_kwargs()
 
 
 def factor_beta(group: Mapping[str, Any]) -> float:
-    """The factor decay β of a param group: ``shampoo_beta`` when set, else ``β2``."""
+    """The factor decay β of a param group (or of ``DyKAFConfig.as_kwargs()``): ``shampoo_beta`` when
+    set, else ``β2`` (the public code's default). Read from the group at every step."""
     beta = group["shampoo_beta"]
     return float(group["betas"][1] if beta is None else beta)

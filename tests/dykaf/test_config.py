@@ -17,6 +17,7 @@ from dykaf import DyKAF, DyKAFConfig, kronecker
 from dykaf.baselines import REGISTRY, all_schemas, build_optimizer, validate_hyperparameters
 from dykaf.baselines.configs import GRAFTS
 from dykaf.config import OptimizerConfig, hyperparameter
+from dykaf.options import factor_beta
 
 CONFIGS: list[type[OptimizerConfig]] = sorted({e.config for e in REGISTRY.values()}, key=lambda c: c.__name__)
 FIELDS = [(config, name) for config in CONFIGS for name in config.hyperparameters()]
@@ -143,8 +144,8 @@ def test_values_are_normalised_and_the_config_is_frozen() -> None:
     assert config.precondition_frequency == 20 and isinstance(config.precondition_frequency, int)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.lr = 0.5  # type: ignore[misc]
-    assert config.factor_beta == config.beta2 == 0.95
-    assert DyKAFConfig(shampoo_beta=0.9).factor_beta == 0.9
+    assert factor_beta(config.as_kwargs()) == config.beta2 == 0.95
+    assert factor_beta(DyKAFConfig(shampoo_beta=0.9).as_kwargs()) == 0.9
 
 
 def test_a_field_without_a_schema_is_a_programming_error() -> None:

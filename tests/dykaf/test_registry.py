@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -239,3 +241,27 @@ def test_a_blocked_shampoo_matrix_has_no_single_factor_pair() -> None:
     layer, optimizer, rows = _shampoo_run(block_size=4)  # the 6-long side is split into 4 + 2
     assert optimizer.preconditioner_state(layer.weight) is None
     assert not any(r.method == "own" for r in rows) and any(r.method == "soap_shampoo" for r in rows)
+
+
+def test_the_library_imports_and_builds_with_torch_only() -> None:
+    """pytorch-optimizer is an optional extra: without it the library, its diagnostics and every
+    torch-based optimizer work, and a baseline that needs it says how to install it."""
+    script = """
+import sys
+sys.modules["pytorch_optimizer"] = None  # any import of it now raises ImportError
+import torch, dykaf, dykaf.fisher
+from dykaf import build_optimizer
+layer = torch.nn.Linear(3, 2)
+for name in ("dykaf", "soap", "adamw", "muon"):
+    build_optimizer(name, layer.named_parameters())
+for name in ("shampoo", "psgd-kron"):
+    try:
+        build_optimizer(name, layer.named_parameters())
+    except ImportError as error:
+        assert "pip install 'dykaf-lab[baselines]'" in str(error) and name in str(error), error
+    else:
+        raise AssertionError(name + " built without pytorch-optimizer")
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
