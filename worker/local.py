@@ -232,9 +232,9 @@ def run_job(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "job.json").write_text(job.model_dump_json(indent=2), encoding="utf-8")
     for name in RESULT_FILES:
         (out / name).unlink(missing_ok=True)  # nothing of an earlier run in this folder is mistaken for ours
+    (out / "job.json").write_text(job.model_dump_json(indent=2), encoding="utf-8")
     console = console or Console(stderr=True)
     records: list[RunRecord] = []
     progress = Progress(
