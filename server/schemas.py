@@ -50,6 +50,10 @@ class JobResultsOut(BaseModel):
         description="one per optimizer configuration: counts, <metric>_mean/_std/_n over the runs that "
         "finished their schedule, speed-ups to target; null where there is no value",
     )
+    best: dict[str, list[str]] = Field(
+        ...,
+        description="per column (metric key), the labels holding the best value (empty: none stands out)",
+    )
     winner: WinnerOut | None = Field(None, description="null until every run ended and none failed")
     winner_text: str | None
     fisher: FisherVerdictOut | None

@@ -147,6 +147,52 @@ def _add_speedups(rows: list[dict[str, Any]]) -> None:
             row["speedup_time"] = base["time_to_target_s_mean"] / row["time_to_target_s_mean"]
 
 
+# Columns of the summary table with the direction that is better (None: not a merit of the
+# optimizer, never marked) and whether they exist only with a target loss. ``best_by_column`` marks
+# them; the dashboard shows them in this order.
+COLUMNS: tuple[tuple[str, str | None, bool], ...] = (
+    ("final_val_loss", "min", False),
+    ("best_val_loss", "min", False),
+    ("steps_to_target", "min", True),
+    ("time_to_target_s", "min", True),
+    ("speedup_steps", "max", True),
+    ("speedup_time", "max", True),
+    ("step_time_ms", "min", False),
+    ("optimizer_share", "min", False),
+    ("peak_memory_mb", "min", False),
+    ("tokens_per_s", "max", False),
+    ("diverged", "min", False),
+    ("fisher_overhead", None, False),  # what the probes cost, kept out of every time above
+)
+
+
+def column_value(row: Mapping[str, Any], key: str) -> float:
+    """The number compared for "best in column": a mean, a ratio, or a count of ended runs."""
+    if key == "diverged":
+        return float(row["diverged"]) if row["seeds"] > row["pending"] else math.nan
+    value = row.get(f"{key}_mean", row.get(key))
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else math.nan
+
+
+def best_by_column(rows: Sequence[Mapping[str, Any]], has_target: bool) -> dict[str, list[str]]:
+    """Per column, the labels holding the best value (ties all marked); empty with fewer than two
+    rows having a value, or when they all agree (nothing to distinguish)."""
+    out: dict[str, list[str]] = {}
+    for key, better, target in COLUMNS:
+        if target and not has_target:
+            continue
+        values = [(r["label"], column_value(r, key)) for r in rows]
+        values = [(label, v) for label, v in values if math.isfinite(v)]
+        out[key] = []
+        if better is None or len(values) < 2:
+            continue
+        best = (max if better == "max" else min)(v for _, v in values)
+        if all(v == best for _, v in values):
+            continue
+        out[key] = [label for label, v in values if v == best]
+    return out
+
+
 def select_points(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     """Each group's selected sweep point, when the caller did not record one (a server's job): among
     the group's labels that ran on the most seeds (a ``first_seed`` job's second stage runs only the
@@ -350,6 +396,7 @@ def job_summary(
             "pending": sum(o.status in PENDING for o in outcomes),
         },
         "rows": rows,
+        "best": best_by_column(rows, has_target),
         "winner": winner,
         "winner_text": winner_text(winner),
         "fisher": fisher,
