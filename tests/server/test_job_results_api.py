@@ -117,8 +117,7 @@ def test_winner_and_fisher_verdict_of_a_finished_job(api: Any) -> None:
     set_runs(
         api,
         job["id"],
-        [("succeeded", 12, loss(3.0)), ("succeeded", 12, loss(3.2)), ("succeeded", 12, loss(2.5))]
-        + [("succeeded", 12, loss(2.7))],
+        [("succeeded", 12, loss(v)) for v in (3.0, 3.2, 2.5, 2.7)],
     )
     dykaf_runs = [r["id"] for r in job["runs"] if r["label"] == "dykaf"]
     rows = []

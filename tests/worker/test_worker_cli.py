@@ -40,7 +40,8 @@ def test_run_writes_csvs_and_plot(tmp_path: Path) -> None:
     assert result.exit_code == 0, _output(result)
     assert "summary (mean ± std over seeds)" in _output(result) and "muon" in _output(result)
     # The server's downloads have the same names and columns (server.csv_export).
-    assert sorted(p.name for p in out.glob("*.csv")) == ["fisher.csv", "metrics.csv", "runs.csv", "summary.csv"]
+    names = sorted(p.name for p in out.glob("*.csv"))
+    assert names == ["fisher.csv", "metrics.csv", "runs.csv", "summary.csv"]
     metrics = list(csv.DictReader((out / "metrics.csv").open()))
     assert tuple(metrics[0]) == METRICS_HEADER
     assert {(r["label"], r["seed"]) for r in metrics} == {(o, s) for o in ("adamw", "muon") for s in "01"}
