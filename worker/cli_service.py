@@ -455,6 +455,16 @@ def api(
     )
 
 
+def _corpus_roots() -> str:
+    """Where jobs may read local files (``worker.paths``): ``DYKAF_DATA_ROOTS``, else ``./data``,
+    which ``up`` creates so that it is there to copy files into."""
+    if os.environ.get("DYKAF_DATA_ROOTS"):
+        return os.environ["DYKAF_DATA_ROOTS"] + "  (DYKAF_DATA_ROOTS)"
+    default = ROOT / "data"
+    default.mkdir(exist_ok=True)
+    return f"{default}  (set DYKAF_DATA_ROOTS to change)"
+
+
 def _ensure_local_key(settings: Any) -> str:
     """The key in ``data_dir/api_key`` if it is still valid, else a new one written there (0600)."""
     from server.crud.api_keys import create_key, verify_token
@@ -651,6 +661,7 @@ def up(
         example_id = _submit_example(base, token, chosen) if not no_example and chosen.exists() else None
         out.print(f"dykaf-lab is up: dashboard {base}/  (API docs {base}/docs)")
         out.print(f"  data: {settings.data_dir.resolve()}  logs: {logs.resolve()}")
+        out.print(f"  corpora and models for jobs: {_corpus_roots()}")
         out.print(f"  API key for the CLI: {settings.data_dir / 'api_key'}")
         out.print("  Ctrl-C stops everything")
         reporter = ExampleReporter(base, token, example_id) if example_id is not None else None
