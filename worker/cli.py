@@ -133,7 +133,7 @@ def run(
     if outcome.fisher_verdict:
         Console().print(f"Fisher fidelity: {outcome.fisher_verdict}", markup=False)
     if outcome.winner_text:
-        Console().print(f"Winner: {outcome.winner_text}", markup=False)
+        Console().print(f"Winner: {outcome.winner_text}", markup=False, soft_wrap=True)
     for name, path in outcome.files.items():
         console.print(f"  {name}: {path}")
     bad = [r for r in outcome.runs if r.result.status != "succeeded"]

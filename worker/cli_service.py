@@ -237,7 +237,7 @@ def _print_results(client: Any, job: dict[str, Any]) -> None:
     if verdict:
         out.print(f"Fisher fidelity: {verdict}", markup=False)
     if result.get("winner_text"):
-        out.print(f"Winner: {result['winner_text']}", markup=False)
+        out.print(f"Winner: {result['winner_text']}", markup=False, soft_wrap=True)
 
 
 def cancel(
