@@ -607,7 +607,7 @@ def test_a_job_that_ended_early_says_how_far_it_got(page: Any, stack: Stack) -> 
             insert_metrics(conn, [(run_id, "train_loss", s, 4.0, float(s)) for s in range(1, step + 1)])
     page.goto(f"/jobs/{job_id}")
     page.wait_for_selector("body[data-charts='ready']")
-    expect_text(page.locator("#job-progress"), "56% · 27/48 steps")
+    expect_text(page.locator("#job-progress"), "stopped at 56% · 27/48 steps")
     adamw = page.locator('#summary-table tr[data-label="adamw"]')
     assert adamw.get_attribute("data-partial") == "true"
     assert adamw.locator('td[data-col="runs"]').inner_text().split("\n") == [

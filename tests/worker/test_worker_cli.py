@@ -136,3 +136,13 @@ def test_summary_table_stars_selected_sweep_points_only_when_there_was_a_sweep()
     swept = [outcome("adamw[lr=0.001]", "adamw", 3.0), outcome("adamw[lr=0.01]", "adamw", 2.8)]
     marked = text(swept, {"adamw": "adamw[lr=0.01]"})
     assert "adamw[lr=0.01] *" in marked and "adamw[lr=0.001] *" not in marked
+
+
+def test_status_says_how_far_a_job_got() -> None:
+    from worker.cli_service import progress_text
+
+    stopped = {"fraction": 1141 / 10000, "steps_done": 1141, "steps_total": 10000}
+    assert progress_text(stopped, "cancelled") == "stopped at 11% (1,141/10,000 steps)"
+    assert progress_text(stopped, "running") == "11% (1,141/10,000 steps)"
+    done = {"fraction": 1.0, "steps_done": 24, "steps_total": 24}
+    assert progress_text(done, "succeeded") == "100% (24/24 steps)"
