@@ -2,8 +2,11 @@
 
 Rows come from a server-side cursor (``yield_per``; a named cursor on PostgreSQL) in batches and
 are encoded batch by batch, so a 1M-row export holds one batch in memory, never the whole result.
-Floats are written with ``repr`` (shortest exact round-trip); a NaN stored as NULL by SQLite is
-written as ``nan``.
+The files and their columns are the same as ``dykaf-lab run`` writes (``worker.local``):
+``metrics.csv`` (every metric point), ``fisher.csv`` (every Fisher row), ``runs.csv`` (one row per
+run, ``partial`` marking a run that stopped before its schedule ended) and ``summary.csv`` (one row
+per optimizer configuration, ``server.summary``). Floats are written with ``repr`` (shortest exact
+round-trip); a missing or non-finite value (NaN, which SQLite stores as NULL) is an empty field.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -19,17 +21,20 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.crud.metrics import iter_fisher_rows, iter_metric_rows
+from server.crud.summary import load_job_summary
 from server.db.models import Run
+from server.summary import ENDED_EARLY, csv_cell, summary_csv_rows
 
 METRICS_HEADER = ("run_id", "label", "optimizer", "seed", "name", "step", "value", "wall_time")
 FISHER_HEADER = ("run_id", "label", "optimizer", "seed", "step", "layer", "method", "metric", "value")
-SUMMARY_FIXED = (
+RUNS_FIXED = (
     "run_id",
     "index",
     "label",
     "optimizer",
     "seed",
     "status",
+    "partial",
     "reason",
     "step",
     "total_steps",
@@ -43,10 +48,7 @@ SUMMARY_FIXED = (
 
 
 def fmt_float(value: float | None) -> str:
-    if value is None:
-        return "nan"
-    value = float(value)
-    return repr(value) if math.isfinite(value) else str(value)
+    return "" if value is None else csv_cell(float(value))
 
 
 def _encode(rows: Iterable[Sequence[Any]]) -> str:
@@ -97,13 +99,13 @@ def fisher_csv(open_session: Callable[[], Session], job_id: int, batch: int = 50
     return _stream(open_session, body)
 
 
-def summary_csv(open_session: Callable[[], Session], job_id: int) -> Iterator[str]:
+def runs_csv(open_session: Callable[[], Session], job_id: int) -> Iterator[str]:
     """One row per run: identity, outcome, timings, then every summary key (union over runs)."""
 
     def body(session: Session) -> Iterator[str]:
         runs = session.scalars(select(Run).where(Run.job_id == job_id).order_by(Run.index)).all()
         keys = sorted({key for run in runs for key in (run.summary or {})})
-        yield _encode([(*SUMMARY_FIXED, *keys)])
+        yield _encode([(*RUNS_FIXED, *keys)])
         rows = []
         for run in runs:
             summary = run.summary or {}
@@ -115,6 +117,7 @@ def summary_csv(open_session: Callable[[], Session], job_id: int) -> Iterator[st
                 run.optimizer,
                 run.seed,
                 run.status,
+                csv_cell(run.status in ENDED_EARLY),
                 run.reason or "",
                 run.step,
                 run.total_steps,
@@ -122,14 +125,21 @@ def summary_csv(open_session: Callable[[], Session], job_id: int) -> Iterator[st
                 run.device or "",
                 run.started_at.isoformat() if run.started_at else "",
                 run.finished_at.isoformat() if run.finished_at else "",
-                fmt_float(run.run_seconds) if run.run_seconds is not None else "",
+                fmt_float(run.run_seconds),
                 hyper,
             )
-            extra = []
-            for key in keys:
-                value = summary.get(key)
-                extra.append("" if value is None else fmt_float(value) if isinstance(value, float) else value)
-            rows.append((*fixed, *extra))
+            rows.append((*fixed, *(csv_cell(summary.get(key)) for key in keys)))
         yield _encode(rows)
+
+    return _stream(open_session, body)
+
+
+def summary_csv(open_session: Callable[[], Session], job_id: int) -> Iterator[str]:
+    """One row per optimizer configuration: ``server.summary``'s rows, as the JSON summary has them."""
+
+    def body(session: Session) -> Iterator[str]:
+        result = load_job_summary(session, job_id, with_fisher=False)
+        header, rows = summary_csv_rows(result["rows"] if result else [])
+        yield _encode([header, *rows])
 
     return _stream(open_session, body)

@@ -10,11 +10,53 @@ from pydantic import BaseModel, Field
 
 class Progress(BaseModel):
     fraction: float = Field(
-        ..., description="steps done / steps planned over all runs (ended runs count as done)"
+        ...,
+        description="steps actually trained / steps planned over all runs; a job that ended early "
+        "(cancelled, failed, diverged) keeps the fraction it reached",
     )
     steps_done: int
     steps_total: int
     runs: dict[str, int] = Field(..., description="number of runs per status")
+
+
+class WinnerOut(BaseModel):
+    label: str = Field(..., description="the best configuration by the primary metric (lower is better)")
+    optimizer: str
+    metric: str
+    mean: float
+    std: float | None
+    seeds: int
+    runner_up: str | None
+    margin: float | None = Field(None, description="runner-up's mean minus the winner's")
+
+
+class FisherVerdictOut(BaseModel):
+    label: str = Field(..., description="the configuration whose gradients the verdict is about")
+    verdict: str | None
+    by_label: dict[str, dict[str, Any]] = Field(
+        ...,
+        description="per configuration: gaps above the floor per method, layers, reports, closed, verdict",
+    )
+
+
+class JobResultsOut(BaseModel):
+    job_id: int
+    status: str
+    primary_metric: str
+    target_loss: float | None
+    runs: dict[str, int] = Field(..., description="total, succeeded, partial (stopped early), pending")
+    rows: list[dict[str, Any]] = Field(
+        ...,
+        description="one per optimizer configuration: counts, <metric>_mean/_std/_n over the runs that "
+        "finished their schedule, speed-ups to target; null where there is no value",
+    )
+    best: dict[str, list[str]] = Field(
+        ...,
+        description="per column (metric key), the labels holding the best value (empty: none stands out)",
+    )
+    winner: WinnerOut | None = Field(None, description="null until every run ended and none failed")
+    winner_text: str | None
+    fisher: FisherVerdictOut | None
 
 
 class RunOut(BaseModel):
@@ -53,6 +95,7 @@ class JobSummaryOut(BaseModel):
     updated_at: datetime
     finished_at: datetime | None
     progress: Progress
+    winner: WinnerOut | None = Field(None, description="set once the job ended (GET /jobs/{id}/summary)")
 
 
 class JobOut(JobSummaryOut):

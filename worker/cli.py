@@ -79,11 +79,15 @@ def summary_table(rows: list[dict[str, Any]], has_target: bool) -> Table:
     # "*" marks each optimizer's selected sweep point; without sweeps there is nothing to mark.
     swept = len({row["group"] for row in rows}) < len(rows)
     for row in rows:
+        row = {k: math.nan if v is None else v for k, v in row.items()}  # null over JSON is NaN here
         if row["seeds"] == 1:  # no spread to show
             row = {k: math.nan if k.endswith("_std") else v for k, v in row.items()}
+        # Means are over the runs that finished their schedule; the others are counted, not averaged.
+        stopped = f" ({row['partial']} partial)" if row.get("partial") else ""
+        pending = f" ({row['pending']} pending)" if row.get("pending") else ""
         cells = [
             escape(row["label"]) + (" *" if swept and row["selected"] else ""),
-            f"{row['succeeded']}/{row['seeds']}",
+            f"{row['succeeded']}/{row['seeds']}{stopped}{pending}",
             _fmt(row["final_val_loss_mean"], row["final_val_loss_std"]),
             _fmt(row["best_val_loss_mean"], row["best_val_loss_std"]),
             _fmt(row["step_time_ms_mean"], row["step_time_ms_std"], 1),
@@ -128,6 +132,8 @@ def run(
     Console().print(summary_table(outcome.summary, job.target_loss is not None))
     if outcome.fisher_verdict:
         Console().print(f"Fisher fidelity: {outcome.fisher_verdict}", markup=False)
+    if outcome.winner_text:
+        Console().print(f"Winner: {outcome.winner_text}", markup=False, soft_wrap=True)
     for name, path in outcome.files.items():
         console.print(f"  {name}: {path}")
     bad = [r for r in outcome.runs if r.result.status != "succeeded"]

@@ -140,17 +140,19 @@ def status(
         if job_id is None:
             page = _request(client, "GET", "/jobs", params={"limit": limit}).json()
             table = Table(title="jobs")
-            for col in ("id", "name", "status", "progress", "runs", "created", "reason"):
+            for col in ("id", "name", "status", "progress", "runs", "best", "created", "reason"):
                 table.add_column(col)
             for job in page["items"]:
                 prog = job["progress"]
                 runs = ", ".join(f"{k} {v}" for k, v in sorted(prog["runs"].items()))
+                winner = job.get("winner")
                 table.add_row(
                     str(job["id"]),
                     escape(job["name"]),
                     job["status"],
-                    f"{100 * prog['fraction']:.0f}%",
+                    progress_text(prog, job["status"]),
                     runs,
+                    escape(winner["label"]) if winner else "-",
                     job["created_at"][:19],
                     escape(job["reason"] or ""),
                 )
@@ -158,7 +160,8 @@ def status(
             return
         job = _request(client, "GET", f"/jobs/{job_id}").json()
     reason = f" ({job['reason']})" if job["reason"] else ""
-    table = Table(title=escape(f"job {job['id']} {job['name']}: {job['status']}{reason}"))
+    how_far = progress_text(job["progress"], job["status"])
+    table = Table(title=escape(f"job {job['id']} {job['name']}: {job['status']}, {how_far}{reason}"))
     for col in ("run", "label", "seed", "status", "step", "attempt", "device", "final val loss", "reason"):
         table.add_column(col)
     for run in job["runs"]:
@@ -175,6 +178,14 @@ def status(
             escape(run["reason"] or ""),
         )
     out.print(table)
+
+
+def progress_text(progress: dict[str, Any], status: str) -> str:
+    """``"23% (1,141/5,000 steps)"``: steps actually trained, so a job that ended early says how far
+    it got (``stopped at`` once it has ended)."""
+    done, total = progress["steps_done"], progress["steps_total"]
+    text = f"{100 * progress['fraction']:.0f}% ({done:,}/{total:,} steps)"
+    return f"stopped at {text}" if status in TERMINAL and done < total else text
 
 
 def watch(
@@ -213,29 +224,20 @@ def _follow(client: Any, job_id: int, interval: float) -> dict[str, Any]:
 
 
 def _print_results(client: Any, job: dict[str, Any]) -> None:
-    """What ``dykaf-lab run`` prints at the end: the summary table and the Fisher verdict line."""
+    """What ``dykaf-lab run`` prints at the end, as the server computed it (``GET /jobs/{id}/summary``,
+    ``server.summary``): the summary table, the Fisher verdict line and the winner."""
     from worker.cli import summary_table
-    from worker.fisher_plot import fisher_means, fisher_verdict, rows_from_series, stream_label
-    from worker.local import RunOutcome, summarize_outcomes
 
-    runs = job["runs"]
-    outcomes = [  # no sweep selection on a server: every label is its own group
-        RunOutcome(r["label"], r["label"], r["optimizer"], r["sweep_point"] or {}, r["status"], r["summary"])
-        for r in runs
-        if r["summary"]
-    ]
-    if not outcomes:
+    result = _request(client, "GET", f"/jobs/{job['id']}/summary").json()
+    rows = [row for row in result["rows"] if row["seeds"] > row["pending"]]
+    if not rows:
         return
-    has_target = job["spec"].get("target_loss") is not None
-    out.print(summary_table(summarize_outcomes(outcomes, None, has_target), has_target))
-    series = _request(client, "GET", f"/jobs/{job['id']}/fisher", params={"metric": "kron_rel_err"}).json()
-    rows = rows_from_series(series["series"])
-    labels = list(dict.fromkeys(r["label"] for r in runs if r["label"] in rows))
-    if labels:
-        label = stream_label(labels, {r["label"]: r["optimizer"] for r in runs})
-        verdict = fisher_verdict(fisher_means(rows), label)
-        if verdict:
-            out.print(f"Fisher fidelity: {verdict}", markup=False)
+    out.print(summary_table(rows, result["target_loss"] is not None))
+    verdict = (result.get("fisher") or {}).get("verdict")
+    if verdict:
+        out.print(f"Fisher fidelity: {verdict}", markup=False)
+    if result.get("winner_text"):
+        out.print(f"Winner: {result['winner_text']}", markup=False, soft_wrap=True)
 
 
 def cancel(
@@ -243,21 +245,42 @@ def cancel(
 ) -> None:
     """Cancel a job: queued runs never start, running ones stop within seconds (data kept)."""
     with _client(server, key) as client:
-        job = _request(client, "POST", f"/jobs/{job_id}/cancel").json()
-    out.print(f"job {job_id}: {job['status']} (cancel requested)")
+        response = _request_allowing(client, 409, "POST", f"/jobs/{job_id}/cancel")
+    if response.status_code == 409:  # already ended: the server changed nothing
+        out.print(f"job {job_id}: {response.json()['detail'][0]['msg']}", markup=False)
+        return
+    out.print(f"job {job_id}: {response.json()['status']} (cancel requested)")
+
+
+def _request_allowing(client: Any, allowed: int, method: str, path: str) -> Any:
+    """``_request``, but a response with status ``allowed`` is returned instead of failing."""
+    import httpx
+
+    try:
+        response = client.request(method, path)
+    except httpx.HTTPError as exc:
+        console.print(f"[red]{escape(f'cannot reach {client.base_url}: {exc}')}[/red]")
+        raise typer.Exit(1) from None
+    if response.status_code >= 400 and response.status_code != allowed:
+        _fail(response)
+    return response
 
 
 def download(
     job_id: Annotated[int, typer.Argument(help="job id")],
-    out_dir: Annotated[Path, typer.Option("--out", help="directory for the CSV files")] = Path("."),
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="directory for the CSV files (default: job-<id>)")
+    ] = None,
     server: ServerOpt = None,
     key: KeyOpt = None,
 ) -> None:
-    """Download metrics.csv, summary.csv and fisher.csv (full fidelity, streamed to disk)."""
+    """Download metrics.csv, runs.csv, summary.csv and fisher.csv (the files ``dykaf-lab run`` writes,
+    same columns; full fidelity, streamed to disk)."""
+    out_dir = out_dir or Path(f"job-{job_id}")
     out_dir.mkdir(parents=True, exist_ok=True)
     with _client(server, key, timeout=300) as client:
-        for kind in ("metrics", "summary", "fisher"):
-            target = out_dir / f"job-{job_id}-{kind}.csv"
+        for kind in ("metrics", "runs", "summary", "fisher"):
+            target = out_dir / f"{kind}.csv"
             with client.stream("GET", f"/jobs/{job_id}/{kind}.csv") as response:
                 if response.status_code >= 400:
                     response.read()
@@ -432,6 +455,16 @@ def api(
     )
 
 
+def _corpus_roots() -> str:
+    """Where jobs may read local files (``worker.paths``): ``DYKAF_DATA_ROOTS``, else ``./data``,
+    which ``up`` creates so that it is there to copy files into."""
+    if os.environ.get("DYKAF_DATA_ROOTS"):
+        return os.environ["DYKAF_DATA_ROOTS"] + "  (DYKAF_DATA_ROOTS)"
+    default = ROOT / "data"
+    default.mkdir(exist_ok=True)
+    return f"{default}  (set DYKAF_DATA_ROOTS to change)"
+
+
 def _ensure_local_key(settings: Any) -> str:
     """The key in ``data_dir/api_key`` if it is still valid, else a new one written there (0600)."""
     from server.crud.api_keys import create_key, verify_token
@@ -465,7 +498,7 @@ def _wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 60.0)
     raise RuntimeError(f"the API did not become ready at {base} within {timeout:.0f}s")
 
 
-def _submit_example(base: str, token: str, example: Path) -> None:
+def _submit_example(base: str, token: str, example: Path) -> int | None:
     import httpx
     import yaml
 
@@ -478,12 +511,80 @@ def _submit_example(base: str, token: str, example: Path) -> None:
     if found.json()["items"]:
         job = found.json()["items"][0]
         console.print(f"example job {spec['name']!r} exists (job {job['id']}, {job['status']})")
-        return
+        return int(job["id"])
     response = httpx.post(f"{base}/api/v1/jobs", json=spec, headers=headers, timeout=60)
     if response.status_code >= 400:
         console.print(f"[yellow]example job not submitted: {response.status_code} {response.text}[/yellow]")
-        return
+        return None
     console.print(f"submitted example job {spec['name']!r} (job {response.json()['id']})")
+    return int(response.json()["id"])
+
+
+class ExampleReporter:
+    """What ``up`` shows of the example job after the dashboard URL: a progress bar while it runs,
+    then one line with its outcome, the winner and where the results are. Polled from ``up``'s
+    supervision loop; a failed poll is skipped (the API may be busy), never fatal."""
+
+    POLL_S = 2.0
+
+    def __init__(self, base: str, token: str, job_id: int) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.base, self.job_id = base, job_id
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[text]}"),
+            TimeElapsedColumn(),
+            console=out,
+        )
+        self.task: Any = None
+        self.next_poll = 0.0
+        self.done = False
+
+    def poll(self) -> None:
+        import httpx
+
+        if self.done or time.monotonic() < self.next_poll:
+            return
+        self.next_poll = time.monotonic() + self.POLL_S
+        try:
+            job = httpx.get(f"{self.base}/api/v1/jobs/{self.job_id}", headers=self.headers, timeout=10).json()
+        except (httpx.HTTPError, ValueError):
+            return
+        prog = job["progress"]
+        if self.task is None:
+            self.progress.start()
+            name = f"example job {self.job_id}"
+            self.task = self.progress.add_task(name, total=prog["steps_total"], text="")
+        text = f"{progress_text(prog, job['status'])} · {job['status']}"
+        self.progress.update(self.task, total=prog["steps_total"], completed=prog["steps_done"], text=text)
+        if job["status"] in TERMINAL:
+            self.finish(job)
+
+    def finish(self, job: dict[str, Any]) -> None:
+        import httpx
+
+        self.progress.stop()
+        self.done = True
+        try:
+            summary = httpx.get(
+                f"{self.base}/api/v1/jobs/{self.job_id}/summary", headers=self.headers, timeout=30
+            ).json()
+        except (httpx.HTTPError, ValueError):
+            summary = {}
+        winner = summary.get("winner_text") or "none (see the summary)"
+        out.print(
+            f"example job {self.job_id}: {job['status']}; winner {winner}; results "
+            f"{self.base}/jobs/{self.job_id} (CSV: dykaf-lab download {self.job_id})",
+            markup=False,
+            soft_wrap=True,
+        )
+
+    def stop(self) -> None:
+        if self.task is not None and not self.done:
+            self.progress.stop()
 
 
 def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
@@ -532,6 +633,7 @@ def up(
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_signal)
+    reporter: ExampleReporter | None = None
     try:
         procs.append(
             subprocess.Popen(
@@ -556,18 +658,23 @@ def up(
         )
         _wait_ready(base, procs[0])
         chosen = example or EXAMPLE
-        if not no_example and chosen.exists():
-            _submit_example(base, token, chosen)
+        example_id = _submit_example(base, token, chosen) if not no_example and chosen.exists() else None
         out.print(f"dykaf-lab is up: dashboard {base}/  (API docs {base}/docs)")
         out.print(f"  data: {settings.data_dir.resolve()}  logs: {logs.resolve()}")
+        out.print(f"  corpora and models for jobs: {_corpus_roots()}")
         out.print(f"  API key for the CLI: {settings.data_dir / 'api_key'}")
         out.print("  Ctrl-C stops everything")
+        reporter = ExampleReporter(base, token, example_id) if example_id is not None else None
         while True:
             for proc, what in zip(procs, ("API", "worker"), strict=True):
                 if proc.poll() is not None:
                     raise RuntimeError(f"the {what} process exited with code {proc.returncode}; see {logs}")
+            if reporter is not None:
+                reporter.poll()
             time.sleep(0.5)
     except KeyboardInterrupt:
+        if reporter is not None:
+            reporter.stop()
         console.print("stopping…")
     except RuntimeError as exc:
         console.print(f"[red]{exc}[/red]")

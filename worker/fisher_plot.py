@@ -16,12 +16,14 @@ the floor as a dashed line) instead.
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from server.summary import FisherMeans, fisher_means, fisher_verdict, stream_label
+
+__all__ = ["fisher_means", "fisher_verdict", "plot_fisher", "rows_from_series", "stream_label"]
 
 # Display names and colours of the methods, as on the dashboard (web/static/js/charts.js).
 METHOD_STYLE: dict[str, tuple[str, str, str]] = {
@@ -33,22 +35,9 @@ METHOD_STYLE: dict[str, tuple[str, str, str]] = {
 }
 PANELS = ("kron_rel_err", "precond_rel_err", "diag_mass")
 
-# (label, layer, metric, method) -> {step: mean over seeds}
-Means = dict[tuple[str, str, str, str], dict[int, float]]
-
-
-def fisher_means(rows_by_label: dict[str, Iterable[Sequence[Any]]]) -> Means:
-    """Mean over a label's seeds of each ``(step, layer, method, metric, value)`` row; non-finite
-    values are left out (a probe reports them for no method, but a diverging run may)."""
-    acc: dict[tuple[str, str, str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for label, rows in rows_by_label.items():
-        for step, layer, method, metric, value in rows:
-            if value is not None and math.isfinite(value):
-                acc[(label, layer, metric, method)][int(step)].append(float(value))
-    return {
-        key: {step: statistics.fmean(values) for step, values in sorted(per_step.items())}
-        for key, per_step in acc.items()
-    }
+# (label, layer, metric, method) -> {step: mean over seeds}; the means and the verdict sentence are
+# the server's (``server.summary``), so fisher.png, the API and the dashboard say the same thing.
+Means = FisherMeans
 
 
 def rows_from_series(series: Iterable[dict[str, Any]]) -> dict[str, list[tuple[int, str, str, str, float]]]:
@@ -58,50 +47,6 @@ def rows_from_series(series: Iterable[dict[str, Any]]) -> dict[str, list[tuple[i
         for step, value in zip(s["step"], s["value"], strict=True):
             rows[s["label"]].append((step, s["layer"], s["method"], s["metric"], value))
     return rows
-
-
-def stream_label(labels: Sequence[str], optimizers: dict[str, str]) -> str:
-    """The configuration whose gradients the method panels show: the first DyKAF one, else the first."""
-    return next((label for label in labels if optimizers[label].startswith("dykaf")), labels[0])
-
-
-def fisher_verdict(means: Means, label: str) -> str | None:
-    """The dashboard's verdict line for ``label``'s gradient stream (``fisherGaps`` in charts.js).
-
-    Each method's ``kron_rel_err`` minus the floor's at the same layer and report, averaged over
-    every (layer, report) where both exist, and the share of SOAP/Shampoo's gap that DyKAF's
-    factors close over the points that have both. None without a floor or anything to compare.
-    """
-    points: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
-    for (lb, layer, metric, method), values in means.items():
-        if lb == label and metric == "kron_rel_err":
-            for step, value in values.items():
-                points[(layer, step)][method] = value
-    with_floor = {key: v for key, v in points.items() if "optimal" in v}
-    if not with_floor:
-        return None
-    parts = []
-    for method in METHOD_STYLE:
-        gaps = [v[method] - v["optimal"] for v in with_floor.values() if method in v and method != "optimal"]
-        if gaps:
-            parts.append(f"{METHOD_STYLE[method][0]} {statistics.fmean(gaps):.4f}")
-    if not parts:
-        return None
-    layers = len({layer for layer, _ in with_floor})
-    reports = len({step for _, step in with_floor})
-    text = (
-        f"On {label}'s gradients ({layers} layer{'s' * (layers != 1)} × {reports} "
-        f"report{'s' * (reports != 1)}), mean kron_rel_err above the floor: {' · '.join(parts)}."
-    )
-    both = [v for v in with_floor.values() if "dykaf" in v and "soap_shampoo" in v]
-    soap_gap = sum(v["soap_shampoo"] - v["optimal"] for v in both)
-    if both and soap_gap > 0:
-        closed = 1 - sum(v["dykaf"] - v["optimal"] for v in both) / soap_gap
-        if closed >= 0:
-            text += f" DyKAF's factors close {100 * closed:.0f}% of SOAP/Shampoo's gap."
-        else:
-            text += f" DyKAF's factors sit {-100 * closed:.0f}% further from the floor than SOAP/Shampoo's."
-    return text
 
 
 def _series(means: Means, label: str, layer: str, metric: str, key: str) -> dict[str, dict[int, float]]:

@@ -1,10 +1,12 @@
 """Run a whole comparison job in this process (``dykaf-lab run JOB.yaml``) and report it.
 
-Writes into the output directory:
-- ``steps.csv``   one row per logged step of every run (metrics in columns), full fidelity;
+Writes into the output directory the same files, with the same columns, as a server's downloads
+(``server.csv_export``; an empty field is a missing or non-finite value):
+- ``metrics.csv`` one row per logged metric point of every run, full fidelity;
 - ``fisher.csv``  Fisher diagnostic rows, when the task asks for them;
-- ``runs.csv``    one row per run: status, reason, and its summary numbers;
-- ``summary.csv`` one row per optimizer configuration, aggregated over seeds (mean ± std);
+- ``runs.csv``    one row per run: status, reason, how far it got (``partial``), its summary numbers;
+- ``summary.csv`` one row per optimizer configuration (``server.summary``: means over the runs that
+  finished their schedule, partial runs counted apart);
 - ``curves.png``  validation loss against steps and against training seconds, train loss against
   steps (mean over seeds with a min–max band), one line per optimizer at its selected sweep point;
 - ``fisher.png``  the Fisher-fidelity charts of the dashboard, when there are diagnostics
@@ -20,37 +22,42 @@ seeds, so every optimizer gets the same tuning budget.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 import shutil
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
 
+from server.csv_export import FISHER_HEADER, METRICS_HEADER, RUNS_FIXED
+from server.summary import (
+    ENDED_EARLY,
+    RunOutcome,
+    csv_cell,
+    job_summary,
+    row_score,
+    summarize_outcomes,
+    summary_csv_rows,
+)
 from worker import fisher_plot
 from worker.spec import JobSpec, RunSpec
 from worker.training.runner import RunResult, execute_run
-from worker.training.sinks import CsvSink, MemorySink, MultiSink
+from worker.training.sinks import MemorySink, MultiSink
 
-RUN_COLUMNS = ("run_key", "group", "label", "optimizer", "seed")
-SUMMARY_METRICS = (
-    "final_val_loss",
-    "best_val_loss",
-    "final_train_loss",
-    "steps_to_target",
-    "time_to_target_s",
-    "train_time_s",
-    "step_time_ms",
-    "fwd_bwd_ms",
-    "optimizer_ms",
-    "tokens_per_s",
-    "peak_memory_mb",
-    "fisher_overhead",
+RESULT_FILES = (
+    "metrics.csv",
+    "runs.csv",
+    "summary.csv",
+    "curves.png",
+    "fisher.csv",
+    "fisher.png",
+    "job.json",
 )
 
 
@@ -59,6 +66,7 @@ class RunRecord:
     spec: RunSpec
     result: RunResult
     curves: MemorySink
+    run_id: int = 0  # position in the job, the ``run_id`` column of every result file
 
 
 @dataclass
@@ -68,11 +76,11 @@ class JobOutcome:
     summary: list[dict[str, Any]]
     selected: dict[str, str] = field(default_factory=dict)  # group -> selected label
     fisher_verdict: str | None = None  # how close each method's factors sit to the floor
+    winner_text: str | None = None  # the best configuration by the primary metric, in words
 
     @property
     def files(self) -> dict[str, Path]:
-        names = ("steps.csv", "runs.csv", "summary.csv", "curves.png", "fisher.csv", "fisher.png", "job.json")
-        return {name: self.out_dir / name for name in names if (self.out_dir / name).exists()}
+        return {name: self.out_dir / name for name in RESULT_FILES if (self.out_dir / name).exists()}
 
 
 def safe_name(name: str) -> str:
@@ -85,93 +93,57 @@ def _score(record: RunRecord) -> float:
     return value if record.result.status == "succeeded" and math.isfinite(value) else math.inf
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return math.nan, math.nan
-    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
-
-
-@dataclass(frozen=True)
-class RunOutcome:
-    """What the summary needs of one run, wherever it ran (this process, or a server's job JSON)."""
-
-    label: str
-    group: str
-    optimizer: str
-    sweep_point: dict[str, Any]
-    status: str
-    summary: dict[str, float]
-
-    @classmethod
-    def of(cls, record: RunRecord) -> RunOutcome:
-        spec, result = record.spec, record.result
-        return cls(spec.label, spec.group, spec.optimizer, spec.sweep_point, result.status, result.summary)
+def outcome_of(record: RunRecord) -> RunOutcome:
+    spec, result = record.spec, record.result
+    return RunOutcome(
+        spec.label,
+        spec.group,
+        spec.optimizer,
+        spec.sweep_point,
+        result.status,
+        result.summary,
+        step=result.final_step,
+        total_steps=spec.task.steps,
+    )
 
 
 def summarize(records: Sequence[RunRecord], selected: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """``summarize_outcomes`` of this process's runs."""
+    """``server.summary.summarize_outcomes`` of this process's runs."""
     has_target = bool(records) and records[0].spec.target_loss is not None
-    return summarize_outcomes([RunOutcome.of(r) for r in records], selected, has_target)
+    return summarize_outcomes([outcome_of(r) for r in records], selected, has_target=has_target)
 
 
-def summarize_outcomes(
-    outcomes: Sequence[RunOutcome], selected: dict[str, str] | None, has_target: bool
-) -> list[dict[str, Any]]:
-    """One row per label (optimizer configuration): counts, and mean/std over seeds of each metric.
-
-    Loss statistics use the runs that succeeded; steps/seconds to target use the runs that reached it.
-    ``selected`` (group → label) marks each group's selected sweep point; without it every label is.
-    """
-    by_label: dict[str, list[RunOutcome]] = defaultdict(list)
-    for outcome in outcomes:
-        by_label[outcome.label].append(outcome)
-    selected = selected or {}
-    rows = []
-    for label, group in by_label.items():
-        first = group[0]
-        ok = [r for r in group if r.status == "succeeded"]
-        row: dict[str, Any] = {
-            "group": first.group,
-            "label": label,
-            "optimizer": first.optimizer,
-            "sweep_point": ";".join(f"{k}={v}" for k, v in sorted(first.sweep_point.items())),
-            "selected": selected.get(first.group, label) == label,
-            "seeds": len(group),
-            "succeeded": len(ok),
-            "diverged": sum(r.status == "diverged" for r in group),
-            "failed": sum(r.status in {"failed", "cancelled"} for r in group),
-        }
-        if has_target:
-            row["reached_target"] = sum(r.summary.get("reached_target", 0.0) == 1.0 for r in group)
-        for metric in SUMMARY_METRICS:
-            pool = ok if metric.endswith("loss") else group
-            values = [r.summary[metric] for r in pool if metric in r.summary]
-            mean, std = _mean_std(values)
-            row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
-        rows.append(row)
-    return rows
-
-
-def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(key for key in row if key not in columns)
+def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
-def _run_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
+def _run_rows(records: Sequence[RunRecord]) -> tuple[list[str], list[list[str]]]:
+    """``runs.csv``: the server's columns (``server.csv_export.RUNS_FIXED``) then every summary key."""
+    keys = sorted({key for r in records for key in r.result.summary})
     rows = []
     for r in records:
-        row: dict[str, Any] = {c: getattr(r.spec, c) for c in RUN_COLUMNS}
-        row.update(status=r.result.status, reason=r.result.reason or "", final_step=r.result.final_step)
-        row.update(r.result.summary)
-        rows.append(row)
-    return rows
+        spec, result = r.spec, r.result
+        fixed: dict[str, Any] = {
+            "run_id": r.run_id,
+            "index": r.run_id,
+            "label": spec.label,
+            "optimizer": spec.optimizer,
+            "seed": spec.seed,
+            "status": result.status,
+            "partial": result.status in ENDED_EARLY,
+            "reason": result.reason or "",
+            "step": result.final_step,
+            "total_steps": spec.task.steps,
+            "attempt": 1,
+            "hyperparameters": json.dumps(spec.hyperparameters, sort_keys=True),
+        }
+        rows.append(
+            [csv_cell(fixed.get(c)) for c in RUNS_FIXED] + [csv_cell(result.summary.get(k)) for k in keys]
+        )
+    return [*RUNS_FIXED, *keys], rows
 
 
 def plot_curves(records: Sequence[RunRecord], selected: dict[str, str], path: Path, title: str) -> None:
@@ -260,9 +232,9 @@ def run_job(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for name in RESULT_FILES:
+        (out / name).unlink(missing_ok=True)  # nothing of an earlier run in this folder is mistaken for ours
     (out / "job.json").write_text(job.model_dump_json(indent=2), encoding="utf-8")
-    for name in ("steps.csv", "fisher.csv"):
-        (out / name).unlink(missing_ok=True)
     console = console or Console(stderr=True)
     records: list[RunRecord] = []
     progress = Progress(
@@ -277,7 +249,7 @@ def run_job(
 
     def run_all(specs: list[RunSpec]) -> None:
         for spec in specs:
-            records.append(_run_one(spec, out, device, progress, checkpoints))
+            records.append(_run_one(spec, len(records), out, device, progress, checkpoints))
 
     with progress:
         run_all(job.expand())
@@ -297,28 +269,73 @@ def run_job(
             rows = summarize(records)
             for group in selected:
                 pool = [row for row in rows if row["group"] == group]
-                best = min(pool, key=_row_score)
+                best = min(pool, key=row_score)
                 selected[group] = best["label"]
 
-    summary = summarize(records, selected)
-    _write_csv(out / "runs.csv", _run_rows(records))
-    _write_csv(out / "summary.csv", summary)
+    result = job_summary([outcome_of(r) for r in records], selected=selected, target_loss=job.target_loss)
+    _write_csv(out / "runs.csv", *_run_rows(records))
+    _write_csv(out / "summary.csv", *summary_csv_rows(result["rows"]))
     plot_curves(records, selected, out / "curves.png", f"{job.name}: {job.task.kind}")
     verdict = plot_job_fisher(
         records, selected, out / "fisher.png", f"{job.name}: Fisher fidelity (mean over seeds)"
     )
-    return JobOutcome(out_dir=out, runs=records, summary=summary, selected=selected, fisher_verdict=verdict)
+    return JobOutcome(
+        out_dir=out,
+        runs=records,
+        summary=result["rows"],
+        selected=selected,
+        fisher_verdict=verdict,
+        winner_text=result["winner_text"],
+    )
 
 
-def _row_score(row: dict[str, Any]) -> float:
-    value = row["final_val_loss_mean"]
-    return value if row["succeeded"] == row["seeds"] and math.isfinite(value) else math.inf
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
-def _run_one(spec: RunSpec, out: Path, device: str | None, progress: Any, checkpoints: bool) -> RunRecord:
-    static = {c: getattr(spec, c) for c in RUN_COLUMNS}
-    fisher_path = out / "fisher.csv" if spec.task.fisher_every > 0 else None
-    csv_sink = CsvSink(out / "steps.csv", fisher_path=fisher_path, static=static)
+class ResultCsvSink:
+    """Appends one run's metric points and Fisher rows to ``metrics.csv`` / ``fisher.csv`` in the
+    server's long format (``server.csv_export``), so a local result folder reads like a download."""
+
+    def __init__(self, out: Path, run_id: int, spec: RunSpec) -> None:
+        self.identity = [run_id, spec.label, spec.optimizer, spec.seed]
+        self._metrics = self._open(out / "metrics.csv", METRICS_HEADER)
+        self._fisher = self._open(out / "fisher.csv", FISHER_HEADER) if spec.task.fisher_every > 0 else None
+
+    @staticmethod
+    def _open(path: Path, header: Sequence[str]) -> tuple[Any, Any]:
+        fresh = not path.exists() or path.stat().st_size == 0
+        handle = path.open("a", newline="", encoding="utf-8")
+        writer = csv.writer(handle, lineterminator="\n")
+        if fresh:
+            writer.writerow(header)
+        return handle, writer
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float], wall_time: float) -> None:
+        self._metrics[1].writerows(
+            [*self.identity, name, step, csv_cell(float(value)), csv_cell(float(wall_time))]
+            for name, value in metrics.items()
+        )
+
+    def log_fisher(self, rows: Iterable[Sequence[Any]]) -> None:
+        if self._fisher is not None:
+            self._fisher[1].writerows([*self.identity, *row[:4], csv_cell(_float(row[4]))] for row in rows)
+
+    def flush(self) -> None:
+        for part in (self._metrics, self._fisher):
+            if part is not None:
+                part[0].flush()
+
+    def close(self) -> None:
+        for part in (self._metrics, self._fisher):
+            if part is not None:
+                part[0].close()
+
+
+def _run_one(
+    spec: RunSpec, run_id: int, out: Path, device: str | None, progress: Any, checkpoints: bool
+) -> RunRecord:
+    csv_sink = ResultCsvSink(out, run_id, spec)
     memory = MemorySink()
     checkpoint_dir = out / "checkpoints" / safe_name(spec.run_key)
     if checkpoint_dir.exists():
@@ -344,4 +361,4 @@ def _run_one(spec: RunSpec, out: Path, device: str | None, progress: Any, checkp
         csv_sink.close()
     status = result.status if result.status == "succeeded" else f"{result.status}: {result.reason}"
     progress.update(task_id, info=escape(status[:80]))
-    return RunRecord(spec=spec, result=result, curves=memory)
+    return RunRecord(spec=spec, result=result, curves=memory, run_id=run_id)

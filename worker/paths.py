@@ -2,16 +2,31 @@
 
 Job specs arrive from users (YAML on the command line, JSON over the REST API), so a path inside a
 spec must never reach files the operator did not offer: every local path is resolved (symlinks and
-``..`` included) and must land inside one of the configured data roots.
+``..`` included) and must land inside one of the configured data roots (``DYKAF_DATA_ROOTS``,
+``os.pathsep``-separated; default ``./data``, a folder meant for nothing but corpora and models).
+
+Whatever the roots are — even ``/`` — the lab's own state is never readable as a corpus or a model:
+the state directory (``DYKAF_DATA_DIR``, default ``./.lab``: database, API key, logs, checkpoints),
+the SQLite files of ``DYKAF_DATABASE_URL`` / ``DYKAF_BROKER_URL`` and the cache directory. These are
+read from the environment the way the settings read them, so the API process and the workers refuse
+the same paths.
+
+Refusals name only the path as the user wrote it: an API client learns neither the server's
+absolute paths nor where a symlink points.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import unquote
 
 DATA_ROOTS_ENV = "DYKAF_DATA_ROOTS"
 CACHE_ENV = "DYKAF_CACHE_DIR"
+STATE_DIR_ENV = "DYKAF_DATA_DIR"
+DEFAULT_DATA_ROOT = "data"  # relative to the working directory (the checkout for ./lab up)
+DEFAULT_STATE_DIR = ".lab"
+SQLITE_URL_ENVS = ("DYKAF_DATABASE_URL", "DYKAF_BROKER_URL")
 
 
 def cache_root() -> Path:
@@ -21,24 +36,58 @@ def cache_root() -> Path:
 
 
 def data_roots() -> list[Path]:
-    """Directories local spec paths may point into.
-
-    ``DYKAF_DATA_ROOTS`` (``os.pathsep``-separated) when set, otherwise the current working directory
-    and the cache root. Resolved so that comparisons below are between real locations.
-    """
+    """Directories local spec paths may point into: ``DYKAF_DATA_ROOTS`` when set, otherwise
+    ``./data``. Resolved so that comparisons below are between real locations."""
     configured = os.environ.get(DATA_ROOTS_ENV)
     if configured:
         roots = [Path(part).expanduser() for part in configured.split(os.pathsep) if part.strip()]
     else:
-        roots = [Path.cwd(), cache_root()]
+        roots = [Path.cwd() / DEFAULT_DATA_ROOT]
     return [root.resolve() for root in roots]
 
 
-def confine_path(path: str | os.PathLike[str]) -> Path:
-    """Resolve ``path`` (relative to the working directory) and check it lies inside a data root.
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///rel.db`` / ``sqlite:////abs.db`` URL (also ``sqla+sqlite``);
+    None for any other URL or an in-memory database."""
+    scheme, _, rest = url.partition("://")
+    if not scheme.endswith("sqlite") or not rest.startswith("/"):
+        return None
+    path = unquote(rest[1:].split("?", 1)[0])
+    return Path(path) if path and path != ":memory:" else None
 
-    Raises ``ValueError`` with the offending path and the allowed roots, so that a spec validator can
-    hand the message to the user unchanged.
+
+def state_paths() -> list[Path]:
+    """What jobs may never read: the state directory, the SQLite database and broker files (with
+    their ``-wal``/``-journal`` companions, checked by prefix) and the cache directory."""
+    state_dir = Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR).expanduser()
+    paths = [state_dir if state_dir.is_absolute() else Path.cwd() / state_dir, cache_root()]
+    for name in SQLITE_URL_ENVS:
+        db = _sqlite_file(os.environ.get(name, ""))
+        if db is not None:
+            paths.append(db if db.is_absolute() else Path.cwd() / db)
+    return [p.resolve() for p in paths]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or path.is_relative_to(root)
+
+
+def _is_state(path: Path) -> bool:
+    for state in state_paths():
+        if _inside(path, state):
+            return True
+        # A database file's companions (lab.db-wal, lab.db-journal) live beside it.
+        if path.parent == state.parent and path.name.startswith(state.name + "-") and state.suffix == ".db":
+            return True
+    return False
+
+
+def confine_path(path: str | os.PathLike[str]) -> Path:
+    """Resolve ``path`` (relative to the working directory) and check it lies inside a data root
+    and outside the lab's state.
+
+    Raises ``ValueError`` with a message that quotes only ``path`` as given (no resolved location,
+    no root), so that a spec validator can hand it to an API client unchanged.
     """
     raw = os.fspath(path)
     if not raw.strip():
@@ -49,11 +98,14 @@ def confine_path(path: str | os.PathLike[str]) -> Path:
     if not resolved.is_absolute():
         resolved = Path.cwd() / resolved
     resolved = resolved.resolve()
-    roots = data_roots()
-    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
-        allowed = ", ".join(str(root) for root in roots)
+    if _is_state(resolved):
         raise ValueError(
-            f"path {raw!r} resolves to {str(resolved)!r}, outside the allowed data roots ({allowed}); "
-            f"move the file under one of them or set {DATA_ROOTS_ENV}"
+            f"path {raw!r} is inside the lab state (database, keys, logs, checkpoints or caches), "
+            "which jobs may not read"
+        )
+    if not any(_inside(resolved, root) for root in data_roots()):
+        raise ValueError(
+            f"path {raw!r} is outside the allowed data roots; put the file under a data root "
+            f"({DATA_ROOTS_ENV}, by default ./{DEFAULT_DATA_ROOT} in the working directory of the server)"
         )
     return resolved

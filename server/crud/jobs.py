@@ -154,7 +154,11 @@ class RunCounts:
 
 
 def run_counts(session: Session, job_ids: Sequence[int]) -> dict[int, RunCounts]:
-    """Per-job run counts and step progress (a finished run counts as complete) in one query."""
+    """Per-job run counts and step progress in one query.
+
+    Progress counts the steps runs actually trained (``Run.step``), whatever their status: a run
+    cancelled at 1141/5000 adds 1141, so a job that ended early says how far it got instead of 100 %.
+    """
     out: dict[int, RunCounts] = {jid: RunCounts({}, 0, 0) for jid in job_ids}
     if not job_ids:
         return out
@@ -173,7 +177,7 @@ def run_counts(session: Session, job_ids: Sequence[int]) -> dict[int, RunCounts]
         rc = out[job_id]
         rc.by_status[status] = int(count)
         rc.steps_total += int(total)
-        rc.steps_done += int(total) if status in TERMINAL else int(steps)
+        rc.steps_done += int(steps)
     return out
 
 
@@ -220,14 +224,32 @@ def get_job(session: Session, job_id: int, *, with_runs: bool = True) -> Job | N
     return session.scalars(query).first()
 
 
+class JobAlreadyEnded(Exception):
+    """Cancel of a job with nothing left to stop; ``status`` is the job's (terminal) status."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
+
+
 def request_cancel(session: Session, job_id: int) -> list[str] | None:
     """Cancel a job: queued runs end ``cancelled`` now, running ones get the flag their worker polls.
 
     Returns the Celery task ids of the runs that were still queued (to revoke), or None when the
-    job does not exist.
+    job does not exist. A job that already ended is left untouched (no flag, no ``updated_at``
+    bump): ``JobAlreadyEnded``. The status test is part of the locking UPDATE, so a job that ends
+    concurrently is either cancelled before it ends or refused after.
     """
-    if not lock_job(session, job_id, cancel_requested=True):
-        return None
+    locked = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(sorted(ACTIVE)))
+        .values(updated_at=utcnow(), cancel_requested=True)
+    ).rowcount
+    if not locked:
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+        if status is None:
+            return None
+        raise JobAlreadyEnded(status)
     now = utcnow()
     task_ids = [
         tid

@@ -16,7 +16,6 @@ import contextlib
 import csv
 import io
 import json
-import math
 import re
 import time
 import urllib.error
@@ -31,7 +30,7 @@ from sqlalchemy import func, select, update
 
 from server.core.config import Settings
 from server.crud.metrics import insert_fisher, insert_metrics
-from server.csv_export import FISHER_HEADER, METRICS_HEADER, SUMMARY_FIXED
+from server.csv_export import FISHER_HEADER, METRICS_HEADER, RUNS_FIXED
 from server.db import migrate
 from server.db.models import FisherValue, Job, MetricPoint, Run
 from server.db.session import dispose_engines, get_engine, session_scope
@@ -143,7 +142,8 @@ def page(browser: Any, stack: Stack) -> Iterator[Any]:
 
 # ---------------------------------------------------------------------------------------- units
 def test_js_units_match_python(page: Any, stack: Stack) -> None:
-    """stats.js (run count and labels, %g, range checks, EMA, summary) against the Python side."""
+    """stats.js (run count and labels, %g, range checks, EMA) against the Python side. The summary
+    is the server's (tests/server/test_summary.py); the page only lays it out."""
     from dykaf.baselines.registry import all_schemas, optimizer_schema, validate_hyperparameters
     from worker.spec import JobSpec
 
@@ -219,77 +219,6 @@ def test_js_units_match_python(page: Any, stack: Stack) -> None:
         None if b is None else round(b, 12) for b in expected
     ]
 
-    # Summary: mean ± sample std across seeds, target reached counts, speed-up vs AdamW, best marks.
-    def run(label: str, opt: str, status: str, **summary: float) -> dict[str, Any]:
-        return {"label": label, "optimizer": opt, "status": status, "summary": summary or None}
-
-    runs = [
-        run(
-            "adamw",
-            "adamw",
-            "succeeded",
-            final_val_loss=3.0,
-            best_val_loss=2.9,
-            steps_to_target=100,
-            time_to_target_s=10,
-            step_time_ms=10,
-            optimizer_ms=2,
-            peak_memory_mb=100,
-            tokens_per_s=1000,
-        ),
-        run(
-            "adamw",
-            "adamw",
-            "succeeded",
-            final_val_loss=3.2,
-            best_val_loss=3.1,
-            steps_to_target=120,
-            time_to_target_s=12,
-            step_time_ms=12,
-            optimizer_ms=2,
-            peak_memory_mb=100,
-            tokens_per_s=900,
-            fisher_overhead=0.04,
-        ),
-        run(
-            "dykaf",
-            "dykaf",
-            "succeeded",
-            final_val_loss=2.8,
-            best_val_loss=2.7,
-            steps_to_target=50,
-            time_to_target_s=8,
-            step_time_ms=16,
-            optimizer_ms=8,
-            peak_memory_mb=140,
-            tokens_per_s=700,
-            fisher_overhead=0.02,
-        ),
-        run("dykaf", "dykaf", "diverged"),
-        run("dykaf", "dykaf", "running"),
-    ]
-    rows, best = page.evaluate(
-        f"""async (runs) => {{ {stats}
-            const rows = m.summarize(runs, {{ targetLoss: 3.5 }});
-            const best = m.bestByColumn(rows);
-            return [rows, Object.fromEntries(Object.entries(best).map(([k, v]) => [k, [...v]]))];
-        }}""",
-        runs,
-    )
-    adamw, dykaf = rows
-    assert adamw["finalVal"]["n"] == 2 and math.isclose(adamw["finalVal"]["mean"], 3.1)
-    assert math.isclose(adamw["finalVal"]["std"], math.sqrt(0.02))
-    assert adamw["baseline"] and math.isclose(adamw["speedupSteps"], 1.0)
-    assert math.isclose(dykaf["speedupSteps"], 110 / 50) and math.isclose(dykaf["speedupTime"], 11 / 8)
-    assert dykaf["total"] == 3 and dykaf["ended"] == 2 and dykaf["diverged"] == 1 and dykaf["reached"] == 1
-    assert math.isclose(dykaf["optShare"], 0.5)
-    assert math.isclose(dykaf["diagShare"], 0.02) and math.isclose(adamw["diagShare"], 0.04)
-    assert best["diagShare"] == []  # the probes' cost is not the optimizer's: never marked "best"
-    assert best["finalVal"] == ["dykaf"] and best["speedupSteps"] == ["dykaf"]
-    assert (
-        best["stepTimeMs"] == ["adamw"] and best["tokensPerS"] == ["adamw"] and best["diverged"] == ["adamw"]
-    )
-
 
 # ----------------------------------------------------------------------------------- new job
 def field(page: Any, loc: str) -> Any:
@@ -327,56 +256,6 @@ def fill_tiny_form(page: Any, name: str) -> None:
     field(page, "device").select_option("cpu")
     for key, value in TINY_TASK.items():
         field(page, f"task.{key}").fill(value)
-
-
-def test_fisher_gaps_match_python(page: Any, stack: Stack) -> None:
-    """charts.js fisherGaps (the verdict line) against the same means and gaps computed here."""
-    import random
-
-    page.goto("/")
-    rng = random.Random(3)
-    methods = ["optimal", "own", "dykaf", "dykaf_seq", "soap_shampoo"]
-    floor, above = (0.5, 0.6), (0.6, 0.9)
-    series = []
-    for label in ("dykaf", "adamw"):
-        for seed in (0, 1):
-            for layer in ("a.weight", "b.weight"):
-                for method in methods:
-                    steps = [250, 500] if (layer, method) != ("b.weight", "own") else [250]
-                    series.append(
-                        {
-                            "label": label,
-                            "seed": seed,
-                            "layer": layer,
-                            "metric": "kron_rel_err",
-                            "method": method,
-                            "step": steps,
-                            # the floor below every estimate, as Kronecker products can be
-                            "value": [rng.uniform(*floor if method == "optimal" else above) for _ in steps],
-                        }
-                    )
-    got = page.evaluate(
-        """async (series) => { const m = await import('/static/js/charts.js');
-            return m.fisherGaps(m.fisherMeans(series), 'dykaf'); }""",
-        series,
-    )
-    mean: dict[tuple[str, int, str], float] = {}
-    for s in series:
-        if s["label"] == "dykaf":
-            for step, value in zip(s["step"], s["value"], strict=True):
-                key = (s["layer"], step, s["method"])
-                mean[key] = mean.get(key, 0.0) + value / 2  # two seeds each
-    points = {(layer, step) for layer, step, _ in mean}
-    gaps = {
-        method: [mean[(*p, method)] - mean[(*p, "optimal")] for p in points if (*p, method) in mean]
-        for method in methods[1:]
-    }
-    assert [g["method"] for g in got["gaps"]] == methods[1:]
-    for g in got["gaps"]:
-        assert g["n"] == len(gaps[g["method"]]) and g["gap"] == pytest.approx(sum(gaps[g["method"]]) / g["n"])
-    assert got["gaps"][0]["n"] == 3  # "own" is missing at one (layer, report)
-    assert (got["layers"], got["reports"]) == (2, 2)
-    assert got["closed"] == pytest.approx(1 - sum(gaps["dykaf"]) / sum(gaps["soap_shampoo"]))
 
 
 def test_validation_messages(page: Any) -> None:
@@ -537,14 +416,27 @@ def test_form_job_runs_live_with_charts_and_downloads(page: Any, stack: Stack, b
         ]
         assert gaps and shown["DyKAF"] == f"{sum(gaps) / len(gaps):.4f}", (label, shown)
 
-    # Summary and runs tables.
+    # Summary and runs tables: the server's summary, laid out (best marks and winner included).
+    summary = stack.get(f"/jobs/{job_id}/summary")
     assert page.locator("#summary-table tbody tr").count() == 2
-    assert page.locator("#summary-table td.best").count() >= 1
+    assert page.locator('#summary-table td[data-col="runs"]').all_inner_texts() == ["2/2", "2/2"]
+    marked = {
+        (c.get_attribute("data-col"), c.evaluate("(td) => td.parentElement.dataset.label"))
+        for c in page.locator("#summary-table td.best").all()
+    }
+    assert marked and marked == {(k, label) for k, labels in summary["best"].items() for label in labels}
+    shown = page.locator('#summary-table tr[data-label="dykaf"] td[data-col="final_val_loss"]').inner_text()
+    row = next(r for r in summary["rows"] if r["label"] == "dykaf")
+    assert shown == f"{row['final_val_loss_mean']:.3f} ± {row['final_val_loss_std']:.3f}"
+    assert (
+        summary["winner_text"]
+        and page.locator("#summary-winner").inner_text() == f"Best: {summary['winner_text']}"
+    )
     # The Fisher probes' own cost, per optimizer (diagnostics ran every 10 steps): a percentage.
-    diag_cells = page.locator('#summary-table td[data-col="diagShare"]').all_inner_texts()
+    diag_cells = page.locator('#summary-table td[data-col="fisher_overhead"]').all_inner_texts()
     percentages = [re.fullmatch(r"\d+(\.\d)?\s?%", c.strip()) for c in diag_cells]
     assert len(diag_cells) == 2 and all(percentages), diag_cells
-    assert page.locator('#summary-table td.best[data-col="diagShare"]').count() == 0
+    assert page.locator('#summary-table td.best[data-col="fisher_overhead"]').count() == 0
     assert page.locator("#runs-table tbody tr").count() == 4
     assert page.locator("#runs-table tbody tr").first.get_attribute("data-status") == "succeeded"
 
@@ -557,7 +449,7 @@ def test_form_job_runs_live_with_charts_and_downloads(page: Any, stack: Stack, b
             select(func.count()).select_from(FisherValue).join(Run).where(Run.job_id == job_id)
         )
     downloads = {}
-    for kind in ("metrics_csv", "summary_csv", "fisher_csv"):
+    for kind in ("metrics_csv", "runs_csv", "summary_csv", "fisher_csv"):
         with page.expect_download() as info:
             page.click(f'[data-download="{kind}"]')
         download = info.value
@@ -567,8 +459,9 @@ def test_form_job_runs_live_with_charts_and_downloads(page: Any, stack: Stack, b
     assert len(downloads["metrics_csv"]) - 1 == n_metrics > 0
     assert tuple(downloads["fisher_csv"][0]) == FISHER_HEADER
     assert len(downloads["fisher_csv"]) - 1 == n_fisher > 0
-    assert tuple(downloads["summary_csv"][0][: len(SUMMARY_FIXED)]) == SUMMARY_FIXED
-    assert len(downloads["summary_csv"]) - 1 == 4
+    assert tuple(downloads["runs_csv"][0][: len(RUNS_FIXED)]) == RUNS_FIXED
+    assert len(downloads["runs_csv"]) - 1 == 4
+    assert [r[1] for r in downloads["summary_csv"]] == ["label", "adamw", "dykaf"]  # one row per optimizer
     # ... and without a key (a plain link: the browser streams the file to disk).
     context = open_context(browser, stack.server.url, None)
     try:
@@ -588,6 +481,10 @@ def test_form_job_runs_live_with_charts_and_downloads(page: Any, stack: Stack, b
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(target), full_page=True)
     assert target.stat().st_size > 50_000
+
+    # The jobs list names the winner of the finished job.
+    page.goto("/")
+    expect_text(page.locator(f'tr[data-job-id="{job_id}"] td[data-col="winner"]'), summary["winner"]["label"])
 
 
 @dataclass
@@ -650,6 +547,80 @@ def test_curves_grow_live(page: Any, stack: Stack) -> None:
         points(6, 9)
         page.wait_for_function(f"() => ({count})() === 9", timeout=15_000)
         expect_text(page.locator("#job-progress"), "9/24 steps")
+
+
+def test_summary_lists_only_configurations_whose_curves_are_charted(page: Any, stack: Stack) -> None:
+    """Live view, one state: a configuration that finished while its points are still on their way
+    is not in the summary table until its curves are on the charts."""
+    engine = get_engine(stack.settings.database_url)
+    with direct_run(stack, {**tiny_job(name="one state", seeds=(0,)), "device": "cpu"}, step=4) as run:
+        with session_scope(stack.settings.database_url) as session:
+            from server.crud import jobs as jobs_crud
+
+            jobs_crud.lock_job(session, run.job_id)
+            other = session.scalars(select(Run).where(Run.job_id == run.job_id, Run.id != run.run_id)).one()
+            other.status, other.step, other.summary = "succeeded", 12, {"final_val_loss": 4.0}
+            other_id = other.id
+        with engine.begin() as conn:
+            insert_metrics(
+                conn, [(run.run_id, "train_loss", s, 5.0 - 0.05 * s, float(s)) for s in range(1, 5)]
+            )
+        run.advance(4)
+        page.goto(f"/jobs/{run.job_id}")
+        page.wait_for_selector("body[data-charts='ready']")
+        expect_text(page.locator("#summary-wrap"), "1 configuration not listed until its curves arrive")
+        assert page.locator('#summary-table tr[data-label="dykaf"]').count() == 0
+        with engine.begin() as conn:
+            insert_metrics(conn, [(other_id, "train_loss", s, 4.0, float(s)) for s in range(1, 13)])
+        run.advance(5)
+        page.wait_for_selector('#summary-table tr[data-label="dykaf"]', timeout=15_000)
+        assert "not listed" not in page.locator("#summary-wrap").inner_text()
+        assert page.locator(
+            '#summary-table tr[data-label="dykaf"] td[data-col="final_val_loss"]'
+        ).inner_text() == ("4.000")
+
+
+def test_a_job_that_ended_early_says_how_far_it_got(page: Any, stack: Stack) -> None:
+    """Cancelled part-way: progress is the steps trained, partial runs are marked and not averaged."""
+    from server.crud import jobs as jobs_crud
+    from worker.spec import JobSpec
+
+    body = {**tiny_job(name="stopped early", seeds=(0, 1)), "device": "cpu"}
+    with session_scope(stack.settings.database_url) as session:
+        job = jobs_crud.create_job(session, JobSpec.model_validate(body), auto_queue="cpu")
+        job_id = job.id
+        jobs_crud.lock_job(session, job_id)
+        outcomes = [
+            ("succeeded", 12, 3.0),
+            ("cancelled", 3, 5.5),
+            ("succeeded", 12, 2.5),
+            ("cancelled", 0, None),
+        ]
+        for run, (status, step, loss) in zip(job.runs, outcomes, strict=True):
+            run.status, run.step, run.reason = status, step, None if status == "succeeded" else "test"
+            run.summary = None if loss is None else {"final_val_loss": loss}
+        session.flush()
+        jobs_crud.recompute_job(session, job_id)
+        run_ids = [run.id for run in job.runs]
+    with get_engine(stack.settings.database_url).begin() as conn:
+        for run_id, (_, step, _) in zip(run_ids, outcomes, strict=True):
+            insert_metrics(conn, [(run_id, "train_loss", s, 4.0, float(s)) for s in range(1, step + 1)])
+    page.goto(f"/jobs/{job_id}")
+    page.wait_for_selector("body[data-charts='ready']")
+    expect_text(page.locator("#job-progress"), "stopped at 56% · 27/48 steps")
+    adamw = page.locator('#summary-table tr[data-label="adamw"]')
+    assert adamw.get_attribute("data-partial") == "true"
+    assert adamw.locator('td[data-col="runs"]').inner_text().split("\n") == [
+        "1/2",
+        "1 stopped early (not averaged)",
+    ]
+    assert adamw.locator('td[data-col="final_val_loss"]').inner_text() == "3.000"  # not 4.250
+    expect_text(page.locator("#summary-wrap"), "counted but not averaged")
+    assert page.locator("#summary-winner").count() == 0  # no winner of an incomplete comparison
+    page.goto("/")
+    row = page.locator(f'tr[data-job-id="{job_id}"]')
+    expect_text(row, "27/48 steps")
+    assert row.locator('td[data-col="winner"]').inner_text() == "–"
 
 
 def test_one_fisher_report_is_a_dot_plot_until_the_next_arrives(page: Any, stack: Stack) -> None:

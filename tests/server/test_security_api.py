@@ -9,6 +9,7 @@ revocation/hash checks) with adversarial inputs.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -355,6 +356,100 @@ def test_paths_outside_data_roots_are_refused_naming_the_field(
         assert loc in locs, (body["task"], locs)
         msg = " ".join(item["msg"] for item in r.json()["detail"])
         assert "outside the allowed data roots" in msg or "neither" in msg, msg
+        # Only the path as the client wrote it: no resolved location, root or symlink target.
+        written = json.dumps(body["task"]).replace('"', " ")
+        told = [part for part in msg.split("'")[1::2] if part not in written]
+        assert not told and str(tmp_path) not in msg.replace(str(outside), "").replace(str(root), ""), msg
     assert db_counts(api.settings) == before
     # Inside the root it is accepted.
     assert api.post("/jobs", json=corpus(str(root / "ok.txt"))).status_code == 201
+
+
+def test_the_lab_state_is_never_a_corpus_or_model_whatever_the_roots(
+    sqlite_settings: Any, api_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found: the default roots included the checkout, whose ``.lab/`` holds the database and the API
+    key; a job with ``corpus: {name: file, path: .lab/lab.db}`` was accepted and trained on it."""
+    checkout = tmp_path / "checkout"
+    lab = checkout / ".lab"  # the default state directory, as `./lab up` makes it
+    (lab / "logs").mkdir(parents=True)
+    for name in ("lab.db", "lab.db-wal", "api_key", "logs/api.log"):
+        (lab / name).write_text("state")
+    elsewhere = tmp_path / "db"  # a SQLite database configured outside the state directory
+    elsewhere.mkdir()
+    (elsewhere / "other.db").write_text("state")
+    (elsewhere / "notes.txt").write_text("hello world " * 100)
+    cache = tmp_path / "cache"
+    (cache / "tokenizers").mkdir(parents=True)
+    (checkout / "data").mkdir()
+    (checkout / "data" / "ok.txt").write_text("hello world " * 100)
+    (checkout / "data" / "to-state").symlink_to(lab, target_is_directory=True)
+    monkeypatch.chdir(checkout)
+    monkeypatch.delenv("DYKAF_DATA_DIR", raising=False)
+    monkeypatch.setenv("DYKAF_CACHE_DIR", str(cache))
+    monkeypatch.setenv("DYKAF_DATABASE_URL", f"sqlite:///{elsewhere / 'other.db'}")
+    monkeypatch.setenv("DYKAF_DATA_ROOTS", os.pathsep.join(["/", str(tmp_path)]))  # everything
+    api = api_factory(sqlite_settings.with_(write_rate_per_min=0))
+    before = db_counts(api.settings)
+
+    def corpus(path: str) -> dict[str, Any]:
+        job = tiny_job()
+        job["task"]["corpus"] = {"name": "file", "path": path}
+        return job
+
+    def model(path: str) -> dict[str, Any]:
+        job = tiny_job()
+        job["task"]["kind"] = "finetune"
+        job["task"]["finetune"] = {"model": path}
+        return job
+
+    refused = [
+        corpus(".lab/lab.db"),
+        corpus(".lab/api_key"),
+        corpus(".lab"),
+        corpus("./.lab/logs/api.log"),
+        corpus(str(lab / "lab.db-wal")),
+        corpus("data/to-state/api_key"),  # through a symlink inside a root
+        corpus(str(elsewhere / "other.db")),
+        corpus(str(cache / "tokenizers")),
+        model(".lab"),
+        model(str(lab)),
+    ]
+    for body in refused:
+        r = api.post("/jobs", json=body)
+        assert r.status_code == 422, (body["task"], r.text)
+        msg = " ".join(item["msg"] for item in r.json()["detail"])
+        assert "inside the lab state" in msg, msg
+        assert str(tmp_path) not in msg.replace(str(lab), "").replace(str(elsewhere), "").replace(
+            str(cache), ""
+        )
+        assert str(checkout) not in r.text.replace(str(lab), "")  # the server's own paths stay private
+    assert db_counts(api.settings) == before
+    # The state directory named by DYKAF_DATA_DIR (as `up` passes it) is protected the same way.
+    monkeypatch.setenv("DYKAF_DATA_DIR", str(tmp_path / "state"))
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "api_key").write_text("state")
+    assert api.post("/jobs", json=corpus(str(tmp_path / "state" / "api_key"))).status_code == 422
+    # Next to the state, ordinary files stay readable.
+    assert api.post("/jobs", json=corpus("data/ok.txt")).status_code == 201
+    assert api.post("/jobs", json=corpus(str(elsewhere / "notes.txt"))).status_code == 201
+
+
+def test_default_data_root_is_a_dedicated_folder(
+    sqlite_settings: Any, api_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without DYKAF_DATA_ROOTS only ``./data`` is readable: not the working directory (the checkout)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "ok.txt").write_text("hello world " * 100)
+    (tmp_path / "README.md").write_text("hello world " * 100)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DYKAF_DATA_ROOTS", raising=False)
+    monkeypatch.setenv("DYKAF_CACHE_DIR", str(tmp_path / "cache"))
+    api = api_factory(sqlite_settings.with_(write_rate_per_min=0))
+    job = tiny_job()
+    job["task"]["corpus"] = {"name": "file", "path": "README.md"}
+    r = api.post("/jobs", json=job)
+    assert r.status_code == 422 and "outside the allowed data roots" in r.text
+    assert str(tmp_path) not in r.text and "./data" in r.text
+    job["task"]["corpus"] = {"name": "file", "path": "data/ok.txt"}
+    assert api.post("/jobs", json=job).status_code == 201

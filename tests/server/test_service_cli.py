@@ -123,6 +123,17 @@ def test_up_client_ctrl_c_and_restart(tmp_path: Path) -> None:
         # The results, as `dykaf-lab run` prints them: the summary table and the Fisher verdict.
         assert "summary (mean ± std over seeds)" in r.stdout and "dykaf" in r.stdout
         assert "Fisher fidelity: On dykaf's gradients (2 layers × " in r.stdout, r.stdout
+        summary = httpx.get(f"{up.base}/api/v1/jobs/{job['id']}/summary").json()
+        assert summary["winner_text"] and f"Winner: {summary['winner_text']}" in r.stdout
+        # `up` itself followed the example job and ended with its winner and where the results are.
+        deadline = time.monotonic() + 30
+        while f"example job {job['id']}: succeeded" not in up.output():
+            assert time.monotonic() < deadline, up.output()
+            time.sleep(0.2)
+        final = next(
+            line for line in up.output().splitlines() if f"example job {job['id']}: succeeded" in line
+        )
+        assert f"winner {summary['winner_text']}" in final and f"{up.base}/jobs/{job['id']}" in final, final
         # The embedded worker trains at a lower CPU priority than the API beside it.
         from worker.cli_service import EMBEDDED_WORKER_NICE
 
@@ -136,14 +147,24 @@ def test_up_client_ctrl_c_and_restart(tmp_path: Path) -> None:
 
         r = cli("status", data_dir=data, server=up.base)
         assert r.returncode == 0 and "example" in r.stdout and "succeeded" in r.stdout
+        assert "100%" in r.stdout and "24/24" in r.stdout and summary["winner"]["label"] in r.stdout
 
         out_dir = tmp_path / "csv"
         r = cli("download", str(job["id"]), "--out", str(out_dir), data_dir=data, server=up.base)
         assert r.returncode == 0, r.stderr
-        rows = list(csv.DictReader((out_dir / f"job-{job['id']}-metrics.csv").read_text().splitlines()))
+        # The names `dykaf-lab run` writes, with the same content.
+        assert sorted(p.name for p in out_dir.iterdir()) == [
+            "fisher.csv",
+            "metrics.csv",
+            "runs.csv",
+            "summary.csv",
+        ]
+        rows = list(csv.DictReader((out_dir / "metrics.csv").read_text().splitlines()))
         assert len([x for x in rows if x["name"] == "train_loss"]) == 2 * 12
-        assert (out_dir / f"job-{job['id']}-summary.csv").read_text().count("succeeded") == 2
-        assert len((out_dir / f"job-{job['id']}-fisher.csv").read_text().splitlines()) > 1
+        assert (out_dir / "runs.csv").read_text().count("succeeded") == 2
+        per_optimizer = list(csv.DictReader((out_dir / "summary.csv").read_text().splitlines()))
+        assert [(r["label"], r["succeeded"]) for r in per_optimizer] == [("adamw", "1"), ("dykaf", "1")]
+        assert len((out_dir / "fisher.csv").read_text().splitlines()) > 1
 
         bad = tmp_path / "bad.yaml"
         bad.write_text(yaml.safe_dump(tiny_job(steps=0)))

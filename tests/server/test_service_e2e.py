@@ -87,10 +87,16 @@ def test_job_runs_to_success(any_settings: Any, api_factory: Any, worker_factory
     with session_scope(settings.database_url) as session:  # each worker rolled up its ended run
         assert set(session.scalars(select(Run.rollup_built)).all()) == {True}
         assert session.scalar(select(func.count()).select_from(MetricRollup)) > 0
-    summary = list(csv.DictReader(io.StringIO(api.get(f"/jobs/{job['id']}/summary.csv").text)))
-    assert [s["status"] for s in summary] == ["succeeded"] * 4 and all(
-        float(s["final_val_loss"]) > 0 for s in summary
+    runs = list(csv.DictReader(io.StringIO(api.get(f"/jobs/{job['id']}/runs.csv").text)))
+    assert [s["status"] for s in runs] == ["succeeded"] * 4 and all(
+        float(s["final_val_loss"]) > 0 for s in runs
     )
+    summary = list(csv.DictReader(io.StringIO(api.get(f"/jobs/{job['id']}/summary.csv").text)))
+    assert [(s["label"], s["succeeded"], s["partial"]) for s in summary] == [
+        ("adamw", "2", "0"),
+        ("dykaf", "2", "0"),
+    ]
+    assert all(float(s["final_val_loss_mean"]) > 0 for s in summary)
     metrics = api.get(f"/jobs/{job['id']}/metrics", params={"name": "train_loss"}).json()
     assert len(metrics["series"]) == 4 and [a["label"] for a in metrics["aggregates"]] == ["adamw", "dykaf"]
     assert all(n == 2 for a in metrics["aggregates"] for n in a["n"])

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from server.csv_export import FISHER_HEADER, METRICS_HEADER, RUNS_FIXED
 from tests.support.worker import tiny_job, tiny_task
 from worker.cli import app
 from worker.local import run_job
@@ -38,17 +39,29 @@ def test_run_writes_csvs_and_plot(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--quiet"])
     assert result.exit_code == 0, _output(result)
     assert "summary (mean ± std over seeds)" in _output(result) and "muon" in _output(result)
-    steps = list(csv.DictReader((out / "steps.csv").open()))
-    assert {r["run_key"] for r in steps} == {"adamw-s0", "adamw-s1", "muon-s0", "muon-s1"}
-    assert sorted({int(r["step"]) for r in steps}) == [0, 2, 4]
+    # The server's downloads have the same names and columns (server.csv_export).
+    names = sorted(p.name for p in out.glob("*.csv"))
+    assert names == ["fisher.csv", "metrics.csv", "runs.csv", "summary.csv"]
+    metrics = list(csv.DictReader((out / "metrics.csv").open()))
+    assert tuple(metrics[0]) == METRICS_HEADER
+    assert {(r["label"], r["seed"]) for r in metrics} == {(o, s) for o in ("adamw", "muon") for s in "01"}
+    assert sorted({int(r["step"]) for r in metrics}) == [0, 2, 4]
+    assert {r["name"] for r in metrics} >= {"train_loss", "val_loss"}
+    assert tuple(next(csv.reader((out / "fisher.csv").open()))) == FISHER_HEADER
     summary = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["label"] for r in summary] == ["adamw", "muon"]
     for row in summary:
         assert row["seeds"] == "2" and row["succeeded"] == "2" and row["reached_target"] == "2"
+        assert row["partial"] == "0" and row["complete"] == "true"
         assert float(row["final_val_loss_mean"]) > 0 and float(row["final_val_loss_std"]) >= 0
         assert float(row["steps_to_target_mean"]) == 0.0 and float(row["step_time_ms_mean"]) > 0
+        assert row["speedup_time"] == "" or float(row["speedup_time"]) > 0  # nan is an empty field
+    assert all("nan" not in line for line in (out / "summary.csv").read_text().splitlines())
     runs = list(csv.DictReader((out / "runs.csv").open()))
-    assert [r["status"] for r in runs] == ["succeeded"] * 4
+    assert tuple(runs[0])[: len(RUNS_FIXED)] == RUNS_FIXED
+    assert [r["status"] for r in runs] == ["succeeded"] * 4 and {r["partial"] for r in runs} == {"false"}
+    assert [r["run_id"] for r in runs] == ["0", "1", "2", "3"]
+    assert "Winner: " in _output(result)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Diagnostics ran at the last step (default fisher_every): their charts are a file too.
     assert (out / "fisher.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -106,15 +119,15 @@ def test_benchmark_job_is_the_default_task() -> None:
 def test_summary_table_stars_selected_sweep_points_only_when_there_was_a_sweep() -> None:
     from rich.console import Console
 
+    from server.summary import RunOutcome, summarize_outcomes
     from worker.cli import summary_table
-    from worker.local import RunOutcome, summarize_outcomes
 
     def outcome(label: str, group: str, loss: float) -> RunOutcome:
         return RunOutcome(label, group, group, {}, "succeeded", {"final_val_loss": loss})
 
     def text(outcomes: list[RunOutcome], selected: dict[str, str] | None) -> str:
         console = Console(width=200, record=True)
-        console.print(summary_table(summarize_outcomes(outcomes, selected, False), False))
+        console.print(summary_table(summarize_outcomes(outcomes, selected, has_target=False), False))
         return console.export_text()
 
     plain = text([outcome("adamw", "adamw", 3.0), outcome("dykaf", "dykaf", 2.9)], None)
@@ -123,3 +136,13 @@ def test_summary_table_stars_selected_sweep_points_only_when_there_was_a_sweep()
     swept = [outcome("adamw[lr=0.001]", "adamw", 3.0), outcome("adamw[lr=0.01]", "adamw", 2.8)]
     marked = text(swept, {"adamw": "adamw[lr=0.01]"})
     assert "adamw[lr=0.01] *" in marked and "adamw[lr=0.001] *" not in marked
+
+
+def test_status_says_how_far_a_job_got() -> None:
+    from worker.cli_service import progress_text
+
+    stopped = {"fraction": 1141 / 10000, "steps_done": 1141, "steps_total": 10000}
+    assert progress_text(stopped, "cancelled") == "stopped at 11% (1,141/10,000 steps)"
+    assert progress_text(stopped, "running") == "11% (1,141/10,000 steps)"
+    done = {"fraction": 1.0, "steps_done": 24, "steps_total": 24}
+    assert progress_text(done, "succeeded") == "100% (24/24 steps)"

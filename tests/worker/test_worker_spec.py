@@ -128,15 +128,15 @@ def test_paths_outside_data_roots_are_rejected(tmp_path: Path) -> None:
     assert "task.finetune.model" in _errors(tiny_job(task=finetune))
 
 
-def test_default_roots_are_cwd_and_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_default_root_is_the_data_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("DYKAF_DATA_ROOTS", raising=False)
     monkeypatch.setenv("DYKAF_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cache").mkdir()
-    assert confine_path("x.txt") == (tmp_path / "x.txt").resolve()
-    assert confine_path(str(tmp_path / "cache" / "y")) == (tmp_path / "cache" / "y").resolve()
-    with pytest.raises(ValueError):
-        confine_path(os.path.dirname(tmp_path))
+    assert confine_path("data/x.txt") == (tmp_path / "data" / "x.txt").resolve()
+    for outside in ("x.txt", str(tmp_path / "cache" / "y"), os.path.dirname(tmp_path)):
+        with pytest.raises(ValueError, match=r"outside the allowed data roots|inside the lab state"):
+            confine_path(outside)
 
 
 def test_hub_ids_are_accepted_and_malformed_references_rejected() -> None:

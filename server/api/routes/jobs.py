@@ -15,10 +15,12 @@ from server.auth import read_access, require_key
 from server.core.config import Settings
 from server.crud import jobs as jobs_crud
 from server.crud import runs as runs_crud
+from server.crud import summary as summary_crud
 from server.db.models import STATUSES, TERMINAL, ApiKey, Job, Run
 from server.errors import ApiError
 from server.observability import JOBS_SUBMITTED
 from server.schemas import JobOut, JobPage, JobSummaryOut, Progress, RunOut
+from server.summary import jsonable
 from worker.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ def _progress(counts: jobs_crud.RunCounts) -> Progress:
     )
 
 
-def job_summary(job: Job, counts: jobs_crud.RunCounts) -> JobSummaryOut:
+def job_summary(job: Job, counts: jobs_crud.RunCounts, winner: dict[str, Any] | None = None) -> JobSummaryOut:
     return JobSummaryOut(
         id=job.id,
         name=job.name,
@@ -48,6 +50,7 @@ def job_summary(job: Job, counts: jobs_crud.RunCounts) -> JobSummaryOut:
         updated_at=job.updated_at,
         finished_at=job.finished_at,
         progress=_progress(counts),
+        winner=jsonable(winner),
     )
 
 
@@ -80,27 +83,30 @@ def run_out(run: Run) -> RunOut:
 
 
 def counts_of(runs: list[Run]) -> jobs_crud.RunCounts:
-    """Run counts of loaded runs, without a query."""
+    """Run counts of loaded runs, without a query (steps actually trained, as ``run_counts``)."""
     counts = jobs_crud.RunCounts({}, 0, 0)
     for run in runs:
         counts.by_status[run.status] = counts.by_status.get(run.status, 0) + 1
         counts.steps_total += run.total_steps
-        counts.steps_done += run.total_steps if run.status in TERMINAL else run.step
+        counts.steps_done += run.step
     return counts
 
 
 def job_detail(session: Session, job: Job, warnings: list[str] | None = None) -> JobOut:
     counts = counts_of(list(job.runs))
+    winner = summary_crud.winner_of(list(job.runs)) if job.status in TERMINAL else None
     base = f"{API_PREFIX}/jobs/{job.id}"
     return JobOut(
-        **job_summary(job, counts).model_dump(),
+        **job_summary(job, counts, winner).model_dump(),
         spec=job.spec,
         runs=[run_out(run) for run in job.runs],
         links={
             "self": base,
             "metrics": f"{base}/metrics",
             "metrics_csv": f"{base}/metrics.csv",
+            "summary": f"{base}/summary",
             "summary_csv": f"{base}/summary.csv",
+            "runs_csv": f"{base}/runs.csv",
             "fisher": f"{base}/fisher",
             "fisher_csv": f"{base}/fisher.csv",
         },
@@ -206,8 +212,9 @@ def list_jobs(
             raise ApiError(422, "malformed cursor", loc=["query", "cursor"]) from None
     jobs, next_before = jobs_crud.list_jobs(session, status=status, name=name, before_id=before, limit=limit)
     counts = jobs_crud.run_counts(session, [job.id for job in jobs])
+    winners = summary_crud.winners(session, [job.id for job in jobs if job.status in TERMINAL])
     return JobPage(
-        items=[job_summary(job, counts[job.id]) for job in jobs],
+        items=[job_summary(job, counts[job.id], winners.get(job.id)) for job in jobs],
         next_cursor=jobs_crud.encode_cursor(next_before) if next_before is not None else None,
     )
 
@@ -222,14 +229,30 @@ def get_job(job_id: JobId, session: Annotated[Session, Depends(get_session)]) ->
     return job_detail(session, _get_job(session, job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a job (its runs keep their data)")
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobOut,
+    summary="Cancel a job (its runs keep their data)",
+    responses={409: {"description": "the job already ended; nothing was changed"}},
+)
 def cancel_job(
     job_id: JobId,
     _key: Annotated[ApiKey, Depends(require_key)],
     session: Annotated[Session, Depends(get_session)],
     settings: Annotated[Settings, Depends(get_settings)],
 ) -> JobOut:
-    task_ids = jobs_crud.request_cancel(session, job_id)
+    """Queued runs end now, running ones stop at their next step. A job that already ended is
+    answered 409 and left exactly as it was (no flag set, ``updated_at`` unchanged)."""
+    try:
+        task_ids = jobs_crud.request_cancel(session, job_id)
+    except jobs_crud.JobAlreadyEnded as ended:
+        session.rollback()
+        raise ApiError(
+            409,
+            f"job {job_id} already ended ({ended.status}); there is nothing to cancel",
+            loc=["path", "job_id"],
+            type_="conflict",
+        ) from None
     if task_ids is None:
         raise ApiError(404, f"job {job_id} not found", loc=["path", "job_id"], type_="not_found")
     session.commit()

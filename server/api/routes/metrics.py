@@ -18,11 +18,13 @@ from server.cache import ReadCache
 from server.core.config import Settings
 from server.crud import jobs as jobs_crud
 from server.crud import metrics as metrics_crud
-from server.csv_export import fisher_csv, metrics_csv, summary_csv
+from server.crud.summary import load_job_summary
+from server.csv_export import fisher_csv, metrics_csv, runs_csv, summary_csv
 from server.db.models import TERMINAL, Run
 from server.db.session import session_factory
 from server.errors import ApiError
-from server.schemas import FisherOut, MetricsOut
+from server.schemas import FisherOut, JobResultsOut, MetricsOut
+from server.summary import jsonable
 
 # A running job's read is kept at least this many times as long as it took to aggregate.
 LIVE_COST_FACTOR = 10.0
@@ -117,6 +119,27 @@ def _cached_json(
             cached, ttl = compute(session)
             cache.put(job_id, key, cached, ttl=ttl)
     return Response(cached, media_type="application/json")
+
+
+@router.get(
+    "/summary",
+    response_model=JobResultsOut,
+    summary="Per-optimizer summary, winner, time to target and Fisher verdict",
+)
+def get_summary(
+    job_id: JobId,
+    request: Request,
+    session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> Response:
+    """What the dashboard's summary table, ``dykaf-lab watch`` and ``./lab up`` show (``server.summary``):
+    means over the runs that finished their schedule; partial and pending runs are counted apart."""
+
+    def build(db: Session) -> bytes:
+        result = load_job_summary(db, job_id)
+        return json.dumps(jsonable(result), separators=(",", ":"), allow_nan=False).encode()
+
+    return _cached_json(request, session, settings, job_id, ("summary",), build)
 
 
 def _with_session(
@@ -278,5 +301,6 @@ def _add_csv_route(kind: str, streamer: Callable[..., Iterator[str]], summary: s
 
 
 _add_csv_route("metrics", metrics_csv, "All metric points")
-_add_csv_route("summary", summary_csv, "One row per run")
+_add_csv_route("runs", runs_csv, "One row per run (partial marks a run that stopped early)")
+_add_csv_route("summary", summary_csv, "One row per optimizer configuration (the summary's rows)")
 _add_csv_route("fisher", fisher_csv, "All Fisher rows")

@@ -201,40 +201,6 @@ export function fisherLabelTraces(means, { layer, metric, method = 'own', colors
   }));
 }
 
-/**
- * How far above the floor each method's Kronecker estimate sits on one gradient stream (`label`):
- * `kron_rel_err` minus the optimal product's at the same layer and report, averaged over every
- * (layer, report) where both were measured. Returns `{ gaps: [{method, gap, n}] in METHOD_ORDER,
- * layers, reports, closed }`, where `closed` is the share of SOAP/Shampoo's gap that DyKAF's shadow
- * closes (1 − ΣDyKAF gap / ΣSOAP gap over the points that have both), or null when there is no
- * such point or SOAP sits at the floor.
- */
-export function fisherGaps(means, label) {
-  const rows = [...means.values()].filter((m) => m.label === label && m.metric === 'kron_rel_err');
-  const at = new Map(); // layer|step -> {method: value}
-  for (const m of rows) {
-    m.step.forEach((step, i) => {
-      const key = `${m.layer}\u0000${step}`;
-      if (!at.has(key)) at.set(key, { layer: m.layer, step, values: {} });
-      at.get(key).values[m.method] = m.value[i];
-    });
-  }
-  const points = [...at.values()].filter((p) => finite(p.values.optimal));
-  const gaps = METHOD_ORDER.filter((method) => method !== 'optimal').map((method) => {
-    const diffs = points.filter((p) => finite(p.values[method])).map((p) => p.values[method] - p.values.optimal);
-    return { method, gap: diffs.length ? diffs.reduce((a, b) => a + b, 0) / diffs.length : null, n: diffs.length };
-  }).filter((g) => g.n > 0);
-  const both = points.filter((p) => finite(p.values.dykaf) && finite(p.values.soap_shampoo));
-  const soapGap = both.reduce((a, p) => a + p.values.soap_shampoo - p.values.optimal, 0);
-  const dykafGap = both.reduce((a, p) => a + p.values.dykaf - p.values.optimal, 0);
-  return {
-    gaps,
-    layers: new Set(points.map((p) => p.layer)).size,
-    reports: new Set(points.map((p) => p.step)).size,
-    closed: both.length && soapGap > 0 ? 1 - dykafGap / soapGap : null,
-  };
-}
-
 /** Display name of a Fisher method (as in the chart legends). */
 export function methodName(method) {
   return (METHOD_STYLE[method] || { name: method }).name;

@@ -104,8 +104,12 @@ export function progressBar(progress, status) {
   }, h('span', { style: { width: `${(fraction * 100).toFixed(1)}%` } }));
   const runs = (progress && progress.runs) || {};
   const parts = Object.entries(runs).filter(([, n]) => n > 0).map(([s, n]) => `${n} ${s}`);
+  const done = (progress && progress.steps_done) || 0;
+  const total = (progress && progress.steps_total) || 0;
+  // Steps actually trained: a job that ended early says how far it got.
+  const stopped = TERMINAL.has(status) && done < total ? 'stopped at ' : '';
   const text = h('div', { class: 'progress-text' },
-    `${percent(fraction)} · ${(progress && progress.steps_done) || 0}/${(progress && progress.steps_total) || 0} steps`,
+    `${stopped}${percent(fraction)} · ${done}/${total} steps`,
     parts.length ? ` · ${parts.join(', ')}` : '');
   return h('div', { class: 'progress-cell' }, bar, text);
 }

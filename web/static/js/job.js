@@ -1,17 +1,19 @@
 // Job page: header and actions, loss curves (mean ± band across seeds, seeds on demand, x by
 // step / seconds / tokens, log-y, EMA), summary table, Fisher fidelity, runs table, CSV exports.
-// Everything updates live while the job runs and stops polling once it has ended.
+// Everything updates live while the job runs and stops polling once it has ended. The summary, the
+// winner and the Fisher verdict are the server's (GET /jobs/{id}/summary); the page lays them out,
+// fetched in the same refresh as the curves so that both show one state.
 
 import { ApiError, Poller, errorText, get, getKey } from './api.js';
 import {
   aggregateTraces, baseLayout, colorMap, draw, fisherLabelTraces, fisherLayers, fisherMeans,
-  METHOD_ORDER, fisherGaps, fisherMethodTraces, fisherSnapshot, methodName, plotlyReady, seedTraces,
+  METHOD_ORDER, fisherMethodTraces, fisherSnapshot, methodName, plotlyReady, seedTraces,
   targetShapes,
 } from './charts.js';
 import { ACTIVE, TERMINAL, connectionStatus, initKeyBox, jobActionButtons, onKeyChange, progressBar, statusBadge, toast } from './common.js';
 import { $, $$, banner, fill, h, stateBlock } from './dom.js';
 import { dateTime, duration, fixed, int, meanStd, num, percent, speedup } from './format.js';
-import { SUMMARY_COLUMNS, bestByColumn, interpolator, summarize, tokensPerStep } from './stats.js';
+import { SUMMARY_COLUMNS, interpolator, rowStat, tokensPerStep } from './stats.js';
 
 const root = $('#job-root');
 const jobId = Number(root.dataset.jobId);
@@ -27,6 +29,7 @@ const state = {
   seeds: null, // per-run series, fetched only when "individual seeds" is on
   time: null, // train_time aggregates and per-run series for the wall-clock axis
   fisher: null, // Map from fisherMeans
+  summary: null, // GET /jobs/{id}/summary, fetched just before the curves it is shown with
   fisherNote: '',
   chartsStepsDone: -1,
   chartsAt: 0,
@@ -65,6 +68,17 @@ function labelsInOrder(job) {
 function maxPoints() {
   const width = $('#chart-train').clientWidth || 600;
   return Math.max(150, Math.min(1000, Math.round(width / 2)));
+}
+
+async function fetchSummary() {
+  state.summary = await get(`/jobs/${jobId}/summary`);
+}
+
+/** The summary first, then the curves: a run the summary counts as ended has written all its
+ * points before it ended, so the curves fetched after it include them. */
+async function fetchSnapshot() {
+  await fetchSummary();
+  await fetchCurves();
 }
 
 async function fetchCurves() {
@@ -169,49 +183,82 @@ function renderRuns(job) {
     h('tbody', {}, rows)));
 }
 
+const finiteNum = (v) => typeof v === 'number' && Number.isFinite(v);
+
 function cellContent(row, column) {
-  const v = row[column.key];
+  const ended = row.seeds - row.pending;
   switch (column.kind) {
     case 'stat': {
+      const v = rowStat(row, column.key);
       const text = meanStd(v, column.digits === undefined ? 3 : column.digits);
       if (!column.target) return text;
-      if (!row.ended) return '–';
-      if (!v.n) return ['not reached', h('div', { class: 'muted small', text: `0/${row.ended} seeds` })];
-      return [text, h('div', { class: 'muted small', text: `${row.reached}/${row.ended} seeds reached` })];
+      if (!row.succeeded) return '–';
+      if (!v.n) return ['not reached', h('div', { class: 'muted small', text: `0/${row.succeeded} finished seeds` })];
+      return [text, h('div', { class: 'muted small', text: `${row.reached_target}/${row.succeeded} finished seeds reached` })];
     }
-    case 'ratio':
-      return row.baseline && column.key === 'speedupSteps'
+    case 'ratio': {
+      const v = finiteNum(row[column.key]) ? row[column.key] : NaN;
+      return row.baseline && column.key === 'speedup_steps'
         ? [speedup(v), h('div', { class: 'muted small', text: 'baseline' })]
         : speedup(v);
-    case 'percent':
-      return percent(v, 1);
+    }
+    case 'percent': {
+      const v = row[`${column.key}_mean`];
+      return percent(finiteNum(v) ? v : NaN, 1);
+    }
     case 'count':
-      return row.ended ? `${v} / ${row.ended}` : '–';
+      return ended ? `${row[column.key]} / ${ended}` : '–';
     default:
-      return num(v);
+      return num(row[column.key]);
   }
 }
 
+/** "1/2 finished" and, under it, the runs not in the means: stopped early or still to come. */
+function runsCell(row) {
+  const notes = [];
+  if (row.partial) notes.push(h('div', { class: 'muted small partial', text: `${row.partial} stopped early (not averaged)` }));
+  if (row.pending) notes.push(h('div', { class: 'muted small', text: `${row.pending} still to run` }));
+  return [`${row.succeeded}/${row.seeds}`, ...notes];
+}
+
+/** Labels whose loss curves are in the charts' data: while the job runs, a summary row is shown
+ * only once its curves are (the curves' read may lag the summary's by a cache period). */
+function chartedLabels() {
+  return new Set(((state.agg && state.agg.aggregates) || []).map((a) => a.label));
+}
+
 function renderSummary(job) {
-  const target = job.spec ? job.spec.target_loss : null;
-  const rows = summarize(job.runs, { targetLoss: target });
-  const columns = SUMMARY_COLUMNS.filter((c) => !c.target || (target !== null && target !== undefined));
-  const best = bestByColumn(rows, columns);
-  if (!rows.length) {
+  const summary = state.summary;
+  if (!summary || !summary.rows.length) {
     fill($('#summary-wrap'), stateBlock('empty', 'No runs yet.'));
     return;
   }
-  const table = h('table', { id: 'summary-table' },
-    h('thead', {}, h('tr', {}, h('th', { text: 'Optimizer' }), h('th', { class: 'num', text: 'Runs' }),
+  const target = summary.target_loss;
+  const charted = chartedLabels();
+  const live = ACTIVE.has(job.status);
+  const rows = summary.rows.filter((row) => !live || charted.has(row.label));
+  const waiting = summary.rows.length - rows.length;
+  const columns = SUMMARY_COLUMNS.filter((c) => !c.target || (target !== null && target !== undefined));
+  const best = summary.best || {};
+  const isBest = (c, row) => (best[c.key] || []).includes(row.label);
+  const table = rows.length ? h('table', { id: 'summary-table' },
+    h('thead', {}, h('tr', {}, h('th', { text: 'Optimizer' }),
+      h('th', { class: 'num', text: 'Finished', title: 'runs that completed their schedule / runs; only these are averaged' }),
       columns.map((c) => h('th', { class: 'num', text: c.title, title: c.hint || (c.better === 'max' ? 'higher is better' : 'lower is better') })))),
-    h('tbody', {}, rows.map((row) => h('tr', { dataset: { label: row.label } },
+    h('tbody', {}, rows.map((row) => h('tr', { dataset: { label: row.label, partial: row.partial ? 'true' : 'false' } },
       h('td', {}, h('span', { class: 'nowrap' }, h('span', { class: 'swatch', style: { color: state.colors.get(row.label) }, text: '■ ' }), h('span', { text: row.label })),
         row.label !== row.optimizer ? h('div', { class: 'muted small', text: row.optimizer }) : null),
-      h('td', { class: 'num', text: `${row.ended}/${row.total}` }),
-      columns.map((c) => h('td', { class: `num${best[c.key].has(row.label) ? ' best' : ''}`, dataset: { col: c.key } }, cellContent(row, c)))))));
-  const pending = rows.some((r) => r.ended < r.total);
-  fill($('#summary-wrap'), table,
-    pending ? h('p', { class: 'muted small', text: 'Runs still in progress are not counted yet; the table fills in as they finish.' }) : null);
+      h('td', { class: 'num', dataset: { col: 'runs' } }, runsCell(row)),
+      columns.map((c) => h('td', { class: `num${isBest(c, row) ? ' best' : ''}`, dataset: { col: c.key } }, cellContent(row, c)))))))
+    : stateBlock('empty', 'Waiting for the first curves…');
+  const notes = [];
+  if (summary.runs.partial) notes.push('Runs that stopped early (cancelled, failed or diverged) are counted but not averaged with finished ones.');
+  if (summary.runs.pending) notes.push('Runs still in progress are not counted yet; the table fills in as they finish.');
+  if (waiting) notes.push(`${waiting} configuration${waiting === 1 ? '' : 's'} not listed until ${waiting === 1 ? 'its' : 'their'} curves arrive.`);
+  fill($('#summary-wrap'),
+    summary.winner_text ? h('p', { id: 'summary-winner' }, h('b', { text: 'Best: ' }), h('span', { text: summary.winner_text })) : null,
+    table,
+    notes.map((text) => h('p', { class: 'muted small', text })));
 }
 
 // ------------------------------------------------------------------ charts
@@ -264,33 +311,30 @@ function ensureFisherLabels(job) {
   select.value = labels.includes(preferred) ? preferred : labels[0];
 }
 
-/** DyKAF's share of SOAP/Shampoo's gap to the floor, in words (worded as worker/fisher_plot.py). */
-function closedText(closed) {
-  return closed >= 0
-    ? `DyKAF's factors close ${percent(closed)} of SOAP/Shampoo's gap.`
-    : `DyKAF's factors sit ${percent(-closed)} further from the floor than SOAP/Shampoo's.`;
-}
-
-/** One sentence that answers "whose factors track the Fisher best here?" from ``fisherGaps``. */
-function fisherVerdict({ gaps, layers, reports, closed }, label) {
-  if (!gaps.length) return [];
-  const plural = (n, word) => `${n} ${word}${n === 1 ? '' : 's'}`;
-  const parts = [
-    `On ${label}'s gradients (${plural(layers, 'layer')} × ${plural(reports, 'report')}), mean kron_rel_err above the floor: `,
-  ];
-  gaps.forEach(({ method, gap }, i) => {
-    parts.push(h('b', { text: methodName(method) }), ` ${fixed(gap, 4)}`, i < gaps.length - 1 ? ' · ' : '.');
-  });
-  if (closed !== null) parts.push(` ${closedText(closed)}`);
+/** The server's verdict on one configuration's gradients (``summary.fisher.by_label``), method
+ * names in bold. */
+function fisherVerdict(gaps) {
+  if (!gaps || !gaps.verdict) return [];
+  const parts = [gaps.verdict];
+  for (const { name } of gaps.gaps) {
+    const last = parts.pop();
+    const found = [': ', '· '].map((sep) => last.indexOf(`${sep}${name} `)).filter((i) => i >= 0);
+    if (!found.length) {
+      parts.push(last);
+      continue;
+    }
+    const at = Math.min(...found) + 2;
+    parts.push(last.slice(0, at), h('b', { text: name }), last.slice(at + name.length));
+  }
   return parts;
 }
 
-/** The verdict's numbers (``fisherGaps`` by label) on every configuration's gradients, one row each
- * (shown when there are several): whether DyKAF's factors track the Fisher better holds beyond one
- * gradient stream. */
+/** The verdict's numbers (the server's gaps by label) on every configuration's gradients, one row
+ * each (shown when there are several): whether DyKAF's factors track the Fisher better holds beyond
+ * one gradient stream. */
 function renderFisherStreams(gapsByLabel) {
   const box = $('#fisher-streams');
-  const rows = [...gapsByLabel].filter(([, g]) => g.gaps.length);
+  const rows = [...gapsByLabel].filter(([, g]) => g && g.gaps.length);
   box.classList.toggle('hidden', rows.length < 2);
   if (rows.length < 2) return;
   const measured = new Set(rows.flatMap(([, g]) => g.gaps.map((x) => x.method)));
@@ -328,8 +372,9 @@ async function renderFisher() {
   }
   $('#fisher-controls').classList.remove('hidden');
   const label = $('#fisher-label').value;
-  const gapsByLabel = new Map(labelsInOrder(state.job).map((l) => [l, fisherGaps(state.fisher, l)]));
-  fill($('#fisher-verdict'), fisherVerdict(gapsByLabel.get(label), label)); // the select lists these labels
+  const byLabel = (state.summary && state.summary.fisher && state.summary.fisher.by_label) || {};
+  const gapsByLabel = new Map(labelsInOrder(state.job).map((l) => [l, byLabel[l]]));
+  fill($('#fisher-verdict'), fisherVerdict(gapsByLabel.get(label))); // the select lists these labels
   renderFisherStreams(gapsByLabel);
   const layers = fisherLayers(state.fisher);
   const wanted = layers.join('\u0000');
@@ -363,6 +408,7 @@ async function renderFisher() {
 }
 
 async function renderCharts() {
+  renderSummary(state.job); // from the same refresh as the curves
   const x = xMapper();
   await Promise.all([
     lossChart($('#chart-train'), 'train_loss', 'Training loss', x),
@@ -401,7 +447,7 @@ async function refreshCharts(force = false, curves = null) {
   const stepsDone = job.progress.steps_done;
   const status = job.status;
   const started = performance.now();
-  await Promise.all([curves || fetchCurves(), fetchFisher()]);
+  await Promise.all([curves || fetchSnapshot(), fetchFisher()]);
   // A big running job makes every refresh cost the server a scan: refresh no more often than
   // every CHART_REFRESH_MS, and back off further when the last refresh took long.
   state.chartsEvery = Math.max(CHART_REFRESH_MS, 5 * (performance.now() - started));
@@ -418,7 +464,7 @@ async function refreshCharts(force = false, curves = null) {
 async function tick() {
   // On the first load the curves (which need nothing from the job) are fetched at the same time
   // as the job itself.
-  const curves = state.job ? null : fetchCurves();
+  const curves = state.job ? null : fetchSnapshot();
   if (curves) curves.catch(() => {}); // awaited below; a failure is reported there
   let job;
   try {
@@ -437,7 +483,6 @@ async function tick() {
   state.colors = colorMap(labelsInOrder(job));
   renderHeader(job);
   renderRuns(job);
-  renderSummary(job);
   ensureFisherLabels(job);
   if (first) fill($('#job-banner'));
   try {

@@ -3,7 +3,7 @@
 import { Poller, errorText, get, getKey } from './api.js';
 import { ACTIVE, connectionStatus, initKeyBox, jobActionButtons, onKeyChange, progressBar, statusBadge } from './common.js';
 import { $, banner, fill, h, stateBlock } from './dom.js';
-import { dateTime, relative } from './format.js';
+import { dateTime, fixed, relative } from './format.js';
 
 const PAGE = 50;
 const FAST = 2000;
@@ -68,6 +68,15 @@ function optimizerChips(spec) {
   return h('div', { class: 'chips' }, spec.optimizers.map((o) => h('span', { class: 'chip', title: o.name, text: o.label })));
 }
 
+/** The best configuration by the job's primary metric (the server's ``winner``), once it ended. */
+function winnerCell(job) {
+  const w = job.winner;
+  if (!w) return h('span', { class: 'muted', text: '–' });
+  const spread = w.seeds > 1 && Number.isFinite(w.std) ? ` ± ${fixed(w.std, 3)}` : '';
+  return [h('span', { class: 'winner', text: w.label }),
+    h('div', { class: 'muted small', text: `${w.metric.replaceAll('_', ' ')} ${fixed(w.mean, 3)}${spread}` })];
+}
+
 function row(job) {
   const spec = state.specs.get(job.id);
   const actions = jobActionButtons(job, (kind, result) => {
@@ -83,6 +92,7 @@ function row(job) {
     h('td', {}, statusBadge(job.status), job.cancel_requested && ACTIVE.has(job.status) ? h('div', { class: 'muted small', text: 'cancelling…' }) : null),
     h('td', {}, progressBar(job.progress, job.status)),
     h('td', {}, optimizerChips(spec)),
+    h('td', { class: 'best-cell', dataset: { col: 'winner' } }, winnerCell(job)),
     h('td', { class: 'num', title: spec ? spec.seeds.join(', ') : '' , text: spec ? spec.seeds.length : '–' }),
     h('td', { class: 'nowrap', title: dateTime(job.created_at), text: relative(job.created_at) }),
     h('td', { class: 'nowrap', text: job.finished_at ? dateTime(job.finished_at) : '–' }),

@@ -1,4 +1,4 @@
-// Pure numeric helpers: smoothing, statistics, the per-optimizer summary, run-count preview and
+// Pure numeric helpers: smoothing, interpolation, the summary table's columns, run-count preview and
 // client-side checks against the registry's hyperparameter schema. No DOM here (unit-tested).
 
 const finite = (v) => typeof v === 'number' && Number.isFinite(v);
@@ -23,17 +23,6 @@ export function ema(values, weight) {
     out[i] = last / (1 - weight ** k);
   }
   return out;
-}
-
-/** `{n, mean, std}` of the finite values (sample std; NaN when n < 2). */
-export function describe(values) {
-  const xs = values.filter(finite);
-  const n = xs.length;
-  if (n === 0) return { n: 0, mean: NaN, std: NaN };
-  const mean = xs.reduce((a, b) => a + b, 0) / n;
-  if (n < 2) return { n, mean, std: NaN };
-  const variance = xs.reduce((a, b) => a + (b - mean) ** 2, 0) / (n - 1);
-  return { n, mean, std: Math.sqrt(variance) };
 }
 
 /** Piecewise-linear y(x) for sorted `xs`; clamps outside the range; null when there is no data. */
@@ -213,107 +202,37 @@ export function parseList(text, type = 'number') {
 }
 
 // ---------------------------------------------------------------- per-optimizer summary
+// The summary itself (means over finished runs, winner, speed-ups, best marks, Fisher verdict) is
+// computed by the server (server/summary.py, GET /jobs/{id}/summary); the page only lays it out.
 
-const TERMINAL = new Set(['succeeded', 'failed', 'diverged', 'cancelled']);
-
-/** Summary columns: key, header, which direction is better, and whether it needs a target. */
+/**
+ * Columns of the summary table: `key` is the server row's metric key (`<key>_mean`, `_std`, `_n`
+ * for stats) and the key of `summary.best`; `target` columns exist only with a target loss.
+ */
 export const SUMMARY_COLUMNS = [
-  { key: 'finalVal', title: 'Final val loss', better: 'min', kind: 'stat' },
-  { key: 'bestVal', title: 'Best val loss', better: 'min', kind: 'stat' },
-  { key: 'stepsToTarget', title: 'Steps to target', better: 'min', kind: 'stat', target: true, digits: 0 },
-  { key: 'timeToTarget', title: 'Seconds to target', better: 'min', kind: 'stat', target: true, digits: null },
-  { key: 'speedupSteps', title: 'Speed-up vs AdamW (steps)', better: 'max', kind: 'ratio', target: true },
-  { key: 'speedupTime', title: 'Speed-up vs AdamW (time)', better: 'max', kind: 'ratio', target: true },
-  { key: 'stepTimeMs', title: 'Step time (ms)', better: 'min', kind: 'stat', digits: 1 },
-  { key: 'optShare', title: 'Optimizer time share', better: 'min', kind: 'percent' },
-  { key: 'peakMemoryMb', title: 'Peak memory (MB)', better: 'min', kind: 'stat', digits: 0 },
-  { key: 'tokensPerS', title: 'Tokens/s', better: 'max', kind: 'stat', digits: 0 },
-  { key: 'diverged', title: 'Runs diverged', better: 'min', kind: 'count' },
+  { key: 'final_val_loss', title: 'Final val loss', kind: 'stat' },
+  { key: 'best_val_loss', title: 'Best val loss', kind: 'stat' },
+  { key: 'steps_to_target', title: 'Steps to target', kind: 'stat', target: true, digits: 0 },
+  { key: 'time_to_target_s', title: 'Seconds to target', kind: 'stat', target: true, digits: null },
+  { key: 'speedup_steps', title: 'Speed-up vs AdamW (steps)', better: 'max', kind: 'ratio', target: true },
+  { key: 'speedup_time', title: 'Speed-up vs AdamW (time)', better: 'max', kind: 'ratio', target: true },
+  { key: 'step_time_ms', title: 'Step time (ms)', kind: 'stat', digits: 1 },
+  { key: 'optimizer_share', title: 'Optimizer time share', kind: 'percent' },
+  { key: 'peak_memory_mb', title: 'Peak memory (MB)', kind: 'stat', digits: 0 },
+  { key: 'tokens_per_s', title: 'Tokens/s', better: 'max', kind: 'stat', digits: 0 },
+  { key: 'diverged', title: 'Runs diverged', kind: 'count' },
   // Not a property of the optimizer (no "best"): what the Fisher probes cost this run, kept out of
   // every time above so that they do not skew the comparison.
   {
-    key: 'diagShare', title: 'Diag. overhead', better: null, kind: 'percent',
+    key: 'fisher_overhead', title: 'Diag. overhead', better: null, kind: 'percent',
     hint: 'Fisher diagnostics: time spent in them as a share of training time; excluded from the time columns',
   },
 ];
 
-function pick(run, key) {
-  const v = run.summary ? run.summary[key] : undefined;
-  return finite(v) ? v : NaN;
-}
-
-/**
- * One row per run label (an optimizer config; sweep points are separate labels), in run order.
- * Statistics are across seeds over finished runs; steps/time to target over the seeds that
- * reached it (`reached` counts them). Speed-ups compare mean steps (time) to target with the
- * AdamW label that reached the target fastest.
- */
-export function summarize(runs, { targetLoss = null } = {}) {
-  const groups = new Map();
-  for (const run of runs) {
-    if (!groups.has(run.label)) groups.set(run.label, { label: run.label, optimizer: run.optimizer, runs: [] });
-    groups.get(run.label).runs.push(run);
-  }
-  const rows = [];
-  for (const g of groups.values()) {
-    const ended = g.runs.filter((r) => TERMINAL.has(r.status));
-    const withSummary = ended.filter((r) => r.summary);
-    const reached = withSummary.filter((r) => finite(r.summary.steps_to_target));
-    const shares = withSummary.map((r) => pick(r, 'optimizer_ms') / pick(r, 'step_time_ms'));
-    rows.push({
-      label: g.label,
-      optimizer: g.optimizer,
-      total: g.runs.length,
-      ended: ended.length,
-      succeeded: ended.filter((r) => r.status === 'succeeded').length,
-      finalVal: describe(withSummary.map((r) => pick(r, 'final_val_loss'))),
-      bestVal: describe(withSummary.map((r) => pick(r, 'best_val_loss'))),
-      stepsToTarget: describe(reached.map((r) => pick(r, 'steps_to_target'))),
-      timeToTarget: describe(reached.map((r) => pick(r, 'time_to_target_s'))),
-      reached: reached.length,
-      stepTimeMs: describe(withSummary.map((r) => pick(r, 'step_time_ms'))),
-      optShare: describe(shares).mean,
-      diagShare: describe(withSummary.map((r) => pick(r, 'fisher_overhead'))).mean,
-      peakMemoryMb: describe(withSummary.map((r) => pick(r, 'peak_memory_mb'))),
-      tokensPerS: describe(withSummary.map((r) => pick(r, 'tokens_per_s'))),
-      diverged: ended.filter((r) => r.status === 'diverged').length,
-      speedupSteps: NaN,
-      speedupTime: NaN,
-    });
-  }
-  if (targetLoss !== null && targetLoss !== undefined) {
-    const baselines = rows.filter((r) => r.optimizer === 'adamw' && r.stepsToTarget.n > 0);
-    baselines.sort((a, b) => a.stepsToTarget.mean - b.stepsToTarget.mean);
-    const base = baselines[0];
-    if (base) {
-      for (const row of rows) {
-        if (row.stepsToTarget.n > 0) row.speedupSteps = base.stepsToTarget.mean / row.stepsToTarget.mean;
-        if (row.timeToTarget.n > 0 && base.timeToTarget.n > 0) row.speedupTime = base.timeToTarget.mean / row.timeToTarget.mean;
-      }
-      for (const row of rows) row.baseline = row === base;
-    }
-  }
-  return rows;
-}
-
-/** The value compared for "best in column". */
-export function columnValue(row, column) {
-  const v = row[column.key];
-  if (column.kind === 'stat') return v && v.n > 0 ? v.mean : NaN;
-  if (column.kind === 'count') return row.ended > 0 ? v : NaN;
-  return finite(v) ? v : NaN;
-}
-
-/** For each column key, the set of labels holding the best value (ties all marked; needs ≥ 2 rows with values). */
-export function bestByColumn(rows, columns = SUMMARY_COLUMNS) {
-  const out = {};
-  for (const column of columns) {
-    const values = rows.map((r) => [r.label, columnValue(r, column)]).filter(([, v]) => finite(v));
-    out[column.key] = new Set();
-    if (!column.better || values.length < 2) continue;
-    const best = column.better === 'max' ? Math.max(...values.map(([, v]) => v)) : Math.min(...values.map(([, v]) => v));
-    if (values.every(([, v]) => v === best)) continue; // nothing to distinguish
-    for (const [label, v] of values) if (v === best) out[column.key].add(label);
-  }
-  return out;
+/** `{n, mean, std}` of one server summary row's metric (null values are missing ones). */
+export function rowStat(row, key) {
+  const n = row[`${key}_n`] || 0;
+  const mean = row[`${key}_mean`];
+  const std = row[`${key}_std`];
+  return { n, mean: finite(mean) ? mean : NaN, std: finite(std) && n > 1 ? std : NaN };
 }
