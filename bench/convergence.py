@@ -29,11 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from worker.local import JobOutcome, RunRecord, run_job  # noqa: E402
-from worker.spec import JobSpec  # noqa: E402
+from bench._common import ROOT
+from worker.local import JobOutcome, RunRecord, run_job
+from worker.spec import JobSpec
 
 # Five points, about half a decade apart, the same span for the three Adam-type methods; Muon's lr
 # is on another scale (orthogonalised updates), so its grid is centred on its usual default 0.02.

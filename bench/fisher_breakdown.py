@@ -38,13 +38,12 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from gpu_check import DRY_RUN_DEFAULT_TASK  # noqa: E402  (a sibling script, found through the path above)
-
-from worker.training.measure import synchronize  # noqa: E402  (torch only: the device's bare Python has it)
+from bench._common import ROOT
+from bench.gpu_check import DRY_RUN_DEFAULT_TASK
+from worker.training.measure import synchronize  # torch only: the device's bare Python has it
 
 OPTIMIZERS = ("adamw", "soap", "dykaf")
 LARGER_MODEL = {"n_layer": 6, "n_head": 6, "d_model": 384, "context": 256, "batch_size": 32}

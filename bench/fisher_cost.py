@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from dykaf.fisher import FisherMonitor, LayerProbe
 from dykaf.fisher.weighted_fisher import spectral

@@ -15,7 +15,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from worker.fisher_plot import fisher_means, fisher_verdict
 

@@ -40,16 +40,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from service import TINY, Postgres, Server  # noqa: E402
-
-from server.core.config import HTTP_KEEP_ALIVE_S, Settings  # noqa: E402
-from server.crud.api_keys import create_key  # noqa: E402
-from server.db import migrate  # noqa: E402
-from server.db.session import session_scope  # noqa: E402
+from bench._common import ROOT
+from bench.service import TINY, Postgres, Server
+from server.core.config import HTTP_KEEP_ALIVE_S, Settings
+from server.crud.api_keys import create_key
+from server.db import migrate
+from server.db.session import session_scope
 
 KINDS = ("submit", "status", "metrics")
 WEIGHTS = (0.10, 0.45, 0.45)
