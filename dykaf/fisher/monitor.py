@@ -1,4 +1,4 @@
-"""``FisherMonitor``: probes a few layers of a model during training (see docs/CONTRACTS.md).
+"""``FisherMonitor``: probes a few layers of a model during training (dykaf/fisher/README.md).
 
 Usage, every step::
 

@@ -30,7 +30,7 @@ DEFAULT_BETA = 0.95
 
 
 class OwnState(Protocol):
-    """What the probe reads from ``optimizer.preconditioner_state(p)`` (see docs/CONTRACTS.md).
+    """What the probe reads from ``optimizer.preconditioner_state(p)`` (e.g. ``dykaf.PreconditionerState``).
 
     Read-only properties, so any dataclass with these fields (narrower types included) conforms.
     """
