@@ -1,9 +1,10 @@
-"""Where a run's Fisher-diagnostics time goes, as the worker spends it (for tuning the GPU path).
+"""Where does a real run's own Fisher-diagnostics time (``fisher_time_s``) go, by kind of work?
+(Per-layer and modeled costs of the probes in isolation: ``bench/fisher_cost.py``.)
 
-    python bench/fisher_breakdown.py --out results/              # CUDA when present
-    python bench/fisher_breakdown.py --out /tmp/x --dry-run      # CPU, tiny sizes: checks the script
-    python bench/fisher_breakdown.py --parts runs --repeat 2 --no-compare --no-larger   # cold vs warm
-    python bench/fisher_breakdown.py --parts runs --repeat 2 --no-compare --no-larger --no-warmup
+    python -m bench.fisher_breakdown --out results/              # CUDA when present
+    python -m bench.fisher_breakdown --out /tmp/x --dry-run      # CPU, tiny sizes: checks the script
+    python -m bench.fisher_breakdown --parts runs --repeat 2 --no-compare --no-larger   # cold vs warm
+    python -m bench.fisher_breakdown --parts runs --repeat 2 --no-compare --no-larger --no-warmup
 
 Three parts, each written to ``--out`` as soon as it finishes:
 

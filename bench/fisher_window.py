@@ -1,4 +1,4 @@
-"""Does the Fisher window explain the shadows' gap to the floor? (a finding for BENCHMARKS.md §2)
+"""Does the report's Fisher window W explain where the factor estimators sit against the floor?
 
 The shadow estimators track the β-decayed EMA of ``vec(G)vec(G)ᵀ`` over all past gradients, while
 the reports measure them against ``H`` over the last ``W`` gradients only (W = 32 keeps 81 % of the
@@ -7,7 +7,7 @@ EMA's weight at β = 0.95). This trains the embedded GPT task exactly as a defau
 same steps and from the same gradient stream, every method against ``H`` over W = 32 and over
 W = 128 (99.9 % of the EMA's weight, i.e. ≈ the Fisher the shadows track).
 
-    python bench/fisher_window.py --optimizer adamw --report-at 250,500 --threads 1
+    python -m bench.fisher_window --optimizer adamw --report-at 250,500 --threads 1
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from dykaf import build_optimizer
 from dykaf.fisher import FisherMonitor
 
 LAYERS = (
@@ -51,7 +52,6 @@ def main(argv: list[str] | None = None) -> None:
     from worker.lm.data import WindowBatches
     from worker.lm.task import build_task
     from worker.spec import TaskSpec
-    from worker.training import optim
     from worker.training.schedule import build_scheduler
 
     spec = TaskSpec()
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     model = task.model
     named = task.trainable_parameters()
     params = [p for _, p in named]
-    optimizer = optim.build_optimizer(args.optimizer, named, {}, {n: task.roles[n] for n, _ in named})
+    optimizer = build_optimizer(args.optimizer, named, {}, {n: task.roles[n] for n, _ in named})
     scheduler = build_scheduler(
         optimizer,
         steps=spec.steps,
