@@ -1,8 +1,8 @@
 """How fast the job page opens for a finished job with a million metric points.
 
-    python bench/dashboard.py                                   # SQLite in a temporary directory
-    python bench/dashboard.py --database-url postgresql+psycopg://user@host/db
-    python bench/dashboard.py --points 1000000 --repeats 5 --out bench/results/dashboard.md
+    python -m bench.dashboard                                   # SQLite in a temporary directory
+    python -m bench.dashboard --database-url postgresql+psycopg://user@host/db
+    python -m bench.dashboard --points 1000000 --repeats 5 --out bench/results/dashboard.md
 
 A job of 4 optimizers x 3 seeds (12 finished runs) is written straight into the database through
 the server's own crud layer and batched insert (``server.crud.metrics.insert_metrics``): per run
@@ -42,7 +42,7 @@ if not __package__:  # run as `python bench/NAME.py`: import as under `python -m
 
 from sqlalchemy import update
 
-from bench._common import ROOT, free_port
+from bench._common import ROOT, free_port, write_text
 from server.core.config import Settings
 from server.crud import jobs as jobs_crud
 from server.crud.metrics import insert_fisher, insert_metrics
@@ -397,8 +397,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(results, args))
+        write_text(args.out, markdown(results, args))
         print(f"wrote {args.out}")
 
 
@@ -412,7 +411,7 @@ def markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         "# Dashboard: opening a job with 1M metric points",
         "",
-        f"Command: `python bench/dashboard.py --points {args.points} --repeats {args.repeats}"
+        f"Command: `python -m bench.dashboard --points {args.points} --repeats {args.repeats}"
         + (" --database-url …" if args.database_url else "")
         + (f" --out {args.out}`" if args.out else "`"),
         "",

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from bench._common import command_line, set_threads, write_text
 from dykaf import build_optimizer
 from dykaf.fisher import FisherMonitor, LayerProbe
 from dykaf.fisher.weighted_fisher import spectral
@@ -515,9 +516,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    set_threads(args.threads)
+    command = command_line(argv)
     repeats = 1 if args.quick else 3
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     windows = [int(w) for w in args.windows.split(",")]
@@ -545,8 +545,7 @@ def main(argv: list[str] | None = None) -> None:
         text = render_worker(command, results, cadences)
         print(text)
         if args.output is not None:
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(text)
+            write_text(args.output, text)
         return
     bench_layer(32, 16, 4, device, repeats=1)  # one-time library and allocator initialisation
     max_gmac = args.max_gmac
@@ -570,8 +569,7 @@ def main(argv: list[str] | None = None) -> None:
     text = render(device, command, layers)
     print(text)
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
+        write_text(args.output, text)
 
 
 if __name__ == "__main__":

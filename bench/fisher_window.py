@@ -23,6 +23,7 @@ import torch.nn.functional as F
 if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from bench._common import command_line, markdown_table, set_threads, write_text
 from dykaf import build_optimizer
 from dykaf.fisher import FisherMonitor
 
@@ -46,8 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     from worker.lm.data import WindowBatches
     from worker.lm.task import build_task
@@ -96,26 +96,31 @@ def main(argv: list[str] | None = None) -> None:
                         results[(step, w, row.layer, row.method)] = row.value
             print(f"step {step}: {time.perf_counter() - started:.0f} s", flush=True)
 
-    lines = [
-        f"`python bench/fisher_window.py --optimizer {args.optimizer} --steps {steps}"
-        + (f" --report-at {args.report_at}" if args.report_at else "")
-        + "`: `kron_rel_err` against H over the last W gradients (β = 0.95; every-step shadows).",
-        "",
-        "| step | layer | W | floor | DyKAF | DyKAF-seq | SOAP/Shampoo | SOAP's gap closed by DyKAF |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    rows = []
     for step in sorted(report_at):
         for layer in LAYERS:
             for w in windows:
                 v = [results.get((step, w, layer, m), float("nan")) for m in METHODS]
                 gap = v[3] - v[0]
                 closed = (v[3] - v[1]) / gap if gap > 0 else float("nan")
-                cells = " | ".join(f"{x:.3f}" for x in v)
-                lines.append(f"| {step} | {layer} | {w} | {cells} | {100 * closed:.0f} % |")
-    text = "\n".join(lines) + "\n"
+                rows.append([step, layer, w, *(f"{x:.3f}" for x in v), f"{100 * closed:.0f} %"])
+    header = [
+        "step",
+        "layer",
+        "W",
+        "floor",
+        "DyKAF",
+        "DyKAF-seq",
+        "SOAP/Shampoo",
+        "SOAP's gap closed by DyKAF",
+    ]
+    text = (
+        f"`{command_line(argv)}`: `kron_rel_err` against H over the last W gradients "
+        "(β = 0.95; every-step shadows).\n\n" + markdown_table(header, rows, align="rlrrrrrr") + "\n"
+    )
     print(text)
     if args.output is not None:
-        args.output.write_text(text)
+        write_text(args.output, text)
 
 
 if __name__ == "__main__":

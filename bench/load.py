@@ -1,6 +1,6 @@
 """Mixed API load on loopback while a worker writes metrics.
 
-    python bench/load.py --clients 100 --duration 60 --out bench/results/load.md
+    python -m bench.load --clients 100 --duration 60 --out bench/results/load.md
 
 Starts a real stack on this machine: a temporary PostgreSQL database (``--pg-url``, an admin URL;
 dropped afterwards), Redis under a random key prefix (``--redis-url``), an API server (uvicorn,
@@ -43,7 +43,7 @@ from typing import Any
 if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench._common import ROOT
+from bench._common import ROOT, write_text
 from bench.service import TINY, Postgres, Server
 from server.core.config import HTTP_KEEP_ALIVE_S, Settings
 from server.crud.api_keys import create_key
@@ -304,8 +304,7 @@ def main() -> None:
     report = "\n".join(lines)
     print(report)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+        write_text(args.out, report)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Service benchmark: metric ingestion into PostgreSQL, API latency under load, CSV streaming memory.
 
-    python bench/service.py                                  # all phases, prints a markdown report
-    python bench/service.py --out bench/results/service.md   # and writes it
-    python bench/service.py --phases ingest,csv --points 1000000 --duration 30 --clients 50
+    python -m bench.service                                  # all phases, prints a markdown report
+    python -m bench.service --out bench/results/service.md   # and writes it
+    python -m bench.service --phases ingest,csv --points 1000000 --duration 30 --clients 50
 
 Needs PostgreSQL (``--pg-url``, an admin URL; a temporary database is created and dropped) and
 Redis (``--redis-url``; keys under a random prefix, deleted afterwards).
@@ -41,7 +41,7 @@ if not __package__:  # run as `python bench/NAME.py`: import as under `python -m
 
 from sqlalchemy import func, select, text, update
 
-from bench._common import ROOT, free_port
+from bench._common import ROOT, free_port, write_text
 from server.core.config import Settings
 from server.crud import jobs as jobs_crud
 from server.crud.api_keys import create_key
@@ -584,7 +584,7 @@ def main() -> None:
         text_out = "\n".join(["# Service GPU check", "", *bench_gpu(args.device)])
         print(text_out)
         if args.out:
-            args.out.write_text(text_out + "\n")
+            write_text(args.out, text_out + "\n")
         return
 
     import tempfile
@@ -608,7 +608,7 @@ def main() -> None:
         f"Machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), shared with other "
         f"work; PostgreSQL {pg.version} and Redis on localhost; Python {platform.python_version()}.",
         "",
-        f"Command: `.venv/bin/python bench/service.py --points {args.points} --clients {args.clients} "
+        f"Command: `python -m bench.service --points {args.points} --clients {args.clients} "
         f"--duration {args.duration:.0f} --api-workers {args.api_workers} --out bench/results/service.md`",
         "",
     ]
@@ -632,7 +632,7 @@ def main() -> None:
     text_out = "\n".join(report)
     print(text_out)
     if args.out:
-        args.out.write_text(text_out + "\n")
+        write_text(args.out, text_out + "\n")
 
 
 if __name__ == "__main__":
