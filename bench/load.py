@@ -51,6 +51,7 @@ from server.db import migrate
 from server.db.session import session_scope
 
 KINDS = ("submit", "status", "metrics")
+SETUP_TIMEOUT_S = 60.0
 WEIGHTS = (0.10, 0.45, 0.45)
 
 
@@ -225,14 +226,19 @@ def main() -> None:
             },
             "optimizers": [TINY["optimizers"][0]],
         }
+        # Set-up requests wait as long as the loaded machine needs (httpx's default is 5 s).
         r = httpx.post(
-            f"{server.base}/api/v1/jobs", json=long_job, headers={"Authorization": f"Bearer {token}"}
+            f"{server.base}/api/v1/jobs",
+            json=long_job,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=SETUP_TIMEOUT_S,
         )
         r.raise_for_status()
         job_id = r.json()["id"]
         worker = start_worker(settings, tmp / "worker.log", args.worker_nice)
         deadline = time.monotonic() + 120
-        while httpx.get(f"{server.base}/api/v1/jobs/{job_id}").json()["runs"][0]["step"] < 50:
+        status_url = f"{server.base}/api/v1/jobs/{job_id}"
+        while httpx.get(status_url, timeout=SETUP_TIMEOUT_S).json()["runs"][0]["step"] < 50:
             if time.monotonic() > deadline or worker.poll() is not None:
                 raise RuntimeError(
                     "worker did not start writing:\n" + (tmp / "worker.log").read_text()[-3000:]
