@@ -13,10 +13,10 @@ Protocol (fixed before looking at any result, the same for every optimizer):
   then says who gets there first.
 
 Run (about 9 minutes on 2 idle CPU cores for the default four; much longer when they are shared):
-    nice .venv/bin/python bench/convergence.py --out bench/results/convergence
+    nice python -m bench.convergence --out bench/results/convergence
 Shampoo (pytorch-optimizer's grafted ScalableShampoo, coupled-Newton inverse roots every 10 steps)
 adds about 8 minutes:
-    nice .venv/bin/python bench/convergence.py --optimizers adamw,soap,dykaf,muon,shampoo
+    nice python -m bench.convergence --optimizers adamw,soap,dykaf,muon,shampoo
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from worker.local import JobOutcome, RunRecord, run_job  # noqa: E402
-from worker.spec import JobSpec  # noqa: E402
+from bench._common import ROOT, command_line, set_threads, write_text
+from worker.local import JobOutcome, RunRecord, run_job
+from worker.spec import JobSpec
 
 # Five points, about half a decade apart, the same span for the three Adam-type methods; Muon's lr
 # is on another scale (orthogonalised updates), so its grid is centred on its usual default 0.02.
@@ -202,19 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(optimizers) - set(SWEEPS))
     if unknown or not optimizers:
         parser.error(f"--optimizers: unknown {unknown or 'empty list'}; choose from {', '.join(SWEEPS)}")
-    import torch
-
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     job = build_job(args.steps, args.device, optimizers)
     started = time.perf_counter()
     outcome = run_job(job, args.out, show_progress=sys.stderr.isatty(), checkpoints=False)
     elapsed = time.perf_counter() - started
-    command = "nice .venv/bin/python bench/convergence.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
-    text = report(outcome, job, command.strip(), elapsed)
+    text = report(outcome, job, command_line(argv), elapsed)
     report_path = args.report if args.report is not None else args.out.with_suffix(".md")
-    report_path.write_text(text, encoding="utf-8")
+    write_text(report_path, text)
     print(text)
     return 0
 

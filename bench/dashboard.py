@@ -1,8 +1,8 @@
 """How fast the job page opens for a finished job with a million metric points.
 
-    python bench/dashboard.py                                   # SQLite in a temporary directory
-    python bench/dashboard.py --database-url postgresql+psycopg://user@host/db
-    python bench/dashboard.py --points 1000000 --repeats 5 --out bench/results/dashboard.md
+    python -m bench.dashboard                                   # SQLite in a temporary directory
+    python -m bench.dashboard --database-url postgresql+psycopg://user@host/db
+    python -m bench.dashboard --points 1000000 --repeats 5 --out bench/results/dashboard.md
 
 A job of 4 optimizers x 3 seeds (12 finished runs) is written straight into the database through
 the server's own crud layer and batched insert (``server.crud.metrics.insert_metrics``): per run
@@ -27,7 +27,9 @@ import math
 import os
 import platform
 import random
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,21 +37,70 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from sqlalchemy import update  # noqa: E402
+from sqlalchemy import update
 
-from server.core.config import Settings  # noqa: E402
-from server.crud import jobs as jobs_crud  # noqa: E402
-from server.crud.metrics import insert_fisher, insert_metrics  # noqa: E402
-from server.crud.rollups import build_rollups_safely  # noqa: E402
-from server.db import migrate  # noqa: E402
-from server.db.models import Run  # noqa: E402
-from server.db.session import dispose_engines, get_engine, session_scope  # noqa: E402
-from server.db.types import utcnow  # noqa: E402
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, ServerProcess, launch_chromium  # noqa: E402
-from worker.spec import JobSpec  # noqa: E402
+from bench._common import ROOT, free_port, write_text
+from server.core.config import Settings
+from server.crud import jobs as jobs_crud
+from server.crud.metrics import insert_fisher, insert_metrics
+from server.crud.rollups import build_rollups_safely
+from server.db import migrate
+from server.db.models import Run
+from server.db.session import dispose_engines, get_engine, session_scope
+from server.db.types import utcnow
+from worker.cli_service import uvicorn_argv
+from worker.spec import JobSpec
+
+CHROMIUM = os.environ.get("DYKAF_CHROMIUM", "/usr/bin/chromium")  # Debian's, never a downloaded one
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+class ServerProcess:
+    """The API server (``uvicorn --factory server.main:create_app``) on one port, restartable, so
+    that a first visit can be measured against a server that has just started."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **settings.env(), "PYTHONPATH": str(ROOT)}
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                uvicorn_argv("127.0.0.1", self.port), cwd=ROOT, env=self.env, stdout=log, stderr=log
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        log_tail = self.log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"the API server did not start within {timeout}s:\n{log_tail}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
 
 OPTIMIZERS = ("adamw", "dykaf", "soap", "muon")
 SEEDS = (0, 1, 2)
@@ -276,7 +327,7 @@ def main() -> None:
         results: dict[str, Any] = {}
         load_before = os.getloadavg()
         with sync_playwright() as p:
-            browser = launch_chromium(p)
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             try:
                 cold = []
                 for i in range(args.repeats):
@@ -346,8 +397,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(results, args))
+        write_text(args.out, markdown(results, args))
         print(f"wrote {args.out}")
 
 
@@ -361,7 +411,7 @@ def markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         "# Dashboard: opening a job with 1M metric points",
         "",
-        f"Command: `python bench/dashboard.py --points {args.points} --repeats {args.repeats}"
+        f"Command: `python -m bench.dashboard --points {args.points} --repeats {args.repeats}"
         + (" --database-url …" if args.database_url else "")
         + (f" --out {args.out}`" if args.out else "`"),
         "",

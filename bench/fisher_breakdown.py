@@ -1,9 +1,10 @@
-"""Where a run's Fisher-diagnostics time goes, as the worker spends it (for tuning the GPU path).
+"""Where does a real run's own Fisher-diagnostics time (``fisher_time_s``) go, by kind of work?
+(Per-layer and modeled costs of the probes in isolation: ``bench/fisher_cost.py``.)
 
-    python bench/fisher_breakdown.py --out results/              # CUDA when present
-    python bench/fisher_breakdown.py --out /tmp/x --dry-run      # CPU, tiny sizes: checks the script
-    python bench/fisher_breakdown.py --parts runs --repeat 2 --no-compare --no-larger   # cold vs warm
-    python bench/fisher_breakdown.py --parts runs --repeat 2 --no-compare --no-larger --no-warmup
+    python -m bench.fisher_breakdown --out results/              # CUDA when present
+    python -m bench.fisher_breakdown --out /tmp/x --dry-run      # CPU, tiny sizes: checks the script
+    python -m bench.fisher_breakdown --parts runs --repeat 2 --no-compare --no-larger   # cold vs warm
+    python -m bench.fisher_breakdown --parts runs --repeat 2 --no-compare --no-larger --no-warmup
 
 Three parts, each written to ``--out`` as soon as it finishes:
 
@@ -38,13 +39,12 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from gpu_check import DRY_RUN_DEFAULT_TASK  # noqa: E402  (a sibling script, found through the path above)
-
-from worker.training.measure import synchronize  # noqa: E402  (torch only: the device's bare Python has it)
+from bench._common import ROOT
+from bench.gpu_check import DRY_RUN_DEFAULT_TASK
+from worker.training.measure import synchronize  # torch only: the device's bare Python has it
 
 OPTIMIZERS = ("adamw", "soap", "dykaf")
 LARGER_MODEL = {"n_layer": 6, "n_head": 6, "d_model": 384, "context": 256, "batch_size": 32}

@@ -1,13 +1,17 @@
-"""Cost of the Fisher-fidelity diagnostics (``dykaf.fisher``): per layer and per training step.
+"""What do the Fisher-fidelity probes (``dykaf.fisher``) cost: one observe and one report of a
+probed layer, by layer shape and window, and what share of a training step of the worker's task is
+that at a given report cadence?
 
-Part 1 times one ``observe()`` (ring copy + one factor update per shadow method) and one report
-(all metrics, including an "own" DyKAF-like preconditioner) of a single probed layer for several
-layer shapes and window sizes, with peak extra memory. Part 2 puts this next to a training step of
-a small GPT-like model (4 × ``nn.TransformerEncoderLayer``, d=256, causal mask, AdamW): overhead =
-(observe per step + report / fisher_every) / training step.
+Per layer (default): times one ``observe()`` (ring copy + one factor update per shadow method) and
+one report (all metrics, including an "own" DyKAF-like preconditioner) of a single probed layer for
+several layer shapes and window sizes, with peak extra memory. With ``--worker``: the embedded GPT
+task at the worker's ``TaskSpec`` defaults, stepped like the runner, observe and report timed in
+isolation (modeled share per cadence) and, with ``--end-to-end EVERY``, whole report cycles with and
+without the monitor. Where a *real run's* own ``fisher_time_s`` goes: ``bench/fisher_breakdown.py``.
 
-    python bench/fisher_cost.py --quick                 # CPU, a few minutes on 2 cores
-    python bench/fisher_cost.py --device cuda           # CUDA timings use torch.cuda.Event
+    python -m bench.fisher_cost --quick                               # per layer, CPU
+    python -m bench.fisher_cost --device cuda                         # CUDA timings use torch.cuda.Event
+    python -m bench.fisher_cost --worker adamw,dykaf,soap --threads 1 --quick --end-to-end 250
 
 CPU peak memory is the rise of the process's resident high-water mark (VmHWM, reset through
 /proc/self/clear_refs). glibc returns blocks above its mmap threshold (at most 32 MiB) to the OS on
@@ -30,12 +34,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from bench._common import command_line, set_threads, write_text
+from dykaf import build_optimizer
 from dykaf.fisher import FisherMonitor, LayerProbe
 from dykaf.fisher.weighted_fisher import spectral
 
-DEFAULT_FISHER_EVERY = 50
 MIB = 1024.0 * 1024.0
 
 
@@ -215,29 +221,6 @@ def _max_or_none(values: list[float | None]) -> float | None:
 
 
 # ---------------------------------------------------------------------------- part 2: training
-class TinyGPT(nn.Module):
-    """Decoder-only LM from ``nn.TransformerEncoderLayer`` blocks with a causal mask."""
-
-    def __init__(self, vocab: int, dim: int, layers: int, seq: int) -> None:
-        super().__init__()
-        self.tok_emb = nn.Embedding(vocab, dim)
-        self.pos_emb = nn.Parameter(torch.zeros(seq, dim))
-        block = nn.TransformerEncoderLayer(
-            dim, dim // 64, 4 * dim, dropout=0.0, batch_first=True, norm_first=True
-        )
-        self.layers = nn.TransformerEncoder(block, layers, enable_nested_tensor=False).layers
-        self.norm = nn.LayerNorm(dim)
-        self.lm_head = nn.Linear(dim, vocab, bias=False)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        x = self.tok_emb(tokens) + self.pos_emb[: tokens.shape[1]]
-        mask = self.mask[: tokens.shape[1], : tokens.shape[1]]
-        for layer in self.layers:
-            x = layer(x, src_mask=mask, is_causal=True)
-        return self.lm_head(self.norm(x))
-
-
 @dataclass
 class TrainingCost:
     batch: int
@@ -274,50 +257,6 @@ class TrainingCost:
         return (observe + self.report_ms / self.fisher_every) / self.step_ms
 
 
-def bench_training(
-    device: torch.device, batch: int, seq: int, steps: int, fisher_every: int, window: int
-) -> TrainingCost:
-    torch.manual_seed(0)
-    vocab = 512
-    model = TinyGPT(vocab, 256, 4, seq).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    monitor = FisherMonitor(model, optimizer, window=window)
-    clock = Clock(device)
-    data = torch.randint(0, vocab, (batch, seq + 1), device=device)
-
-    def train_step(observe: bool) -> None:
-        logits = model(data[:, :-1])
-        loss = nn.functional.cross_entropy(logits.reshape(-1, vocab), data[:, 1:].reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if observe:
-            monitor.observe()
-        optimizer.step()
-
-    for _ in range(max(3, window)):  # warm-up, and fills the window
-        train_step(observe=True)
-    plain, observed = [], []
-    block = max(2, steps // 4)
-    for _ in range(4):  # alternate blocks so that machine noise hits both alike
-        plain.append(clock.time(lambda: [train_step(False) for _ in range(block)]) / block)
-        observed.append(clock.time(lambda: [train_step(True) for _ in range(block)]) / block)
-    train_step(observe=False)
-    observe_times = [clock.time(monitor.observe) for _ in range(5)]
-    report_times = [clock.time(lambda: monitor.report(0)) for _ in range(2)]
-    return TrainingCost(
-        batch=batch,
-        seq=seq,
-        params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-        layers=[f"{name} {tuple(p.param.shape)}" for name, p in monitor.probes.items()],
-        step_ms=1e3 * statistics.median(plain),
-        step_with_observe_ms=1e3 * statistics.median(observed),
-        observe_ms=1e3 * statistics.median(observe_times),
-        report_ms=1e3 * statistics.median(report_times),
-        fisher_every=fisher_every,
-        horizon=max(monitor.horizons.values()),
-    )
-
-
 def bench_worker(
     device: torch.device,
     optimizer_name: str,
@@ -342,14 +281,13 @@ def bench_worker(
     from worker.lm.data import WindowBatches
     from worker.lm.task import build_task
     from worker.spec import TaskSpec
-    from worker.training import optim
 
     spec = TaskSpec()
     task = build_task(spec, 0)
     model = task.model.to(device)
     named = task.trainable_parameters()
     params = [p for _, p in named]
-    optimizer = optim.build_optimizer(optimizer_name, named, {}, {n: task.roles[n] for n, _ in named})
+    optimizer = build_optimizer(optimizer_name, named, {}, {n: task.roles[n] for n, _ in named})
     monitor = FisherMonitor(model, optimizer, window=window, max_layers=max_layers, replay=replay)
     batches = WindowBatches(task.train_tokens, spec.context, spec.batch_size, 0)
     clock = Clock(device)
@@ -450,7 +388,7 @@ def _fmt_mib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
-def render(device: torch.device, command: str, layers: list[LayerCost], training: TrainingCost | None) -> str:
+def render(device: torch.device, command: str, layers: list[LayerCost]) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     lines = [
         f"## Fisher diagnostics cost — {device.type} ({name})",
@@ -476,25 +414,6 @@ def render(device: torch.device, command: str, layers: list[LayerCost], training
                 f"| ≈{c.report_ms:.0f} (not run; ∝ W from W={_measured_window(layers, c.shape)}) | – "
                 f"| {c.state_mib:.1f} | – |"
             )
-    if training is not None:
-        t = training
-        lines += [
-            "",
-            "Training step: TinyGPT (4 × TransformerEncoderLayer, d=256, causal, "
-            f"{t.params_m:.2f} M params), "
-            f"batch {t.batch} × {t.seq} tokens, AdamW; FisherMonitor(layers='auto', window=32) probes "
-            + ", ".join(t.layers)
-            + ".",
-            "",
-            "| step ms | step + observe ms | observe ms (isolated) | report ms | fisher_every | "
-            "overhead (isolated) | overhead (measured) |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
-            f"| {t.step_ms:.1f} | {t.step_with_observe_ms:.1f} | {t.observe_ms:.2f} | {t.report_ms:.1f} | "
-            f"{t.fisher_every} | {100 * t.overhead_isolated:.1f}% | {100 * t.overhead_measured:.1f}% |",
-            "",
-            "overhead = (observe per step + report / fisher_every) / plain step; *isolated* times observe() "
-            "alone, *measured* takes the difference of step times with and without observe().",
-        ]
     return "\n".join(lines) + "\n"
 
 
@@ -557,12 +476,11 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
-    parser.add_argument("--quick", action="store_true", help="one timed report per layer, short training")
+    parser.add_argument(
+        "--quick", action="store_true", help="one timed report per layer; fewer timed steps with --worker"
+    )
     parser.add_argument("--shapes", default="256x256,768x768,768x3072")
     parser.add_argument("--windows", default="8,32,64")
-    parser.add_argument("--fisher-every", type=int, default=DEFAULT_FISHER_EVERY)
-    parser.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 32 on CUDA")
-    parser.add_argument("--seq", type=int, default=None, help="default 128 on CPU, 256 on CUDA")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     parser.add_argument(
         "--max-gmac",
@@ -571,7 +489,6 @@ def main(argv: list[str] | None = None) -> None:
         help="skip (and extrapolate) layers whose one operator application W·mn(m+n) exceeds this many "
         "GMAC; default 75 with --quick on CPU, else no limit",
     )
-    parser.add_argument("--no-training", action="store_true", help="skip part 2")
     parser.add_argument(
         "--worker",
         default=None,
@@ -599,9 +516,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    set_threads(args.threads)
+    command = command_line(argv)
     repeats = 1 if args.quick else 3
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     windows = [int(w) for w in args.windows.split(",")]
@@ -629,8 +545,7 @@ def main(argv: list[str] | None = None) -> None:
         text = render_worker(command, results, cadences)
         print(text)
         if args.output is not None:
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(text)
+            write_text(args.output, text)
         return
     bench_layer(32, 16, 4, device, repeats=1)  # one-time library and allocator initialisation
     max_gmac = args.max_gmac
@@ -651,22 +566,10 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
             layers.append(cost)
-    training = None
-    if not args.no_training:
-        cuda = device.type == "cuda"
-        training = bench_training(
-            device,
-            batch=args.batch or (32 if cuda else 8),
-            seq=args.seq or (256 if cuda else 128),
-            steps=8 if args.quick else 40,
-            fisher_every=args.fisher_every,
-            window=32,
-        )
-    text = render(device, command, layers, training)
+    text = render(device, command, layers)
     print(text)
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
+        write_text(args.output, text)
 
 
 if __name__ == "__main__":

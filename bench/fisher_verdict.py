@@ -1,10 +1,12 @@
-"""The Fisher verdict line (``worker.fisher_plot.fisher_verdict``) of every configuration in a
-local run's ``fisher.csv``: how far above the floor each method's factors sit on that
-configuration's gradients, and the share of SOAP/Shampoo's gap DyKAF's factors close.
+"""In a finished local run, how far above the floor does each method's factors sit on each
+configuration's gradients, overall or report by report? Prints the product's verdict line
+(``worker.fisher_plot.fisher_verdict``: the share of SOAP/Shampoo's gap DyKAF's factors close) from
+the run's ``fisher.csv``, for the configurations asked for, or per report step with ``--by-step``.
 
-    python bench/fisher_verdict.py bench/results/convergence/fisher.csv \
+    python -m bench.fisher_verdict bench/results/convergence/fisher.csv \
         --labels "adamw[lr=0.001]" "soap[lr=0.01]" "dykaf[lr=0.01]" "muon[lr=0.02]"
-    python bench/fisher_verdict.py bench/results/fisher_over_time/fisher.csv --by-step
+    dykaf-lab run bench/fisher_over_time.yaml --out runs/fisher-over-time --threads 1
+    python -m bench.fisher_verdict runs/fisher-over-time/fisher.csv --by-step
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from worker.fisher_plot import fisher_means, fisher_verdict
 

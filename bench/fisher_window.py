@@ -1,4 +1,4 @@
-"""Does the Fisher window explain the shadows' gap to the floor? (a finding for BENCHMARKS.md §2)
+"""Does the report's Fisher window W explain where the factor estimators sit against the floor?
 
 The shadow estimators track the β-decayed EMA of ``vec(G)vec(G)ᵀ`` over all past gradients, while
 the reports measure them against ``H`` over the last ``W`` gradients only (W = 32 keeps 81 % of the
@@ -7,7 +7,7 @@ EMA's weight at β = 0.95). This trains the embedded GPT task exactly as a defau
 same steps and from the same gradient stream, every method against ``H`` over W = 32 and over
 W = 128 (99.9 % of the EMA's weight, i.e. ≈ the Fisher the shadows track).
 
-    python bench/fisher_window.py --optimizer adamw --report-at 250,500 --threads 1
+    python -m bench.fisher_window --optimizer adamw --report-at 250,500 --threads 1
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from bench._common import command_line, markdown_table, set_threads, write_text
+from dykaf import build_optimizer
 from dykaf.fisher import FisherMonitor
 
 LAYERS = (
@@ -44,13 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     from worker.lm.data import WindowBatches
     from worker.lm.task import build_task
     from worker.spec import TaskSpec
-    from worker.training import optim
     from worker.training.schedule import build_scheduler
 
     spec = TaskSpec()
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     model = task.model
     named = task.trainable_parameters()
     params = [p for _, p in named]
-    optimizer = optim.build_optimizer(args.optimizer, named, {}, {n: task.roles[n] for n, _ in named})
+    optimizer = build_optimizer(args.optimizer, named, {}, {n: task.roles[n] for n, _ in named})
     scheduler = build_scheduler(
         optimizer,
         steps=spec.steps,
@@ -95,26 +96,31 @@ def main(argv: list[str] | None = None) -> None:
                         results[(step, w, row.layer, row.method)] = row.value
             print(f"step {step}: {time.perf_counter() - started:.0f} s", flush=True)
 
-    lines = [
-        f"`python bench/fisher_window.py --optimizer {args.optimizer} --steps {steps}"
-        + (f" --report-at {args.report_at}" if args.report_at else "")
-        + "`: `kron_rel_err` against H over the last W gradients (β = 0.95; every-step shadows).",
-        "",
-        "| step | layer | W | floor | DyKAF | DyKAF-seq | SOAP/Shampoo | SOAP's gap closed by DyKAF |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    rows = []
     for step in sorted(report_at):
         for layer in LAYERS:
             for w in windows:
                 v = [results.get((step, w, layer, m), float("nan")) for m in METHODS]
                 gap = v[3] - v[0]
                 closed = (v[3] - v[1]) / gap if gap > 0 else float("nan")
-                cells = " | ".join(f"{x:.3f}" for x in v)
-                lines.append(f"| {step} | {layer} | {w} | {cells} | {100 * closed:.0f} % |")
-    text = "\n".join(lines) + "\n"
+                rows.append([step, layer, w, *(f"{x:.3f}" for x in v), f"{100 * closed:.0f} %"])
+    header = [
+        "step",
+        "layer",
+        "W",
+        "floor",
+        "DyKAF",
+        "DyKAF-seq",
+        "SOAP/Shampoo",
+        "SOAP's gap closed by DyKAF",
+    ]
+    text = (
+        f"`{command_line(argv)}`: `kron_rel_err` against H over the last W gradients "
+        "(β = 0.95; every-step shadows).\n\n" + markdown_table(header, rows, align="rlrrrrrr") + "\n"
+    )
     print(text)
     if args.output is not None:
-        args.output.write_text(text)
+        write_text(args.output, text)
 
 
 if __name__ == "__main__":

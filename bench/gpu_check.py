@@ -32,9 +32,10 @@ from typing import Any
 
 import torch
 
+if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 TRAIN_OPTIMIZERS = ("adamw", "soap", "dykaf")
 STEP_OPTIMIZERS = ("adamw", "soap", "dykaf", "dykaf-rank1", "muon")
@@ -109,7 +110,7 @@ def cuda_tests(dry_run: bool) -> dict[str, Any]:
 
 def optimizer_steps(device: str, dry_run: bool) -> dict[str, Any]:
     absent = [m for m in missing("pytorch_optimizer") if m]
-    import optimizer_step
+    from bench import optimizer_step
 
     optimizers = tuple(n for n in STEP_OPTIMIZERS if not (absent and n == "shampoo"))
     widths = [16] if dry_run else None
@@ -125,7 +126,7 @@ RULE_SHAPES = ((384, 128), (768, 768), (768, 3072))
 def factor_rules(device: str, dry_run: bool) -> dict[str, Any]:
     """Time per Kronecker-factor update, per rule (``bench/rule_kernels.py``): on a GPU small layers
     are launch-bound, so this is where the rules' kernel counts show."""
-    import rule_kernels
+    from bench import rule_kernels
 
     result = rule_kernels.run(device, [(48, 32)] if dry_run else list(RULE_SHAPES))
     print(rule_kernels.markdown(result))
@@ -299,7 +300,7 @@ def fisher_overhead(device: str, dry_run: bool) -> dict[str, Any]:
         return {"skipped": f"worker code path needs {', '.join(absent)}; carry wheels (bench/gpu_check.sh)"}
     from dataclasses import asdict
 
-    import fisher_cost
+    from bench import fisher_cost
 
     # Every optimizer with the default (CUDA-graph shadow updates on a GPU), and AdamW — whose
     # probes run all three shadows — also eagerly, so the graphs' gain is measured in the same run.
@@ -352,7 +353,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     steps = report["optimizer_step"]
     if "rows" in steps:
-        import optimizer_step
+        from bench import optimizer_step
 
         lines += ["## One optimizer step", "", optimizer_step.markdown(steps), ""]
     else:
@@ -415,7 +416,7 @@ def markdown(report: dict[str, Any]) -> str:
     rules = report.get("factor_rules", {})
     lines += ["", "## Factor-rule updates (µs each)", ""]
     if "rows" in rules:
-        import rule_kernels
+        from bench import rule_kernels
 
         lines.append(rule_kernels.markdown(rules))
     else:

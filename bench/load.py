@@ -1,6 +1,6 @@
 """Mixed API load on loopback while a worker writes metrics.
 
-    python bench/load.py --clients 100 --duration 60 --out bench/results/load.md
+    python -m bench.load --clients 100 --duration 60 --out bench/results/load.md
 
 Starts a real stack on this machine: a temporary PostgreSQL database (``--pg-url``, an admin URL;
 dropped afterwards), Redis under a random key prefix (``--redis-url``), an API server (uvicorn,
@@ -40,18 +40,18 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from service import TINY, Postgres, Server  # noqa: E402
-
-from server.core.config import HTTP_KEEP_ALIVE_S, Settings  # noqa: E402
-from server.crud.api_keys import create_key  # noqa: E402
-from server.db import migrate  # noqa: E402
-from server.db.session import session_scope  # noqa: E402
+from bench._common import ROOT, write_text
+from bench.service import TINY, Postgres, Server
+from server.core.config import HTTP_KEEP_ALIVE_S, Settings
+from server.crud.api_keys import create_key
+from server.db import migrate
+from server.db.session import session_scope
 
 KINDS = ("submit", "status", "metrics")
+SETUP_TIMEOUT_S = 60.0
 WEIGHTS = (0.10, 0.45, 0.45)
 
 
@@ -226,14 +226,19 @@ def main() -> None:
             },
             "optimizers": [TINY["optimizers"][0]],
         }
+        # Set-up requests wait as long as the loaded machine needs (httpx's default is 5 s).
         r = httpx.post(
-            f"{server.base}/api/v1/jobs", json=long_job, headers={"Authorization": f"Bearer {token}"}
+            f"{server.base}/api/v1/jobs",
+            json=long_job,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=SETUP_TIMEOUT_S,
         )
         r.raise_for_status()
         job_id = r.json()["id"]
         worker = start_worker(settings, tmp / "worker.log", args.worker_nice)
         deadline = time.monotonic() + 120
-        while httpx.get(f"{server.base}/api/v1/jobs/{job_id}").json()["runs"][0]["step"] < 50:
+        status_url = f"{server.base}/api/v1/jobs/{job_id}"
+        while httpx.get(status_url, timeout=SETUP_TIMEOUT_S).json()["runs"][0]["step"] < 50:
             if time.monotonic() > deadline or worker.poll() is not None:
                 raise RuntimeError(
                     "worker did not start writing:\n" + (tmp / "worker.log").read_text()[-3000:]
@@ -305,8 +310,7 @@ def main() -> None:
     report = "\n".join(lines)
     print(report)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+        write_text(args.out, report)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Service benchmark: metric ingestion into PostgreSQL, API latency under load, CSV streaming memory.
 
-    python bench/service.py                                  # all phases, prints a markdown report
-    python bench/service.py --out bench/results/service.md   # and writes it
-    python bench/service.py --phases ingest,csv --points 1000000 --duration 30 --clients 50
+    python -m bench.service                                  # all phases, prints a markdown report
+    python -m bench.service --out bench/results/service.md   # and writes it
+    python -m bench.service --phases ingest,csv --points 1000000 --duration 30 --clients 50
 
 Needs PostgreSQL (``--pg-url``, an admin URL; a temporary database is created and dropped) and
 Redis (``--redis-url``; keys under a random prefix, deleted afterwards).
@@ -27,7 +27,6 @@ import asyncio
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,22 +36,23 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from sqlalchemy import func, select, text, update  # noqa: E402
+from sqlalchemy import func, select, text, update
 
-from server.core.config import Settings  # noqa: E402
-from server.crud import jobs as jobs_crud  # noqa: E402
-from server.crud.api_keys import create_key  # noqa: E402
-from server.crud.metrics import insert_metrics  # noqa: E402
-from server.crud.rollups import build_rollups  # noqa: E402
-from server.db import migrate  # noqa: E402
-from server.db.models import MetricPoint, Run  # noqa: E402
-from server.db.session import dispose_engines, get_engine, session_scope  # noqa: E402
-from worker.cli_service import uvicorn_argv  # noqa: E402
-from worker.execute import DatabaseSink  # noqa: E402
-from worker.spec import JobSpec  # noqa: E402
+from bench._common import ROOT, free_port, write_text
+from server.core.config import Settings
+from server.crud import jobs as jobs_crud
+from server.crud.api_keys import create_key
+from server.crud.metrics import insert_metrics
+from server.crud.rollups import build_rollups
+from server.db import migrate
+from server.db.models import MetricPoint, Run
+from server.db.session import dispose_engines, get_engine, session_scope
+from worker.cli_service import uvicorn_argv
+from worker.execute import DatabaseSink
+from worker.spec import JobSpec
 
 TINY = {
     "name": "bench-submit",
@@ -139,6 +139,12 @@ def finish(settings: Settings, job_id: int) -> None:
         jobs_crud.recompute_job(session, job_id)
 
 
+def _require_stored(got: int, expected: int, what: str) -> None:
+    """A throughput is only reported for work that happened (correctness itself is tested in tests/)."""
+    if got != expected:
+        raise RuntimeError(f"{what}: {got:,} stored, expected {expected:,}; no figure reported")
+
+
 def count_points(settings: Settings, run_ids: list[int]) -> int:
     with session_scope(settings.database_url) as session:
         return int(
@@ -167,7 +173,7 @@ def bench_ingest(settings: Settings, points: int) -> list[str]:
         sink.log_metrics(step, {name: step * 1e-3 + i for i, name in enumerate(names)}, step * 0.01)
     sink.close()
     dt = time.perf_counter() - t0
-    assert count_points(settings, [run_a]) == steps * 10
+    _require_stored(count_points(settings, [run_a]), steps * 10, "the sink's points")
     out.append(
         f"| DatabaseSink (worker path: 10k-point buffer, one COPY + merge per flush) | {steps * 10:,} | "
         f"{dt:.2f} | **{steps * 10 / dt:,.0f}** |"
@@ -205,18 +211,12 @@ def bench_ingest(settings: Settings, points: int) -> list[str]:
     out.append(
         f"| one INSERT per point (what the sink avoids) | {single:,} | {dt:.2f} | {single / dt:,.0f} |"
     )
-    assert count_points(settings, [run_b]) == points
+    _require_stored(count_points(settings, [run_b]), points, "the batched insert's points")
     del run_d
     return out
 
 
 # --- phase: API latency --------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Server:
     def __init__(self, settings: Settings, workers: int, **env: str) -> None:
         import tempfile
@@ -435,7 +435,7 @@ def bench_csv(settings: Settings, points: int) -> list[str]:
             dt = time.perf_counter() - t0
             done.set()
             sampler.join()
-            assert lines == rows + 1, (lines, rows)
+            _require_stored(lines - 1, rows, "CSV rows streamed")
             out.append(
                 f"| {rows:,} | {sent / 2**20:.0f} | {dt:.1f} | {rows / dt:,.0f} | {before:.0f} | "
                 f"{peak[0]:.0f} | {peak[0] - before:.0f} |"
@@ -584,7 +584,7 @@ def main() -> None:
         text_out = "\n".join(["# Service GPU check", "", *bench_gpu(args.device)])
         print(text_out)
         if args.out:
-            args.out.write_text(text_out + "\n")
+            write_text(args.out, text_out + "\n")
         return
 
     import tempfile
@@ -608,7 +608,7 @@ def main() -> None:
         f"Machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), shared with other "
         f"work; PostgreSQL {pg.version} and Redis on localhost; Python {platform.python_version()}.",
         "",
-        f"Command: `.venv/bin/python bench/service.py --points {args.points} --clients {args.clients} "
+        f"Command: `python -m bench.service --points {args.points} --clients {args.clients} "
         f"--duration {args.duration:.0f} --api-workers {args.api_workers} --out bench/results/service.md`",
         "",
     ]
@@ -632,7 +632,7 @@ def main() -> None:
     text_out = "\n".join(report)
     print(text_out)
     if args.out:
-        args.out.write_text(text_out + "\n")
+        write_text(args.out, text_out + "\n")
 
 
 if __name__ == "__main__":

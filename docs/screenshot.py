@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.support.browser import launch_chromium  # noqa: E402
-
+CHROMIUM = os.environ.get("DYKAF_CHROMIUM", "/usr/bin/chromium")  # Debian's, never a downloaded one
 WIDTH = 1366
 
 
@@ -38,7 +35,9 @@ def capture(server: str, job_id: int, out: Path, timeout_s: float = 60.0) -> Non
         raise SystemExit(f"job {job_id} is {status!r}: wait until it has succeeded")
 
     with sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"]
+        )
         try:
             page = browser.new_page(viewport={"width": WIDTH, "height": 900})
             page.goto(f"{server.rstrip('/')}/jobs/{job_id}")

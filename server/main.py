@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_router, prefix=API_PREFIX)
     app.include_router(health.router)
     mount_web(app)
-    # Chart data (/metrics, /fisher) is JSON of ~0.1 MB per request that compresses ~8×, and CSV
+    # Chart data (/metrics, /fisher) is JSON that compresses well (BENCHMARKS.md, "Dashboard"), and CSV
     # exports compress as well; a dashboard on another machine than the API then waits on far
     # fewer bytes. Static files carry their own precomputed gzip (``server.web``) and pass through.
     app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=5)

@@ -354,9 +354,9 @@ def keys_revoke(ident: Annotated[str, typer.Argument(help="key id, prefix or ful
 
 # --- processes -----------------------------------------------------------------------------------
 # Niceness of the worker that `up` starts beside the API on the same machine. CPU training takes
-# every core it gets; at equal priority the dashboard's requests queue behind it (measured: read p99
-# 0.4–1 s at 100 clients on 2 cores, 0.1 s with the worker at 10, which still trained at full speed
-# on the CPU left over; BENCHMARKS.md section 7).
+# every core it gets; at equal priority the dashboard's requests queue behind it, while a niced
+# worker still trains at full speed on the CPU left over (read latencies of both: BENCHMARKS.md,
+# "Mixed load").
 EMBEDDED_WORKER_NICE = 10
 
 

@@ -181,7 +181,7 @@ class TaskSpec(StrictModel):
         description="Fisher-fidelity diagnostics every this many steps and at the last step; 0 disables. "
         "Only the steps shortly before a report pay for the probes (the ring: the last fisher_window "
         "steps; the shadow estimators: the last ≈135 at β = 0.95), so the cost falls as the cadence "
-        "grows: ≈ 2-5 % of training time at 250 on the small default task on one CPU core (each run "
+        "grows (figures: BENCHMARKS.md, 'Diagnostics overhead'; each run "
         "measures its own: fisher_overhead), less on larger models; that time is kept out of the "
         "step times; see dykaf/fisher/README.md 'Cost'",
     )

@@ -1,8 +1,8 @@
 """Metric and Fisher rows: batched idempotent writes, downsampled and aggregated reads, streams.
 
 Writes go through one transaction per flush: on PostgreSQL ``COPY`` (binary) into a temporary
-table and one ``INSERT … SELECT … ON CONFLICT DO NOTHING`` merge (measured ~1.6× the rate of a
-single ``INSERT … SELECT unnest(arrays)`` and ~15× one INSERT per point; see bench/service.py), on
+table and one ``INSERT … SELECT … ON CONFLICT DO NOTHING`` merge (faster than a single
+``INSERT … SELECT unnest(arrays)`` and far faster than one INSERT per point; BENCHMARKS.md), on
 SQLite ``executemany`` of ``INSERT … ON CONFLICT DO NOTHING``. The composite primary key turns a
 replayed point (redelivered task, resume from a checkpoint) into a no-op instead of a duplicate.
 """

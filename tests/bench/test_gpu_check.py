@@ -58,11 +58,8 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path: Path) -> None:
 def test_report_written_midway_marks_the_sections_still_to_run(tmp_path: Path) -> None:
     # main() rewrites the report after every section, so a run cut off by a lent GPU's time limit
     # still leaves what finished; the sections that did not run are marked, not silently empty.
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    from bench import gpu_check
+
     finished = {"environment": gpu_check.environment(), "cuda_tests": {"summary": "14 passed"}}
     pending = ["cold_start", "default_task", "optimizer_step", "training", "fisher", "factor_rules"]
     gpu_check.write_report(tmp_path, finished, pending=pending)

@@ -3,9 +3,9 @@
 A CUDA process sets up most libraries and kernels lazily, on their first use: cuSOLVER (library,
 handle, workspace, eigensolver kernels), the cuBLAS GEMMs of each dtype, the CUDA-graph machinery.
 Without a warm-up that cost lands in whichever run of a worker process first needs the piece, and
-in whichever phase of it. On an H200 the default job's first run, AdamW, spent ≈ 165 ms more in its
-Fisher diagnostics than the same run in a process that had used the solver before (8.8 % against
-5.1 % of its training time, BENCHMARKS.md §2): AdamW never calls ``eigh`` itself, so the
+in whichever phase of it. On a GPU the default job's first run, AdamW, spent more time in its
+Fisher diagnostics than the same run in a process that had used the solver before (figures:
+BENCHMARKS.md, "Diagnostics overhead"): AdamW never calls ``eigh`` itself, so the
 diagnostics' first shadow initialisation paid for the process. A SOAP or DyKAF run that came first
 would pay it in its first optimizer step instead. Either way a run's figures depended on the order
 in which a worker happened to execute runs, which an optimizer comparison must not.
@@ -20,8 +20,8 @@ train and Fisher time and reports them apart, as the summary's ``device_warmup_s
 later run of the process).
 
 Only on CUDA (``WARMED_DEVICE_TYPES``): a CPU links BLAS/LAPACK at import and loads no kernels
-lazily (a fresh process's first ``eigh`` and QR of a 384-wide matrix took 10.9 ms against 9.2 ms
-after, on one core), while the warm-up would cost ≈ 0.8 s on the default task, mostly the probes'
+lazily (a fresh process's first ``eigh`` and QR cost about what later ones do), while the warm-up
+would cost the default task far more than that, mostly in the probes'
 reports.
 
 A warm-up that fails (out of memory on a small card, a solver error) is logged and cut short: it is

@@ -156,8 +156,8 @@ def _with_session(
 def live_ttl(base_s: float, cost_s: float) -> float:
     """How long a running job's read is served from memory: ``live_read_ttl_s``, stretched to
     ``LIVE_COST_FACTOR ×`` what the aggregation cost, so that a large job being watched spends at
-    most ~1/``LIVE_COST_FACTOR`` of an API process re-aggregating (a 400k-point job: ≈ 0.45 s →
-    4.5 s). 0 keeps running jobs uncached."""
+    most ~1/``LIVE_COST_FACTOR`` of an API process re-aggregating (an aggregation of 0.45 s: read
+    cached for 4.5 s). 0 keeps running jobs uncached."""
     return 0.0 if base_s <= 0 else max(base_s, LIVE_COST_FACTOR * cost_s)
 
 
