@@ -1,4 +1,4 @@
-"""``FisherMonitor``: probes a few layers of a model during training (dykaf/fisher/README.md).
+"""``FisherMonitor``: probes a few layers of a model during training (see README.md here).
 
 Usage, every step::
 
@@ -179,8 +179,8 @@ class FisherMonitor:
         """Whether ``observe(step)`` would touch anything (record, feed a shadow, decide a link).
 
         Between a report and the next burn-in most steps have nothing to do; a loop that times its
-        diagnostics with device synchronisation skips the call then (on an H200 the two syncs of an
-        idle call cost ≈ 0.08 ms, 0.7 % of the default task's step).
+        diagnostics with device synchronisation skips the call then, and with it two device syncs
+        per idle step.
         """
         return self._touches_probes(self.steps_until_report(step), callable(self._own_state_reader()))
 

@@ -30,7 +30,7 @@ DEFAULT_BETA = 0.95
 
 
 class OwnState(Protocol):
-    """What the probe reads from ``optimizer.preconditioner_state(p)`` (e.g. ``dykaf.PreconditionerState``).
+    """What the probe reads from ``optimizer.preconditioner_state(p)``: ``PreconditionerState``'s fields.
 
     Read-only properties, so any dataclass with these fields (narrower types included) conforms.
     """
@@ -71,7 +71,7 @@ class LayerProbe:
 
     ``replay`` (``auto``/``off``/``plain``/``cuda_graph``, see ``dykaf.fisher.replay``): how the
     per-step shadow updates run once the shadows are initialised; ``auto`` captures them in a
-    CUDA graph on a GPU (one launch per step instead of ~95) and runs them eagerly elsewhere.
+    CUDA graph on a GPU (one launch per step instead of dozens) and runs them eagerly elsewhere.
     """
 
     def __init__(
