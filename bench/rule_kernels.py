@@ -4,9 +4,8 @@
     python bench/rule_kernels.py --device cuda        # host time per update on a GPU (CUDA events)
 
 On a GPU the updates of small layers are launch-bound: each kernel costs a few microseconds of host
-time whatever its size, so a rule's cost there follows its kernel count more than its flops (the
-difference between DyKAF's and SOAP's optimizer step on a 6 × 384 GPT on an H200 was ≈ 50 extra
-kernels per matrix, BENCHMARKS.md, "Factor-rule kernels"). This counts the kernels one update dispatches (views and
+time whatever its size, so a rule's cost there follows its kernel count more than its flops
+(BENCHMARKS.md, "Factor-rule kernels"). This counts the kernels one update dispatches (views and
 layout-only ops excluded) and times updates at a small and a real layer shape; the ``× ema`` column
 is the ratio to SOAP's rule measured in the same run.
 """
