@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from server.crud.metrics import iter_fisher_rows, iter_metric_rows
 from server.db.models import Run
+from server.summary_fields import INTEGER_FIELDS, integer_cell
 
 METRICS_HEADER = ("run_id", "label", "optimizer", "seed", "name", "step", "value", "wall_time")
 FISHER_HEADER = ("run_id", "label", "optimizer", "seed", "step", "layer", "method", "metric", "value")
@@ -128,7 +129,12 @@ def summary_csv(open_session: Callable[[], Session], job_id: int) -> Iterator[st
             extra = []
             for key in keys:
                 value = summary.get(key)
-                extra.append("" if value is None else fmt_float(value) if isinstance(value, float) else value)
+                if key in INTEGER_FIELDS:
+                    extra.append(integer_cell(value))
+                else:
+                    extra.append(
+                        "" if value is None else fmt_float(value) if isinstance(value, float) else value
+                    )
             rows.append((*fixed, *extra))
         yield _encode(rows)
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from rich.markup import escape
 
+from server.summary_fields import INTEGER_FIELDS, integer_cell
 from worker import fisher_plot
 from worker.spec import JobSpec, RunSpec
 from worker.training.runner import RunResult, execute_run
@@ -161,7 +162,14 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+            writer.writerow({k: _cell(k, v) for k, v in row.items()})
+
+
+def _cell(key: str, value: Any) -> Any:
+    """A CSV cell: step and parameter counts as integers (``summary_fields``), floats exactly."""
+    if key in INTEGER_FIELDS:
+        return integer_cell(value)
+    return repr(value) if isinstance(value, float) else value
 
 
 def _run_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:

@@ -440,6 +440,33 @@ def test_csv_exports_are_full_fidelity(api: Any) -> None:
     assert api.get("/jobs/424242/metrics.csv").status_code == 404
 
 
+def test_summary_csv_writes_counts_as_integers_and_missing_as_empty(api: Any) -> None:
+    """A stored summary holds floats (JSON): counts are written ``60``, not ``60.0``, and the
+    ``-1`` an older failed run kept for "no best step" as an empty cell."""
+    job = api.post("/jobs", json=tiny_job(seeds=(0, 1))).json()
+    first, second = (run["id"] for run in job["runs"][:2])
+    with session_scope(api.settings.database_url) as session:
+        session.execute(
+            update(Run)
+            .where(Run.id == first)
+            .values(summary={"final_step": 60.0, "best_val_step": 50.0, "parameters": 12345.0, "x": 0.5})
+        )
+        session.execute(
+            update(Run).where(Run.id == second).values(summary={"final_step": 0.0, "best_val_step": -1.0})
+        )
+    rows = {
+        int(r["run_id"]): r
+        for r in csv.DictReader(io.StringIO(api.get(f"/jobs/{job['id']}/summary.csv").text))
+    }
+    assert (rows[first]["final_step"], rows[first]["best_val_step"], rows[first]["parameters"]) == (
+        "60",
+        "50",
+        "12345",
+    )
+    assert rows[first]["x"] == "0.5"
+    assert (rows[second]["final_step"], rows[second]["best_val_step"]) == ("0", "")
+
+
 # --- registry, health, metrics -----------------------------------------------------------------------
 def test_registry_endpoints(api: Any) -> None:
     optimizers = api.get("/optimizers").json()
