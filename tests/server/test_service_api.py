@@ -229,6 +229,20 @@ def test_submit_get_list_paginate(api: Any) -> None:
     assert api.get("/jobs/999999").json()["detail"][0]["loc"] == ["path", "job_id"]
 
 
+def test_list_filters_names_by_substring_in_any_case(api: Any) -> None:
+    for name in ("Baseline AdamW", "adamw sweep", "DyKAF 100", "dykaf_x", "dykafXx"):
+        assert api.post("/jobs", json=tiny_job(name=name)).status_code == 201
+
+    def names(part: str) -> list[str]:
+        return sorted(j["name"] for j in api.get("/jobs", params={"name": part}).json()["items"])
+
+    assert names("ADAMW") == ["Baseline AdamW", "adamw sweep"]
+    assert names("kaf") == ["DyKAF 100", "dykafXx", "dykaf_x"]
+    assert names("f_x") == ["dykaf_x"]  # LIKE wildcards typed by the user match only themselves
+    assert names("%") == [] and names("1%0") == []
+    assert names("nothing like it") == []
+
+
 def test_cancel_queued_job_then_rerun_and_delete(api: Any) -> None:
     job = api.post("/jobs", json=tiny_job()).json()
     r = api.post(f"/jobs/{job['id']}/cancel")
