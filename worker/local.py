@@ -32,6 +32,7 @@ from typing import Any
 
 from rich.markup import escape
 
+from server import palette
 from server.summary_fields import INTEGER_FIELDS, integer_cell
 from worker import fisher_plot
 from worker.spec import JobSpec, RunSpec
@@ -182,8 +183,14 @@ def _run_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_curves(records: Sequence[RunRecord], selected: dict[str, str], path: Path, title: str) -> None:
-    """Validation loss vs step and vs training seconds, train loss vs step; mean with min–max band."""
+def _label_colors(records: Sequence[RunRecord]) -> dict[str, str]:
+    """Each label's colour (``server.palette``: one colour per optimizer, the dashboard's)."""
+    return palette.label_colors((r.spec.label, r.spec.optimizer) for r in records)
+
+
+def plot_curves(records: Sequence[RunRecord], selected: dict[str, str], path: Path, title: str) -> Any:
+    """Validation loss vs step and vs training seconds, train loss vs step; mean with min–max band.
+    Returns the matplotlib figure (closed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,6 +198,7 @@ def plot_curves(records: Sequence[RunRecord], selected: dict[str, str], path: Pa
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     labels = _selected_labels(records, selected)
+    colors = _label_colors(records)
     for label in labels:
         runs = [r for r in records if r.spec.label == label]
         for ax, metric, x_of in (
@@ -212,8 +220,8 @@ def plot_curves(records: Sequence[RunRecord], selected: dict[str, str], path: Pa
             low = [min(per_x[s]) for s in steps]
             high = [max(per_x[s]) for s in steps]
             xs = steps if x_of == "step" else [statistics.fmean(times[s]) for s in steps]
-            ax.plot(xs, mean, label=f"{label} (n={len(runs)})")
-            ax.fill_between(xs, low, high, alpha=0.2)
+            ax.plot(xs, mean, label=f"{label} (n={len(runs)})", color=colors[label])
+            ax.fill_between(xs, low, high, alpha=0.2, color=colors[label])
     axes[0].set(xlabel="step", ylabel="validation loss", title="validation loss")
     axes[1].set(xlabel="training time (s)", ylabel="validation loss", title="validation loss vs time")
     axes[2].set(xlabel="step", ylabel="train loss", title="train loss")
@@ -224,6 +232,7 @@ def plot_curves(records: Sequence[RunRecord], selected: dict[str, str], path: Pa
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
 def _selected_labels(records: Sequence[RunRecord], selected: dict[str, str]) -> list[str]:
@@ -244,7 +253,7 @@ def plot_job_fisher(
         return None
     optimizers = {r.spec.label: r.spec.optimizer for r in records}
     label = fisher_plot.stream_label([lb for lb in labels if rows[lb]], optimizers)
-    colors = {lb: f"C{i}" for i, lb in enumerate(labels)}  # the default cycle, as in curves.png
+    colors = _label_colors(records)  # as in curves.png and on the dashboard
     verdict = fisher_plot.fisher_verdict(means, label)
     fisher_plot.plot_fisher(means, label, colors, path, title, verdict)
     return verdict
