@@ -46,7 +46,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?
 # would run as a formula.
 NAME_MAX = 80
 NAME_PUNCTUATION = " ._+-"
-NAME_RULE = f"1-{NAME_MAX} letters, digits, spaces or ._+- and start with a letter/digit"
+NAME_RULE = f"1-{NAME_MAX} letters (of any script), digits, spaces or ._+- and start with a letter/digit"
 
 
 def valid_name(value: str) -> bool:
@@ -254,7 +254,7 @@ class OptimizerSpec(StrictModel):
     """One optimizer configuration; ``sweep`` lists values to try per hyperparameter (grid)."""
 
     name: str = Field(..., description="a registry name, e.g. adamw, soap, dykaf, muon, shampoo")
-    label: str | None = Field(None, description="display name; defaults to the optimizer name")
+    label: str | None = Field(None, description=f"display name ({NAME_RULE}); defaults to the optimizer name")
     hyperparameters: dict[str, HyperValue] = Field(default_factory=dict)
     sweep: dict[str, Annotated[list[HyperValue], Field(min_length=1, max_length=MAX_SWEEP_VALUES)]] = Field(
         default_factory=dict, description="hyperparameter -> values; the grid over all of them is run"
@@ -345,7 +345,7 @@ class RunSpec(StrictModel):
 class JobSpec(StrictModel):
     """A comparison: one task, several optimizers (with optional sweeps), several seeds."""
 
-    name: str = Field("comparison", description="a short name for the job")
+    name: str = Field("comparison", description=f"a short name for the job: {NAME_RULE}")
     task: TaskSpec = Field(default_factory=TaskSpec)
     optimizers: list[OptimizerSpec] = Field(..., min_length=1, max_length=64)
     seeds: list[int] = Field([0], min_length=1, max_length=MAX_SEEDS)

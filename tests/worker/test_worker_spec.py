@@ -181,7 +181,7 @@ def test_names_and_labels_accept_letters_of_any_script(name: str) -> None:
     ],
 )
 def test_names_refuse_controls_bidi_overrides_and_formula_leads(name: str) -> None:
-    with pytest.raises(ValidationError, match="name must be 1-80 letters"):
+    with pytest.raises(ValidationError, match="name must be 1-80 letters \\(of any script\\)"):
         JobSpec.model_validate(tiny_job(name=name))
-    with pytest.raises(ValidationError, match="label must be 1-80 letters"):
+    with pytest.raises(ValidationError, match="label must be 1-80 letters \\(of any script\\)"):
         JobSpec.model_validate(tiny_job([{"name": "adamw", "label": name}]))
