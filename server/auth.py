@@ -55,13 +55,14 @@ def require_key(
     if limiter is not None:
         wait = limiter.acquire(key.id)
         if wait > 0:
+            retry_after = retry_after_header(wait)  # the message says what the header says
             raise ApiError(
                 429,
                 f"write rate limit of {limiter.rate_per_min:g} per minute exceeded for this API key; "
-                f"retry in {wait:.1f} s",
+                f"retry in {retry_after} s",
                 loc=["header", "Authorization"],
                 type_="rate_limited",
-                headers={"Retry-After": retry_after_header(wait)},
+                headers={"Retry-After": retry_after},
             )
     return key
 

@@ -128,7 +128,7 @@ def runs_csv(open_session: Callable[[], Session], job_id: int) -> Iterator[str]:
                 fmt_float(run.run_seconds),
                 hyper,
             )
-            rows.append((*fixed, *(csv_cell(summary.get(key)) for key in keys)))
+            rows.append((*fixed, *(csv_cell(summary.get(key), key) for key in keys)))
         yield _encode(rows)
 
     return _stream(open_session, body)

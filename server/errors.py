@@ -56,8 +56,37 @@ async def _http_exception(_request: Request, exc: StarletteHTTPException) -> JSO
     )
 
 
-async def _validation_exception(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse({"detail": clean_validation_errors(exc.errors())}, status_code=422)
+def is_json_media_type(content_type: str) -> bool:
+    """``application/json`` or a ``+json`` type, whatever its parameters (``; charset=utf-8``)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def _validation_exception(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    content_type = request.headers.get("content-type")
+    # A body sent as another media type (text/plain, a form) is never parsed as JSON, so it fails
+    # as "not a valid dictionary", which blames the content; the type is what is wrong: 415.
+    if content_type and not is_json_media_type(content_type) and any(_about_body(err) for err in errors):
+        media = content_type.split(";", 1)[0].strip()[:100]
+        return JSONResponse(
+            {
+                "detail": [
+                    error_item(
+                        f"the body must be sent as application/json, not {media}",
+                        ["header", "Content-Type"],
+                        "unsupported_media_type",
+                    )
+                ]
+            },
+            status_code=415,
+        )
+    return JSONResponse({"detail": clean_validation_errors(errors)}, status_code=422)
+
+
+def _about_body(error: Any) -> bool:
+    loc = error.get("loc", ()) if isinstance(error, dict) else ()
+    return bool(loc) and loc[0] == "body"
 
 
 def install_error_handlers(app: FastAPI) -> None:

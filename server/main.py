@@ -15,6 +15,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import RedirectResponse
+from fastapi_offline import FastAPIOffline
 
 from server.api.main import api_router
 from server.api.routes import health
@@ -58,7 +59,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             stop.set()
 
-    app = FastAPI(
+    # FastAPI's /docs and /redoc load Swagger UI and ReDoc from a CDN, so offline (or behind a
+    # firewall) they are blank pages; fastapi-offline serves the same assets from its package.
+    app = FastAPIOffline(
         title="dykaf-lab",
         version="0.1.0",
         summary="Optimizer-comparison jobs (DyKAF vs AdamW/SOAP/Shampoo/Muon): submit, follow, export.",

@@ -120,4 +120,6 @@ def make_write_limiter(settings: Settings) -> WriteRateLimiter | RedisWriteRateL
 
 
 def retry_after_header(wait_s: float) -> str:
+    """Whole seconds to wait, at least 1 (``Retry-After`` takes integers; a client that retried after
+    a rounded-down 0 would be refused again)."""
     return str(max(1, math.ceil(wait_s)))

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.summary_fields import INTEGER_FIELDS, integer_cell
+
 FINISHED = "succeeded"
 ENDED_EARLY = ("diverged", "failed", "cancelled")
 PENDING = ("queued", "running")
@@ -414,10 +416,12 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def csv_cell(value: Any) -> str:
+def csv_cell(value: Any, key: str | None = None) -> str:
     """The one way result files write a value: nan/None as an empty field, floats exactly
-    (shortest round-trip), whole-number floats of integer fields as integers, booleans as
-    true/false."""
+    (shortest round-trip), the integer fields of ``server.summary_fields`` (``key``) as integers,
+    booleans as true/false."""
+    if key in INTEGER_FIELDS:
+        return integer_cell(value)
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -432,4 +436,4 @@ def summary_csv_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list
     columns: list[str] = [] if rows else ["group", "label", "optimizer"]
     for row in rows:
         columns.extend(key for key in row if key not in columns)
-    return columns, [[csv_cell(row.get(c)) for c in columns] for row in rows]
+    return columns, [[csv_cell(row.get(c), c) for c in columns] for row in rows]

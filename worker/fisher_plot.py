@@ -17,22 +17,17 @@ the floor as a dashed line) instead.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from server import palette
 from server.summary import FisherMeans, fisher_means, fisher_verdict, stream_label
 
 __all__ = ["fisher_means", "fisher_verdict", "plot_fisher", "rows_from_series", "stream_label"]
 
-# Display names and colours of the methods, as on the dashboard (web/static/js/charts.js).
-METHOD_STYLE: dict[str, tuple[str, str, str]] = {
-    "optimal": ("optimal (floor)", "#222222", "--"),
-    "own": ("own", "#D55E00", "-"),
-    "dykaf": ("DyKAF", "#0072B2", "-"),
-    "dykaf_seq": ("DyKAF-seq", "#56B4E9", ":"),
-    "soap_shampoo": ("SOAP/Shampoo", "#E69F00", "-"),
-}
+# Display names, colours and line styles of the methods: one palette with the dashboard's.
+METHOD_STYLE = palette.METHOD_STYLE
 PANELS = ("kron_rel_err", "precond_rel_err", "diag_mass")
 
 # (label, layer, metric, method) -> {step: mean over seeds}; the means and the verdict sentence are
@@ -57,10 +52,47 @@ def _series(means: Means, label: str, layer: str, metric: str, key: str) -> dict
     return {lb: v for (lb, ly, mt, m), v in means.items() if (ly, mt, m) == (layer, metric, "own")}
 
 
+# Narrowest value axis, as a fraction of the largest value shown. Methods often agree to 1e-5 (a
+# DyKAF run's own factors and its shadow's, say); an axis fitted to such a spread would draw that
+# difference across the whole panel (with an offset label such as "1e-5+8.614e-1") as if it
+# mattered. The spread itself is written in the panel instead.
+MIN_RELATIVE_SPAN = 0.05
+
+
+def _show_values_plainly(ax: Any, axis: str, values: Sequence[float]) -> None:
+    """Plain tick labels (no offset, no scientific notation) on ``axis`` ("x" or "y") and a range
+    at least ``MIN_RELATIVE_SPAN`` of the largest value wide; a spread narrower than that is
+    annotated in the panel."""
+    from matplotlib.ticker import ScalarFormatter
+
+    formatter = ScalarFormatter(useOffset=False)
+    formatter.set_scientific(False)
+    getattr(ax, f"{axis}axis").set_major_formatter(formatter)
+    if not values:
+        return
+    low, high = min(values), max(values)
+    narrowest = MIN_RELATIVE_SPAN * max(abs(low), abs(high))
+    if high - low >= narrowest:
+        return
+    centre, half = (low + high) / 2, 0.6 * narrowest
+    (ax.set_xlim if axis == "x" else ax.set_ylim)(centre - half, centre + half)
+    ax.text(
+        0.99,
+        0.02,
+        f"values within {high - low:.2g} of each other",
+        transform=ax.transAxes,
+        ha="right",
+        va="bottom",
+        fontsize=7,
+        color="#555555",
+    )
+
+
 def _draw(ax: Any, series: dict[str, dict[int, float]], styles: dict[str, tuple[str, str, str]]) -> None:
     from matplotlib.ticker import MaxNLocator
 
     steps = {step for values in series.values() for step in values}
+    shown = [value for values in series.values() for value in values.values()]
     if len(steps) == 1:  # one report: dot plot, top-down in legend order, the floor as a line
         names = list(series)
         for row, name in enumerate(names):
@@ -72,12 +104,14 @@ def _draw(ax: Any, series: dict[str, dict[int, float]], styles: dict[str, tuple[
         ax.xaxis.set_major_locator(MaxNLocator(5))  # close values: keep the tick labels apart
         ax.invert_yaxis()
         ax.set_xlabel(f"at step {next(iter(steps))}")
+        _show_values_plainly(ax, "x", shown)
         return
     for name, values in series.items():
         label, color, dash = styles[name]
         ax.plot(list(values), list(values.values()), dash, color=color, label=label, marker=".")
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
+    _show_values_plainly(ax, "y", shown)
 
 
 def plot_fisher(

@@ -35,6 +35,7 @@ from typing import Any
 
 from rich.markup import escape
 
+from server import palette
 from server.csv_export import FISHER_HEADER, METRICS_HEADER, RUNS_FIXED
 from server.summary import (
     ENDED_EARLY,
@@ -141,13 +142,20 @@ def _run_rows(records: Sequence[RunRecord]) -> tuple[list[str], list[list[str]]]
             "hyperparameters": json.dumps(spec.hyperparameters, sort_keys=True),
         }
         rows.append(
-            [csv_cell(fixed.get(c)) for c in RUNS_FIXED] + [csv_cell(result.summary.get(k)) for k in keys]
+            [csv_cell(fixed.get(c), c) for c in RUNS_FIXED]
+            + [csv_cell(result.summary.get(k), k) for k in keys]
         )
     return [*RUNS_FIXED, *keys], rows
 
 
-def plot_curves(records: Sequence[RunRecord], selected: dict[str, str], path: Path, title: str) -> None:
-    """Validation loss vs step and vs training seconds, train loss vs step; mean with min–max band."""
+def _label_colors(records: Sequence[RunRecord]) -> dict[str, str]:
+    """Each label's colour (``server.palette``: one colour per optimizer, the dashboard's)."""
+    return palette.label_colors((r.spec.label, r.spec.optimizer) for r in records)
+
+
+def plot_curves(records: Sequence[RunRecord], selected: dict[str, str], path: Path, title: str) -> Any:
+    """Validation loss vs step and vs training seconds, train loss vs step; mean with min–max band.
+    Returns the matplotlib figure (closed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,6 +163,7 @@ def plot_curves(records: Sequence[RunRecord], selected: dict[str, str], path: Pa
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     labels = _selected_labels(records, selected)
+    colors = _label_colors(records)
     for label in labels:
         runs = [r for r in records if r.spec.label == label]
         for ax, metric, x_of in (
@@ -176,8 +185,8 @@ def plot_curves(records: Sequence[RunRecord], selected: dict[str, str], path: Pa
             low = [min(per_x[s]) for s in steps]
             high = [max(per_x[s]) for s in steps]
             xs = steps if x_of == "step" else [statistics.fmean(times[s]) for s in steps]
-            ax.plot(xs, mean, label=f"{label} (n={len(runs)})")
-            ax.fill_between(xs, low, high, alpha=0.2)
+            ax.plot(xs, mean, label=f"{label} (n={len(runs)})", color=colors[label])
+            ax.fill_between(xs, low, high, alpha=0.2, color=colors[label])
     axes[0].set(xlabel="step", ylabel="validation loss", title="validation loss")
     axes[1].set(xlabel="training time (s)", ylabel="validation loss", title="validation loss vs time")
     axes[2].set(xlabel="step", ylabel="train loss", title="train loss")
@@ -188,6 +197,7 @@ def plot_curves(records: Sequence[RunRecord], selected: dict[str, str], path: Pa
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
 def _selected_labels(records: Sequence[RunRecord], selected: dict[str, str]) -> list[str]:
@@ -208,7 +218,7 @@ def plot_job_fisher(
         return None
     optimizers = {r.spec.label: r.spec.optimizer for r in records}
     label = fisher_plot.stream_label([lb for lb in labels if rows[lb]], optimizers)
-    colors = {lb: f"C{i}" for i, lb in enumerate(labels)}  # the default cycle, as in curves.png
+    colors = _label_colors(records)  # as in curves.png and on the dashboard
     verdict = fisher_plot.fisher_verdict(means, label)
     fisher_plot.plot_fisher(means, label, colors, path, title, verdict)
     return verdict

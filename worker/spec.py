@@ -16,6 +16,7 @@ import itertools
 import math
 import os
 import re
+import unicodedata
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -39,7 +40,20 @@ MAX_CORPUS_CHARS = 500_000_000
 MAX_CONTEXT = 32_768
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,79}$")
+# Names and labels: 1-80 characters, Unicode letters and digits (with their combining marks, which
+# scripts such as Devanagari need), spaces and ._+-, starting with a letter or digit. So no control
+# or bidi-override character (category C*) and no leading = + - @ that a spreadsheet opening a CSV
+# would run as a formula.
+NAME_MAX = 80
+NAME_PUNCTUATION = " ._+-"
+NAME_RULE = f"1-{NAME_MAX} letters (of any script), digits, spaces or ._+- and start with a letter/digit"
+
+
+def valid_name(value: str) -> bool:
+    """Whether ``value`` follows the name rule above (letters and digits of any script)."""
+    if not 1 <= len(value) <= NAME_MAX or unicodedata.category(value[0])[0] not in "LN":
+        return False
+    return all(char in NAME_PUNCTUATION or unicodedata.category(char)[0] in "LMN" for char in value[1:])
 
 
 class StrictModel(BaseModel):
@@ -240,7 +254,7 @@ class OptimizerSpec(StrictModel):
     """One optimizer configuration; ``sweep`` lists values to try per hyperparameter (grid)."""
 
     name: str = Field(..., description="a registry name, e.g. adamw, soap, dykaf, muon, shampoo")
-    label: str | None = Field(None, description="display name; defaults to the optimizer name")
+    label: str | None = Field(None, description=f"display name ({NAME_RULE}); defaults to the optimizer name")
     hyperparameters: dict[str, HyperValue] = Field(default_factory=dict)
     sweep: dict[str, Annotated[list[HyperValue], Field(min_length=1, max_length=MAX_SWEEP_VALUES)]] = Field(
         default_factory=dict, description="hyperparameter -> values; the grid over all of them is run"
@@ -258,10 +272,8 @@ class OptimizerSpec(StrictModel):
     @field_validator("label")
     @classmethod
     def _label(cls, value: str | None) -> str | None:
-        if value is not None and not _NAME.match(value):
-            raise ValueError(
-                "label must be 1-80 letters, digits, spaces or ._+- and start with a letter/digit"
-            )
+        if value is not None and not valid_name(value):
+            raise ValueError(f"label must be {NAME_RULE}")
         return value
 
     @field_validator("hyperparameters")
@@ -333,7 +345,7 @@ class RunSpec(StrictModel):
 class JobSpec(StrictModel):
     """A comparison: one task, several optimizers (with optional sweeps), several seeds."""
 
-    name: str = Field("comparison", description="a short name for the job")
+    name: str = Field("comparison", description=f"a short name for the job: {NAME_RULE}")
     task: TaskSpec = Field(default_factory=TaskSpec)
     optimizers: list[OptimizerSpec] = Field(..., min_length=1, max_length=64)
     seeds: list[int] = Field([0], min_length=1, max_length=MAX_SEEDS)
@@ -348,10 +360,8 @@ class JobSpec(StrictModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError(
-                "name must be 1-80 letters, digits, spaces or ._+- and start with a letter/digit"
-            )
+        if not valid_name(value):
+            raise ValueError(f"name must be {NAME_RULE}")
         return value
 
     @field_validator("seeds")

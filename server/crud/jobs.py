@@ -209,7 +209,9 @@ def list_jobs(
     if status:
         query = query.where(Job.status == status)
     if name:
-        query = query.where(Job.name == name)
+        # A substring, case-insensitively; ``%``/``_`` typed by the user match themselves.
+        # (Case folding is the database's ``lower``: every script on PostgreSQL, ASCII on SQLite.)
+        query = query.where(Job.name.icontains(name, autoescape=True))
     if before_id is not None:
         query = query.where(Job.id < before_id)
     jobs = list(session.scalars(query).all())

@@ -255,6 +255,50 @@ def test_write_rate_limit_is_per_key_and_answers_429(sqlite_settings: Any, api_f
     assert all(api.get("/jobs").status_code == 200 for _ in range(10))
 
 
+def test_rate_limit_message_says_the_retry_after_seconds(sqlite_settings: Any, api_factory: Any) -> None:
+    """The message and ``Retry-After`` give one number, also when the wait is a fraction of a second
+    (the message said "retry in 0.0 s" beside ``Retry-After: 1``)."""
+    api = api_factory(sqlite_settings.with_(write_rate_per_min=3))
+    for _ in range(3):
+        assert api.post("/jobs", json=tiny_job()).status_code == 201
+    r = api.post("/jobs", json=tiny_job())
+    assert r.status_code == 429
+    assert f"retry in {r.headers['retry-after']} s" in r.json()["detail"][0]["msg"]
+
+    class AlmostReady:
+        rate_per_min = 3.0
+
+        def acquire(self, key: object) -> float:
+            return 0.04
+
+    api.app.state.write_limiter = AlmostReady()
+    r = api.post("/jobs", json=tiny_job())
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert "retry in 1 s" in r.json()["detail"][0]["msg"]
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "text/plain; charset=utf-8", "application/x-www-form-urlencoded"]
+)
+def test_a_body_that_is_not_json_is_415_and_writes_nothing(
+    sqlite_settings: Any, api_factory: Any, content_type: str
+) -> None:
+    api = api_factory(sqlite_settings.with_(write_rate_per_min=0))
+    before = db_counts(api.settings)
+    r = api.post("/jobs", content=json.dumps(tiny_job()), headers={"Content-Type": content_type})
+    assert r.status_code == 415, r.text
+    (item,) = r.json()["detail"]
+    assert item["loc"] == ["header", "Content-Type"] and "application/json" in item["msg"]
+    assert db_counts(api.settings) == before
+    ok = api.post(
+        "/jobs", content=json.dumps(tiny_job()), headers={"Content-Type": "application/json; charset=utf-8"}
+    )
+    assert ok.status_code == 201
+    # A JSON body that is wrong is still a 422 naming the field.
+    bad = api.post("/jobs", json={**tiny_job(), "seeds": "x"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][:2] == ["body", "seeds"]
+
+
 def test_write_rate_limit_holds_across_api_processes(pg_settings: Any, api_factory: Any) -> None:
     """Two API apps (as two replicas would) on one Redis share each key's bucket."""
     from server.ratelimit import RedisWriteRateLimiter

@@ -229,6 +229,20 @@ def test_submit_get_list_paginate(api: Any) -> None:
     assert api.get("/jobs/999999").json()["detail"][0]["loc"] == ["path", "job_id"]
 
 
+def test_list_filters_names_by_substring_in_any_case(api: Any) -> None:
+    for name in ("Baseline AdamW", "adamw sweep", "DyKAF 100", "dykaf_x", "dykafXx"):
+        assert api.post("/jobs", json=tiny_job(name=name)).status_code == 201
+
+    def names(part: str) -> list[str]:
+        return sorted(j["name"] for j in api.get("/jobs", params={"name": part}).json()["items"])
+
+    assert names("ADAMW") == ["Baseline AdamW", "adamw sweep"]
+    assert names("kaf") == ["DyKAF 100", "dykafXx", "dykaf_x"]
+    assert names("f_x") == ["dykaf_x"]  # LIKE wildcards typed by the user match only themselves
+    assert names("%") == [] and names("1%0") == []
+    assert names("nothing like it") == []
+
+
 def test_cancel_queued_job_then_rerun_and_delete(api: Any) -> None:
     job = api.post("/jobs", json=tiny_job()).json()
     r = api.post(f"/jobs/{job['id']}/cancel")
@@ -443,6 +457,33 @@ def test_csv_exports_are_full_fidelity(api: Any) -> None:
         ("dykaf", "2", "2"),
     ]
     assert api.get("/jobs/424242/metrics.csv").status_code == 404
+
+
+def test_summary_csv_writes_counts_as_integers_and_missing_as_empty(api: Any) -> None:
+    """A stored summary holds floats (JSON): counts are written ``60``, not ``60.0``, and the
+    ``-1`` an older failed run kept for "no best step" as an empty cell."""
+    job = api.post("/jobs", json=tiny_job(seeds=(0, 1))).json()
+    first, second = (run["id"] for run in job["runs"][:2])
+    with session_scope(api.settings.database_url) as session:
+        session.execute(
+            update(Run)
+            .where(Run.id == first)
+            .values(summary={"final_step": 60.0, "best_val_step": 50.0, "parameters": 12345.0, "x": 0.5})
+        )
+        session.execute(
+            update(Run).where(Run.id == second).values(summary={"final_step": 0.0, "best_val_step": -1.0})
+        )
+    rows = {
+        int(r["run_id"]): r
+        for r in csv.DictReader(io.StringIO(api.get(f"/jobs/{job['id']}/summary.csv").text))
+    }
+    assert (rows[first]["final_step"], rows[first]["best_val_step"], rows[first]["parameters"]) == (
+        "60",
+        "50",
+        "12345",
+    )
+    assert rows[first]["x"] == "0.5"
+    assert (rows[second]["final_step"], rows[second]["best_val_step"]) == ("0", "")
 
 
 # --- registry, health, metrics -----------------------------------------------------------------------

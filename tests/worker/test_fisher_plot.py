@@ -124,3 +124,47 @@ def test_bench_script_prints_a_verdict_per_configuration(tmp_path: Path) -> None
         f"- step {step}: {fisher_verdict(fisher_means({'dykaf': _rows(step, shift)}), 'dykaf')}"
         for step, shift in ((250, 0.0), (500, 0.05))
     ]
+
+
+def _value_axes(fig: object) -> list[tuple[object, str]]:
+    """The value axis of each drawn panel: x for a dot plot, y for curves."""
+    out = []
+    for ax in fig.axes:  # type: ignore[attr-defined]
+        if ax.lines:
+            out.append((ax, "x" if ax.get_xlabel().startswith("at step") else "y"))
+    return out
+
+
+@pytest.mark.parametrize("steps", [(250,), (250, 500)])
+def test_close_values_are_shown_plainly_with_their_spread(tmp_path: Path, steps: tuple[int, ...]) -> None:
+    """Methods 1.5e-5 apart (as on a real run's diag_mass): no offset label ("1e−5+8.614e−1"), an
+    axis not narrower than MIN_RELATIVE_SPAN of the value, and the spread written in the panel."""
+    from worker import fisher_plot
+
+    rows = []
+    for step in steps:
+        for i, method in enumerate(("optimal", "own", "dykaf", "soap_shampoo")):
+            for metric in ("kron_rel_err", "diag_mass"):
+                rows.append((step, LAYER, method, metric, 0.8614 + 0.5e-5 * i))
+    fig = plot_fisher(fisher_means({"dykaf": rows}), "dykaf", {"dykaf": "C0"}, tmp_path / "f.png", "t")
+    assert fig is not None and (tmp_path / "f.png").is_file()
+    panels = _value_axes(fig)
+    assert len(panels) == 2
+    for ax, axis in panels:
+        value_axis = getattr(ax, f"{axis}axis")
+        formatter = value_axis.get_major_formatter()
+        assert formatter.get_useOffset() is False and formatter.get_offset() == ""
+        low, high = ax.get_xlim() if axis == "x" else ax.get_ylim()
+        assert high - low >= fisher_plot.MIN_RELATIVE_SPAN * 0.8614 and low < 0.8614 < 0.86142 < high
+        labels = [t.get_text() for t in value_axis.get_ticklabels() if t.get_text()]
+        assert labels and all("e" not in label for label in labels), labels
+        notes = [t.get_text() for t in ax.texts]
+        assert notes == ["values within 1.5e-05 of each other"]
+
+
+def test_spread_out_values_keep_their_fitted_axis(tmp_path: Path) -> None:
+    one = fisher_means({"dykaf": _rows(250, 0.0)})
+    fig = plot_fisher(one, "dykaf", {"dykaf": "C0"}, tmp_path / "one.png", "t")
+    kron = fig.axes[0]  # type: ignore[union-attr]
+    low, high = kron.get_xlim()
+    assert high - low < 0.2 and len(kron.texts) == 0  # 0.50..0.61: fitted, nothing to annotate

@@ -153,3 +153,31 @@ def test_a_failing_warm_up_never_fails_the_run(force_warmup: None, monkeypatch: 
     (spec,) = _run(steps=3)
     result = execute_run(spec, MemorySink())
     assert result.status == "succeeded" and result.summary["device_warmup_s"] > 0.0
+
+
+def test_reports_made_beside_training_are_warmed_on_a_thread_of_their_own(force_warmup: None) -> None:
+    """A monitor that reports on its background thread gets its throwaway reports computed on
+    another thread too (one that then ends), so the per-thread start-up (library handles, a
+    stream's first workspaces on a GPU) is paid there and not in the first run's Fisher time."""
+    import threading
+
+    fisher = pytest.importorskip("dykaf.fisher")
+    model = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 5))
+    threads: list[threading.Thread] = []
+    probe_class = fisher.LayerProbe
+    real_report = probe_class.report
+
+    def spy(self: Any, step: int, own: Any = None) -> Any:
+        threads.append(threading.current_thread())
+        return real_report(self, step, own)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(probe_class, "report", spy)
+        beside = fisher.FisherMonitor(model, layers=["0.weight"], window=4, background="on")
+        assert warmup.warm_up(CPU, model.parameters(), beside) > 0.0
+        (thread,) = threads
+        assert thread is not threading.main_thread() and not thread.is_alive()
+        threads.clear()
+        inline = fisher.FisherMonitor(model, layers=["2.weight"], window=4, background="off")
+        assert warmup.warm_up(CPU, model.parameters(), inline) > 0.0
+        assert threads == [threading.current_thread()]

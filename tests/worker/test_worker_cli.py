@@ -146,3 +146,33 @@ def test_status_says_how_far_a_job_got() -> None:
     assert progress_text(stopped, "running") == "11% (1,141/10,000 steps)"
     done = {"fraction": 1.0, "steps_done": 24, "steps_total": 24}
     assert progress_text(done, "succeeded") == "100% (24/24 steps)"
+
+
+def test_runs_csv_writes_counts_as_integers_and_a_missing_best_step_as_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that failed before its first evaluation has no best step: an empty cell, not ``-1.0``;
+    step and parameter counts read ``4``, not ``4.0``."""
+    from worker.training import runner
+
+    real_evaluate = runner._Run.evaluate
+
+    def evaluate(self: runner._Run) -> float:
+        if self.spec.optimizer == "muon":
+            raise RuntimeError("evaluation broke")
+        return real_evaluate(self)
+
+    monkeypatch.setattr(runner._Run, "evaluate", evaluate)
+    job = JobSpec.model_validate(
+        tiny_job(
+            [{"name": "adamw", "hyperparameters": {"lr": 3e-3}}, {"name": "muon"}],
+            task=tiny_task(steps=4, eval_every=2, log_every=2, fisher_every=0),
+        )
+    )
+    run_job(job, tmp_path / "out", show_progress=False, checkpoints=False)
+    runs = {r["optimizer"]: r for r in csv.DictReader((tmp_path / "out" / "runs.csv").open())}
+    assert runs["muon"]["status"] == "failed"
+    assert runs["muon"]["best_val_step"] == "" and runs["muon"]["final_step"] == "0"
+    assert runs["adamw"]["final_step"] == "4" and runs["adamw"]["best_val_step"] in {"2", "4"}
+    assert runs["adamw"]["parameters"].isdigit() and int(runs["adamw"]["parameters"]) > 0
+    assert "." in runs["adamw"]["final_val_loss"]  # measurements stay floats

@@ -152,3 +152,36 @@ def test_task_schema_has_defaults_and_enums() -> None:
     assert props["steps"]["default"] == 500 and props["steps"]["exclusiveMinimum"] == 0
     assert props["kind"]["enum"] == ["pretrain", "finetune"]
     assert set(schema["$defs"]) >= {"CorpusSpec", "TokenizerSpec", "FinetuneSpec", "LoraSpec"}
+
+
+@pytest.mark.parametrize(
+    "name", ["Vergleich für Müller", "比較テスト 2", "हिन्दी-run", "Ωmega_1.5", "Ärger", "x" * 80]
+)
+def test_names_and_labels_accept_letters_of_any_script(name: str) -> None:
+    job = tiny_job([{"name": "adamw", "label": name}], name=name)
+    spec = JobSpec.model_validate(job)
+    assert spec.name == name and spec.expand()[0].label == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "x" * 81,
+        "=HYPERLINK(1)",
+        "+1",
+        "-1",
+        "@SUM",
+        " lead",
+        "a\u202eb",
+        "a\u200bb",
+        "a\x07b",
+        "a\tb",
+        "a/b",
+    ],
+)
+def test_names_refuse_controls_bidi_overrides_and_formula_leads(name: str) -> None:
+    with pytest.raises(ValidationError, match="name must be 1-80 letters \\(of any script\\)"):
+        JobSpec.model_validate(tiny_job(name=name))
+    with pytest.raises(ValidationError, match="label must be 1-80 letters \\(of any script\\)"):
+        JobSpec.model_validate(tiny_job([{"name": "adamw", "label": name}]))

@@ -123,13 +123,14 @@ class _Tracker:
             "final_train_loss": self.final_train,
             "final_val_loss": self.final_val,
             "best_val_loss": self.best_val if math.isfinite(self.best_val) else math.nan,
-            "best_val_step": float(self.best_val_step),
             "train_time_s": self.train_time,
             "wall_time_s": wall_time,
             "peak_memory_mb": self.peak_memory_mb,
             "fisher_time_s": self.fisher_total,
             "device_warmup_s": self.warmup_total,
         }
+        if self.best_val_step >= 0:  # a run that never evaluated has no best step (not -1)
+            out["best_val_step"] = float(self.best_val_step)
         if self.train_time > 0:
             out["fisher_overhead"] = self.fisher_total / self.train_time
         if self.timed_steps:

@@ -14,7 +14,9 @@ So before a run's timed phases, ``warm_up`` does on the run's device the kinds o
 do, at the run's own shapes, once per process: the eigendecomposition and the QR refresh of
 ``dykaf.eigenbasis`` at every side of a trainable matrix (the optimizers' Kronecker factors, up to
 ``WARM_SOLVER_UP_TO``), a throwaway copy of every probe through shadow initialisation, CUDA-graph
-capture and one report over a full window, and the GEMMs of the autocast dtypes. It never touches
+capture and one report over a full window (on a thread and stream of its own when the run's
+reports are computed beside training: ``_report_beside``), and the GEMMs of the autocast dtypes.
+It never touches
 the model, its gradients, the probes or any global RNG. The runner keeps the seconds it took out of
 train and Fisher time and reports them apart, as the summary's ``device_warmup_s`` (0 for every
 later run of the process).
@@ -22,7 +24,8 @@ later run of the process).
 Only on CUDA (``WARMED_DEVICE_TYPES``): a CPU links BLAS/LAPACK at import and loads no kernels
 lazily (a fresh process's first ``eigh`` and QR cost about what later ones do), while the warm-up
 would cost the default task far more than that, mostly in the probes'
-reports.
+reports. Identical runs in one fresh CPU
+process spend the same CPU time in their diagnostics (docs/notes/truth-b.md): there is nothing to move.
 
 A warm-up that fails (out of memory on a small card, a solver error) is logged and cut short: it is
 an optimisation, and whatever broke it will show in the run itself if it matters there.
@@ -35,6 +38,7 @@ import math
 import threading
 import time
 from collections.abc import Hashable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -134,15 +138,53 @@ def _warm_solver(device: torch.device, sides: set[int], generator: torch.Generat
     return did
 
 
+def _reports_beside_training(monitor: Any) -> bool:
+    """Whether ``monitor`` will compute its reports on its background thread (``submit_report``)."""
+    try:
+        from dykaf.fisher.background import use_background
+    except ImportError:
+        return False
+    params = [probe.param for probe in monitor.probes.values()]
+    return bool(params) and use_background(getattr(monitor, "background", "off"), params)
+
+
+def _report_beside(probe: Any, device: torch.device) -> None:
+    """``probe.report`` where a run's background report computes (``FisherMonitor._background_rows``):
+    on another thread and, on a GPU, on a stream of its own.
+
+    A library handle (cuBLAS, cuSOLVER) belongs to the thread that made it, and a stream's first
+    allocations and workspaces are its own: a report on a new thread would create them inside the
+    first run's Fisher time (the loop waits for the last report at the run's end). Made here, on a
+    thread that then ends, they go back to torch's handle pools for the run's report thread to reuse.
+    """
+
+    def report() -> None:
+        with torch.no_grad():
+            if device.type != "cuda":
+                probe.report(0)
+                return
+            with torch.cuda.device(device):
+                stream = torch.cuda.Stream(device=device)
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    probe.report(0)
+                stream.synchronize()
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fisher-warm-up") as pool:
+        pool.submit(report).result()
+
+
 def _warm_probes(device: torch.device, monitor: Any, generator: torch.Generator) -> bool:
     """Each probe's work once, on a throwaway probe of the same class, shape and settings fed
-    random gradients: shadow initialisation, static-step capture and replay, a report."""
+    random gradients: shadow initialisation, static-step capture and replay, a report (computed
+    where the run's reports will be: in this thread, or beside it as ``_report_beside`` does)."""
     if monitor is None:
         return False
+    beside = _reports_beside_training(monitor)
     did = False
     for probe in monitor.probes.values():
         methods = tuple(probe.shadows)
-        key = ("probe", str(device), probe.shape, probe.window, probe.dtype, methods, probe.replay)
+        key = ("probe", str(device), probe.shape, probe.window, probe.dtype, methods, probe.replay, beside)
         if not _first_time(key):
             continue
         param = torch.zeros(probe.shape, dtype=probe.param.dtype, device=device)
@@ -159,6 +201,9 @@ def _warm_probes(device: torch.device, monitor: Any, generator: torch.Generator)
         for _ in range(max(_PROBE_STEPS, probe.window)):
             grad = torch.randn(probe.shape, generator=generator, device=device, dtype=param.dtype)
             throwaway.observe(grad)
-        throwaway.report(0)
+        if beside:
+            _report_beside(throwaway, device)
+        else:
+            throwaway.report(0)
         did = True
     return did

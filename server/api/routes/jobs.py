@@ -198,7 +198,9 @@ def create_job(
 def list_jobs(
     session: Annotated[Session, Depends(get_session)],
     status: Annotated[str | None, Query(description=f"one of {', '.join(STATUSES)}")] = None,
-    name: Annotated[str | None, Query(max_length=200)] = None,
+    name: Annotated[
+        str | None, Query(max_length=200, description="part of the job name, in any letter case")
+    ] = None,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> JobPage:

@@ -1,29 +1,51 @@
 // Plotly trace and layout builders (pure: data in, plain objects out) and a render helper.
 
+import { METHOD_ORDER, METHOD_STYLE, OPTIMIZER_COLORS, SPARE_COLORS } from './palette.js';
 import { ema } from './stats.js';
 
-// Okabe-Ito's colour-blind-safe hues first, ordered so that the first five labels (a typical
-// comparison) never sit next to a look-alike: vermillion (#D55E00) beside orange is hard to tell
-// apart in thin lines, so it comes later.
-export const PALETTE = ['#0072B2', '#E69F00', '#009E73', '#CC79A7', '#8C564B', '#56B4E9', '#D55E00', '#332288', '#999933', '#882255', '#44AA99', '#555555'];
-
-export const METHOD_STYLE = {
-  optimal: { name: 'optimal (floor)', color: '#222222', dash: 'dash' },
-  own: { name: 'own', color: '#D55E00', dash: 'solid' },
-  dykaf: { name: 'DyKAF', color: '#0072B2', dash: 'solid' },
-  dykaf_seq: { name: 'DyKAF-seq', color: '#56B4E9', dash: 'dot' },
-  soap_shampoo: { name: 'SOAP/Shampoo', color: '#E69F00', dash: 'solid' },
-};
-export const METHOD_ORDER = ['optimal', 'own', 'dykaf', 'dykaf_seq', 'soap_shampoo'];
+// One colour per optimizer on every chart and in the PNGs of `dykaf-lab run`: the colours live in
+// server/palette.py (generated into palette.js); a shadow method has its optimizer's colour.
+export { METHOD_ORDER, METHOD_STYLE };
+const FALLBACK_COLOR = SPARE_COLORS[0];
 
 /** Plotly renders a small HTML subset in names and titles; make any text literal. */
 export function plotlyText(text) {
   return String(text).replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
 }
 
-export function colorMap(labels) {
+/**
+ * Colour of each label, given `[label, optimizer]` pairs in the job's order: server/palette.py's
+ * `label_colors`, the same rule (a browser test compares them). The first label of an optimizer gets
+ * the optimizer's colour; another label of the same optimizer (a sweep point) or an unknown
+ * optimizer gets the next spare colour, then those of optimizers the job does not use.
+ */
+export function colorMap(pairs) {
+  const seen = new Set();
+  const unique = pairs.filter(([label, optimizer]) => {
+    const key = `${label}\u0000${optimizer}`;
+    if (seen.has(key)) return false;
+    seen.add(key);
+    return true;
+  });
   const map = new Map();
-  labels.forEach((label, i) => map.set(label, PALETTE[i % PALETTE.length]));
+  const used = new Set();
+  for (const [label, optimizer] of unique) {
+    const color = Object.hasOwn(OPTIMIZER_COLORS, optimizer) ? OPTIMIZER_COLORS[optimizer] : null;
+    if (!map.has(label) && color !== null && !used.has(color)) {
+      map.set(label, color);
+      used.add(color);
+    }
+  }
+  const present = new Set(unique.filter(([, o]) => Object.hasOwn(OPTIMIZER_COLORS, o)).map(([, o]) => OPTIMIZER_COLORS[o]));
+  const extra = [...SPARE_COLORS, ...Object.values(OPTIMIZER_COLORS).filter((c) => !present.has(c))];
+  const free = extra.filter((c) => !used.has(c));
+  let index = 0;
+  for (const [label] of unique) {
+    if (!map.has(label)) {
+      map.set(label, free.length ? free[index % free.length] : extra[index % extra.length]);
+      index += 1;
+    }
+  }
   return map;
 }
 
@@ -72,7 +94,7 @@ export function aggregateTraces(aggregates, { name, colors, xOf, smoothing = 0, 
   const order = [...colors.keys()];
   items.sort((a, b) => order.indexOf(a.label) - order.indexOf(b.label));
   for (const a of items) {
-    const color = colors.get(a.label) || PALETTE[0];
+    const color = colors.get(a.label) || FALLBACK_COLOR;
     const xs = xOf(a.label, a.step);
     const mean = ema(a.mean, smoothing);
     const multi = a.n.some((n) => n > 1);
@@ -122,7 +144,7 @@ export function seedTraces(series, { name, colors, xOf, smoothing = 0 }) {
       legendgroup: plotlyText(s.label),
       showlegend: false,
       opacity: 0.55,
-      line: { color: colors.get(s.label) || PALETTE[0], width: 1, dash: 'dot' },
+      line: { color: colors.get(s.label) || FALLBACK_COLOR, width: 1, dash: 'dot' },
       connectgaps: true,
       hovertemplate: `%{y:.4f}<extra>${plotlyText(s.label)} seed ${s.seed}</extra>`,
       meta: { role: 'seed', label: s.label, seed: s.seed },
@@ -194,7 +216,7 @@ export function fisherLabelTraces(means, { layer, metric, method = 'own', colors
     x: m.step,
     y: m.value,
     name: plotlyText(m.label),
-    line: { color: colors.get(m.label) || PALETTE[0], width: 1.8 },
+    line: { color: colors.get(m.label) || FALLBACK_COLOR, width: 1.8 },
     marker: { size: 4 },
     hovertemplate: `%{y:.4f}<extra>${plotlyText(m.label)}</extra>`,
     meta: { label: m.label },

@@ -480,7 +480,7 @@ async function tick() {
   }
   const first = !state.job;
   state.job = job;
-  state.colors = colorMap(labelsInOrder(job));
+  state.colors = colorMap(job.runs.map((run) => [run.label, run.optimizer]));
   renderHeader(job);
   renderRuns(job);
   ensureFisherLabels(job);

@@ -7,6 +7,10 @@ import { initKeyBox, onKeyChange } from './common.js';
 import { $, $$, banner, fill, h, stateBlock } from './dom.js';
 import { checkValue, parseList, parseNumber, rangeHint, runCount, runLabels } from './stats.js';
 
+// The server's name rule (worker/spec.py valid_name): letters and digits of any script (with their
+// combining marks), spaces and ._+-, starting with a letter or digit; 1-80 characters.
+const NAME_PATTERN = /^[\p{L}\p{N}][\p{L}\p{M}\p{N} ._+-]{0,79}$/u;
+
 const MAX_RUNS = 256;
 const DEFAULT_OPTIMIZERS = ['adamw', 'dykaf'];
 const JOB_FIELDS = ['name', 'seeds', 'target_loss', 'device', 'sweep_selection'];
@@ -157,7 +161,7 @@ function jobSection(values = {}) {
   const fs = h('fieldset', { dataset: { loc: '' } }, h('legend', { text: 'Job' }));
   const grid = h('div', { class: 'fields' });
   const name = register(scalarField({ key: 'name', schema: props.name, loc: () => ['name'], value: values.name, hint: '1–80 letters, digits, spaces or ._+-' }));
-  name.extraCheck = () => (/^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,79}$/.test(name.input.value) ? null : 'use 1–80 letters, digits, spaces or ._+- (starting with a letter or digit)');
+  name.extraCheck = () => (NAME_PATTERN.test(name.input.value) ? null : 'use 1–80 letters, digits, spaces or ._+- (starting with a letter or digit)');
   const seedsSchema = { type: 'string', default: '0', description: 'integers separated by commas; every optimizer config runs once per seed' };
   const seeds = register(scalarField({ key: 'seeds', schema: seedsSchema, loc: () => ['seeds'], value: (values.seeds || props.seeds.default || [0]).join(', ') }));
   seeds.read = () => {
@@ -282,7 +286,7 @@ function addCard(name, values = {}) {
   labelRecord.input.placeholder = name;
   labelRecord.extraCheck = () => {
     const text = labelRecord.input.value.trim();
-    if (text && !/^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,79}$/.test(text)) return 'use 1–80 letters, digits, spaces or ._+-';
+    if (text && !NAME_PATTERN.test(text)) return 'use 1–80 letters, digits, spaces or ._+-';
     const mine = text || name;
     const clash = state.cards.some((c) => c !== card && (c.labelRecord.input.value.trim() || c.name) === mine);
     return clash ? `label “${mine}” is already used; set a different label` : null;
