@@ -341,7 +341,7 @@ def bench_worker(
 
     from worker.lm.data import WindowBatches
     from worker.lm.task import build_task
-    from worker.spec import TaskSpec
+    from server.jobs.spec import TaskSpec
     from worker.training import optim
 
     spec = TaskSpec()

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from worker.lm.data import WindowBatches
     from worker.lm.task import build_task
-    from worker.spec import TaskSpec
+    from server.jobs.spec import TaskSpec
     from worker.training import optim
     from worker.training.schedule import build_scheduler
 

@@ -52,7 +52,7 @@ from server.db.models import MetricPoint, Run  # noqa: E402
 from server.db.session import dispose_engines, get_engine, session_scope  # noqa: E402
 from worker.cli_service import uvicorn_argv  # noqa: E402
 from worker.execute import DatabaseSink  # noqa: E402
-from worker.spec import JobSpec  # noqa: E402
+from server.jobs.spec import JobSpec  # noqa: E402
 
 TINY = {
     "name": "bench-submit",

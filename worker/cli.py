@@ -41,7 +41,7 @@ def load_job_file(path: Path) -> Any:
     import yaml
     from pydantic import ValidationError
 
-    from worker.spec import format_validation_error, parse_job
+    from server.jobs.spec import format_validation_error, parse_job
 
     # Plain echo, not rich: error lines must not be re-wrapped, users grep and copy them.
     try:

@@ -266,7 +266,7 @@ def run_task(run_id: int, settings: Settings, *, task_id: str | None = None) -> 
     """Entry point of the Celery task; returns what happened (for logs and tests)."""
     # Heavy imports (torch, the model code) happen before the claim: between the claim and the
     # first heartbeat there must be nothing slow, or a loaded machine makes the run look orphaned.
-    import worker.spec
+    import server.jobs.spec
     import worker.training.runner  # noqa: F401
 
     if SHUTDOWN.is_set():
@@ -294,7 +294,7 @@ def run_task(run_id: int, settings: Settings, *, task_id: str | None = None) -> 
 
 
 def execute_claimed(claim: runs_crud.Claim, settings: Settings, *, device: str | None) -> str:
-    from worker.spec import RunSpec
+    from server.jobs.spec import RunSpec
     from worker.training.runner import execute_run
 
     sink = DatabaseSink(

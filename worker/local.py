@@ -33,7 +33,7 @@ from typing import Any
 from rich.markup import escape
 
 from worker import fisher_plot
-from worker.spec import JobSpec, RunSpec
+from server.jobs.spec import JobSpec, RunSpec
 from worker.training.runner import RunResult, execute_run
 from worker.training.sinks import CsvSink, MemorySink, MultiSink
 

@@ -46,7 +46,7 @@ def queue_for(device: str, auto_queue: str = "gpu") -> str:
 
 
 def runs_from_specs(run_specs: Sequence[Any], *, start_index: int, auto_queue: str) -> list[Run]:
-    """ORM rows for ``worker.spec.RunSpec`` objects (the spec is stored whole, as JSON)."""
+    """ORM rows for ``server.jobs.spec.RunSpec`` objects (the spec is stored whole, as JSON)."""
     now = utcnow()
     return [
         Run(

@@ -248,7 +248,7 @@ def expand_next_stage(session: Session, job_id: int) -> list[tuple[int, str]]:
     spec_json = job.spec or {}
     if spec_json.get("sweep_selection") != "first_seed" or len(spec_json.get("seeds") or []) < 2:
         return []
-    from worker.spec import JobSpec
+    from server.jobs.spec import JobSpec
 
     spec = JobSpec.model_validate(spec_json)
     stage_one = len(spec.expand())

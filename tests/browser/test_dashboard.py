@@ -145,7 +145,7 @@ def page(browser: Any, stack: Stack) -> Iterator[Any]:
 def test_js_units_match_python(page: Any, stack: Stack) -> None:
     """stats.js (run count and labels, %g, range checks, EMA, summary) against the Python side."""
     from dykaf.registry import all_schemas, optimizer_schema, validate_hyperparameters
-    from worker.spec import JobSpec
+    from server.jobs.spec import JobSpec
 
     page.goto("/")
     stats = "const m = await import('/static/js/stats.js');"
@@ -611,7 +611,7 @@ class DirectRun:
 def direct_run(stack: Stack, body: dict[str, Any], step: int) -> Iterator[DirectRun]:
     """``DirectRun`` of ``body``'s first run, running at ``step``; cancelled afterwards."""
     from server.crud import jobs as jobs_crud
-    from worker.spec import JobSpec
+    from server.jobs.spec import JobSpec
 
     with session_scope(stack.settings.database_url) as session:
         job = jobs_crud.create_job(session, JobSpec.model_validate(body), auto_queue="cpu")
@@ -698,7 +698,7 @@ def test_one_fisher_report_is_a_dot_plot_until_the_next_arrives(page: Any, stack
 def test_new_job_from_an_existing_spec(page: Any, stack: Stack) -> None:
     """ "Edit as new job" opens the form filled with the job's spec (sweeps and labels included)."""
     from server.crud import jobs as jobs_crud
-    from worker.spec import JobSpec
+    from server.jobs.spec import JobSpec
 
     raw = tiny_job(name="template", seeds=(3, 4, 5))
     raw["target_loss"] = 4.25

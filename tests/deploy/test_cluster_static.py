@@ -223,7 +223,7 @@ def test_code_variables_are_all_classified() -> None:
     from server.core.config import Settings
 
     from_settings = set(Settings().env()) | {"DYKAF_WORKER_DEVICE"}
-    from worker import paths
+    from server.jobs import paths
 
     known = from_settings | {paths.DATA_ROOTS_ENV, paths.CACHE_ENV} | CLIENT_ONLY
     assert code_variables() - known == set(), (
@@ -297,7 +297,7 @@ def test_settings_seen_by_the_containers(compose: dict[str, Any], clean_env: pyt
         # Empty tunables fall back to the code's defaults.
         for field in ("visibility_timeout_s", "heartbeat_s", "stale_after_s", "max_steps", "auto_queue"):
             assert getattr(settings, field) == getattr(defaults, field), (name, field)
-        from worker import paths
+        from server.jobs import paths
 
         assert [str(p) for p in paths.data_roots()] == ["/data/corpora", "/cache/dykaf-lab"]
         assert paths.cache_root() == Path("/cache/dykaf-lab")

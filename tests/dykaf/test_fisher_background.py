@@ -17,7 +17,7 @@ from dykaf import DyKAF
 from dykaf.fisher import FisherMonitor, LayerProbe
 from dykaf.fisher.background import available_cores, use_background
 from tests.support.worker import tiny_job, tiny_task
-from worker.spec import JobSpec
+from server.jobs.spec import JobSpec
 from worker.training import optim
 from worker.training.runner import execute_run
 from worker.training.sinks import MemorySink

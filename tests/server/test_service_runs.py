@@ -22,7 +22,7 @@ from server.db.types import utcnow
 from tests.support.services import tiny_job
 from worker.execute import CheckpointAlignment, DatabaseSink
 from worker.reconcile import reconcile_once
-from worker.spec import JobSpec
+from server.jobs.spec import JobSpec
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from tests.support.worker import tiny_job, tiny_task
 from worker.cli import app
 from worker.local import run_job
-from worker.spec import JobSpec, TaskSpec
+from server.jobs.spec import JobSpec, TaskSpec
 
 pytestmark = pytest.mark.usefixtures("data_roots")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.support.worker import tiny_job, tiny_task
-from worker.spec import JobSpec, RunSpec
+from server.jobs.spec import JobSpec, RunSpec
 from worker.training.runner import execute_run
 from worker.training.sinks import MemorySink
 

@@ -11,7 +11,7 @@ import torch
 from worker.lm.corpora import load_documents, split_documents
 from worker.lm.data import WindowBatches, validation_batches
 from worker.lm.tokenization import ByteTokenizer, encode_documents, train_bpe
-from worker.spec import CorpusSpec
+from server.jobs.spec import CorpusSpec
 
 pytestmark = pytest.mark.usefixtures("data_roots")  # local paths confined to tmp_path
 

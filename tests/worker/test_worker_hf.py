@@ -11,7 +11,7 @@ import torch
 
 from tests.support.worker import tiny_job, tiny_task
 from worker.lm.corpora import load_documents
-from worker.spec import CorpusSpec, JobSpec, RunSpec
+from server.jobs.spec import CorpusSpec, JobSpec, RunSpec
 from worker.training import runner as runner_mod
 from worker.training.runner import execute_run
 from worker.training.sinks import MemorySink

@@ -16,7 +16,7 @@ import torch
 
 from tests.support.worker import tiny_job, tiny_task
 from worker.lm import data as lm_data
-from worker.spec import JobSpec, RunSpec
+from server.jobs.spec import JobSpec, RunSpec
 from worker.training import checkpoint as ckpt
 from worker.training import optim
 from worker.training.runner import execute_run

@@ -15,8 +15,8 @@ from torch import nn
 
 from worker.lm.model import EMBEDDING, GPT, HEAD, HIDDEN, VECTOR, GPTConfig
 from worker.lm.tokenization import HFTokenizer, TextTokenizer, tokenizer_from_dict
-from worker.paths import confine_path
-from worker.spec import LoraSpec, looks_like_local_path
+from server.jobs.paths import confine_path
+from server.jobs.spec import LoraSpec, looks_like_local_path
 
 EXPORT_FORMAT = "dykaf-lab/gpt-v1"
 EXPORT_NAME = "model.pt"

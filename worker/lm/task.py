@@ -20,7 +20,7 @@ from worker.lm.corpora import load_documents, split_documents
 from worker.lm.hf import apply_lora, load_pretrained, logits_of, max_context, param_roles
 from worker.lm.model import GPT, GPTConfig
 from worker.lm.tokenization import ByteTokenizer, TextTokenizer, encode_documents, train_bpe
-from worker.spec import CorpusSpec, TaskSpec, TokenizerSpec
+from server.jobs.spec import CorpusSpec, TaskSpec, TokenizerSpec
 
 
 @dataclass

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from worker.lm.data import WindowBatches, validation_batches
 from worker.lm.task import LMTask, build_task
-from worker.spec import RunSpec
+from server.jobs.spec import RunSpec
 from worker.training import checkpoint as ckpt
 from worker.training import measure, optim, warmup
 from worker.training.schedule import build_scheduler

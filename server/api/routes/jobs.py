@@ -19,7 +19,7 @@ from server.db.models import STATUSES, TERMINAL, ApiKey, Job, Run
 from server.errors import ApiError
 from server.observability import JOBS_SUBMITTED
 from server.schemas import JobOut, JobPage, JobSummaryOut, Progress, RunOut
-from worker.spec import JobSpec
+from server.jobs.spec import JobSpec
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])

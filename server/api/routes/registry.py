@@ -20,6 +20,6 @@ def optimizers() -> list[dict[str, Any]]:
 
 @router.get("/tasks", summary="The task schema (model, data, schedule) with defaults")
 def tasks() -> dict[str, Any]:
-    from worker.spec import job_schema, task_schema
+    from server.jobs.spec import job_schema, task_schema
 
     return {"task": task_schema(), "job": job_schema()}

@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from worker.paths import confine_path
+from server.jobs.paths import confine_path
 
 MAX_STEPS = 200_000
 MAX_RUNS_PER_JOB = 256
