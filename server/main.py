@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = threading.Event()
         if settings.reconcile:
-            from worker.reconcile import start_reconciler_thread
+            from server.jobs.reconcile import start_reconciler_thread
 
             start_reconciler_thread(settings, stop)
         try:

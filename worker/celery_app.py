@@ -117,7 +117,7 @@ def _start_reconciler(sender: Any = None, **_: Any) -> None:
     settings: Settings = getattr(sender, "app", app).conf.dykaf_settings
     if not settings.reconcile:
         return
-    from worker.reconcile import start_reconciler_thread
+    from server.jobs.reconcile import start_reconciler_thread
 
     start_reconciler_thread(settings, _reconciler_stop)
 

@@ -480,7 +480,7 @@ def test_readyz_reports_unreachable_services(sqlite_settings: Any, api_factory: 
 
 def test_submit_survives_a_broker_outage(sqlite_settings: Any, api_factory: Any) -> None:
     """Runs of a job submitted while the broker is down are published by the reconciler later."""
-    from worker.reconcile import reconcile_once
+    from server.jobs.reconcile import reconcile_once
 
     api = api_factory(sqlite_settings.with_(broker_url="redis://127.0.0.1:1/0"))
     r = api.post("/jobs", json=tiny_job())

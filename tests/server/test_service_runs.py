@@ -21,7 +21,7 @@ from server.db.session import get_engine, session_scope
 from server.db.types import utcnow
 from tests.support.services import tiny_job
 from worker.execute import CheckpointAlignment, DatabaseSink
-from worker.reconcile import reconcile_once
+from server.jobs.reconcile import reconcile_once
 from server.jobs.spec import JobSpec
 
 

@@ -7,7 +7,7 @@ conditional UPDATE, so any number of reconcilers (API replicas, workers) can run
 a run is requeued once. Runs whose submit-time publish failed (broker down) have no task id and
 are published here once the broker is back. Queued runs whose message the broker lost (Redis
 restarted without persistence) are republished once two passes in a row found their task id
-missing from the broker (``worker.broker_messages``; a message in flight between queue and
+missing from the broker (``server.jobs.broker_messages``; a message in flight between queue and
 worker is missing for an instant, never for a whole pass interval). The full scan runs when the
 broker holds fewer messages than there are queued runs (an O(1) count first), while there are
 suspects to confirm, and at least every ``FULL_SCAN_EVERY`` passes: messages of cancelled runs stay
@@ -124,7 +124,7 @@ def reconcile_once(
 
 def _lost_message_runs(settings: Settings, lost: LostMessages, now: datetime) -> list[int]:
     """Queued runs whose task id the broker has not held for two passes in a row."""
-    from worker.broker_messages import held_message_count, held_task_ids
+    from server.jobs.broker_messages import held_message_count, held_task_ids
 
     with session_scope(settings.database_url) as session:
         published = runs_crud.enqueued_runs(session, now - timedelta(seconds=UNENQUEUED_GRACE_S))
