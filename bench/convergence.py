@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from worker.local import JobOutcome, RunRecord, run_job  # noqa: E402
 from server.jobs.spec import JobSpec  # noqa: E402
+from worker.local import JobOutcome, RunRecord, run_job  # noqa: E402
 
 # Five points, about half a decade apart, the same span for the three Adam-type methods; Muon's lr
 # is on another scale (orthogonalised updates), so its grid is centred on its usual default 0.02.

@@ -48,8 +48,8 @@ from server.db import migrate  # noqa: E402
 from server.db.models import Run  # noqa: E402
 from server.db.session import dispose_engines, get_engine, session_scope  # noqa: E402
 from server.db.types import utcnow  # noqa: E402
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, ServerProcess, launch_chromium  # noqa: E402
 from server.jobs.spec import JobSpec  # noqa: E402
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, ServerProcess, launch_chromium  # noqa: E402
 
 OPTIMIZERS = ("adamw", "dykaf", "soap", "muon")
 SEEDS = (0, 1, 2)

@@ -339,9 +339,9 @@ def bench_worker(
     """
     import torch.nn.functional as F
 
+    from server.jobs.spec import TaskSpec
     from worker.lm.data import WindowBatches
     from worker.lm.task import build_task
-    from server.jobs.spec import TaskSpec
     from worker.training import optim
 
     spec = TaskSpec()

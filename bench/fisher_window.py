@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from server.jobs.spec import TaskSpec
     from worker.lm.data import WindowBatches
     from worker.lm.task import build_task
-    from server.jobs.spec import TaskSpec
     from worker.training import optim
     from worker.training.schedule import build_scheduler
 

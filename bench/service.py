@@ -50,9 +50,9 @@ from server.crud.rollups import build_rollups  # noqa: E402
 from server.db import migrate  # noqa: E402
 from server.db.models import MetricPoint, Run  # noqa: E402
 from server.db.session import dispose_engines, get_engine, session_scope  # noqa: E402
+from server.jobs.spec import JobSpec  # noqa: E402
 from worker.cli_service import uvicorn_argv  # noqa: E402
 from worker.execute import DatabaseSink  # noqa: E402
-from server.jobs.spec import JobSpec  # noqa: E402
 
 TINY = {
     "name": "bench-submit",
@@ -456,7 +456,7 @@ def bench_gpu(device: str = "cuda") -> list[str]:
     from server.csv_export import metrics_csv
     from server.db.models import FisherValue, Job
     from server.db.session import session_factory
-    from worker.celery_app import enqueue_run
+    from server.jobs.publish import enqueue_run
     from worker.cli_service import celery_worker_argv
 
     tmp = Path(tempfile.mkdtemp(prefix="dykaf-gpu-"))

@@ -21,6 +21,7 @@ from server.api.routes import health
 from server.cache import ReadCache
 from server.core.config import Settings
 from server.errors import install_error_handlers
+from server.jobs.reconcile import start_reconciler_thread
 from server.limits import BodySizeLimit
 from server.observability import PrometheusMiddleware
 from server.ratelimit import make_write_limiter
@@ -50,8 +51,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = threading.Event()
         if settings.reconcile:
-            from server.jobs.reconcile import start_reconciler_thread
-
             start_reconciler_thread(settings, stop)
         try:
             yield

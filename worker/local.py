@@ -32,8 +32,8 @@ from typing import Any
 
 from rich.markup import escape
 
-from worker import fisher_plot
 from server.jobs.spec import JobSpec, RunSpec
+from worker import fisher_plot
 from worker.training.runner import RunResult, execute_run
 from worker.training.sinks import CsvSink, MemorySink, MultiSink
 

@@ -218,6 +218,14 @@ def run_queue(session: Session, run_id: int) -> str | None:
     return session.scalar(select(Run.queue).where(Run.id == run_id))
 
 
+def run_queues(session: Session, run_ids: list[int]) -> dict[int, str]:
+    """``run id → queue`` of the runs that still exist among ``run_ids``."""
+    if not run_ids:
+        return {}
+    rows = session.execute(select(Run.id, Run.queue).where(Run.id.in_(run_ids))).all()
+    return {row.id: row.queue for row in rows}
+
+
 # Summary key that picks a sweep winner (lower is better), as in ``worker.local``'s selection.
 SELECTION_KEYS = ("final_val_loss",)
 

@@ -309,7 +309,7 @@ def test_settings_seen_by_the_containers(compose: dict[str, Any], clean_env: pyt
 
 def test_visibility_timeout_reaches_celery(compose: dict[str, Any], clean_env: pytest.MonkeyPatch) -> None:
     from server.core.config import Settings
-    from worker.celery_app import celery_config
+    from server.jobs.publish import celery_config
 
     env = environment(compose["services"]["worker-gpu0"])
     env["DYKAF_VISIBILITY_TIMEOUT_S"] = "172800"
@@ -335,7 +335,7 @@ def cli_options(*path: str) -> set[str]:
 def test_commands_match_the_cli(compose: dict[str, Any]) -> None:
     import typer.main
 
-    from worker.celery_app import QUEUES
+    from server.jobs.publish import QUEUES
     from worker.cli import app
 
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]

@@ -16,8 +16,8 @@ from torch import nn
 from dykaf import DyKAF
 from dykaf.fisher import FisherMonitor, LayerProbe
 from dykaf.fisher.background import available_cores, use_background
-from tests.support.worker import tiny_job, tiny_task
 from server.jobs.spec import JobSpec
+from tests.support.worker import tiny_job, tiny_task
 from worker.training import optim
 from worker.training.runner import execute_run
 from worker.training.sinks import MemorySink

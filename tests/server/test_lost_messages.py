@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from server.core.config import Settings
-from tests.support.services import Api, tiny_job
 from server.jobs.broker_messages import held_task_ids
 from server.jobs.reconcile import LostMessages, reconcile_once
+from tests.support.services import Api, tiny_job
 
 
 def _task_ids(api: Api, job_id: int) -> dict[int, str]:

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from server.jobs.spec import JobSpec, TaskSpec
 from tests.support.worker import tiny_job, tiny_task
 from worker.cli import app
 from worker.local import run_job
-from server.jobs.spec import JobSpec, TaskSpec
 
 pytestmark = pytest.mark.usefixtures("data_roots")
 

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import torch
 
+from server.jobs.spec import JobSpec, RunSpec
 from tests.support.worker import tiny_job, tiny_task
 from worker.lm import data as lm_data
-from server.jobs.spec import JobSpec, RunSpec
 from worker.training import checkpoint as ckpt
 from worker.training import optim
 from worker.training.runner import execute_run

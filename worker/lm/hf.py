@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from worker.lm.model import EMBEDDING, GPT, HEAD, HIDDEN, VECTOR, GPTConfig
-from worker.lm.tokenization import HFTokenizer, TextTokenizer, tokenizer_from_dict
 from server.jobs.paths import confine_path
 from server.jobs.spec import LoraSpec, looks_like_local_path
+from worker.lm.model import EMBEDDING, GPT, HEAD, HIDDEN, VECTOR, GPTConfig
+from worker.lm.tokenization import HFTokenizer, TextTokenizer, tokenizer_from_dict
 
 EXPORT_FORMAT = "dykaf-lab/gpt-v1"
 EXPORT_NAME = "model.pt"

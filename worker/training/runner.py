@@ -32,9 +32,9 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
+from server.jobs.spec import RunSpec
 from worker.lm.data import WindowBatches, validation_batches
 from worker.lm.task import LMTask, build_task
-from server.jobs.spec import RunSpec
 from worker.training import checkpoint as ckpt
 from worker.training import measure, optim, warmup
 from worker.training.schedule import build_scheduler
