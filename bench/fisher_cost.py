@@ -339,17 +339,17 @@ def bench_worker(
     """
     import torch.nn.functional as F
 
+    from dykaf.registry import build_optimizer
     from server.jobs.spec import TaskSpec
     from worker.lm.data import WindowBatches
     from worker.lm.task import build_task
-    from worker.training import optim
 
     spec = TaskSpec()
     task = build_task(spec, 0)
     model = task.model.to(device)
     named = task.trainable_parameters()
     params = [p for _, p in named]
-    optimizer = optim.build_optimizer(optimizer_name, named, {}, {n: task.roles[n] for n, _ in named})
+    optimizer = build_optimizer(optimizer_name, named, {}, {n: task.roles[n] for n, _ in named})
     monitor = FisherMonitor(model, optimizer, window=window, max_layers=max_layers, replay=replay)
     batches = WindowBatches(task.train_tokens, spec.context, spec.batch_size, 0)
     clock = Clock(device)

@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from dykaf.registry import build_optimizer
     from server.jobs.spec import TaskSpec
     from worker.lm.data import WindowBatches
     from worker.lm.task import build_task
-    from worker.training import optim
     from worker.training.schedule import build_scheduler
 
     spec = TaskSpec()
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     model = task.model
     named = task.trainable_parameters()
     params = [p for _, p in named]
-    optimizer = optim.build_optimizer(args.optimizer, named, {}, {n: task.roles[n] for n, _ in named})
+    optimizer = build_optimizer(args.optimizer, named, {}, {n: task.roles[n] for n, _ in named})
     scheduler = build_scheduler(
         optimizer,
         steps=spec.steps,

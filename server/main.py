@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import RedirectResponse
 
+from server import web
 from server.api.main import api_router
 from server.api.routes import health
 from server.cache import ReadCache
@@ -35,8 +36,6 @@ WEB_DIR = Path(__file__).resolve().parents[1] / "web"
 def mount_web(app: FastAPI) -> None:
     """The dashboard (``server.web``): pages at ``/``, ``/new``, ``/jobs/{id}`` and ``/static/...``
     from ``WEB_DIR`` (``web/templates``, ``web/static``); ``/jobs`` leads to the job list."""
-    from server import web
-
     web.install(app, WEB_DIR)
 
     @app.get("/jobs", include_in_schema=False)

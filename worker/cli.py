@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from server.jobs.status import RunStatus
 from worker import cli_service
 from worker.cli_common import load_job_file, summary_table
 
@@ -71,7 +72,7 @@ def run(
         Console().print(f"Fisher fidelity: {outcome.fisher_verdict}", markup=False)
     for name, path in outcome.files.items():
         console.print(f"  {name}: {path}")
-    bad = [r for r in outcome.runs if r.result.status != "succeeded"]
+    bad = [r for r in outcome.runs if r.result.status != RunStatus.SUCCEEDED]
     for record in bad:
         line = f"{record.spec.run_key}: {record.result.status}: {record.result.reason}"
         console.print(f"[yellow]{escape(line)}[/yellow]")

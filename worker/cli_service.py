@@ -36,6 +36,7 @@ from server.core.config import HTTP_KEEP_ALIVE_S, Settings
 from server.crud.api_keys import create_key, list_keys, revoke_key, verify_token
 from server.db import migrate as m
 from server.db.session import session_scope
+from server.jobs.status import TERMINAL, RunStatus
 from worker.cli_common import load_job_file, summary_table
 from worker.fisher_plot import fisher_means, fisher_verdict, rows_from_series, stream_label
 
@@ -45,7 +46,6 @@ out = Console()
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 EXAMPLE = ROOT / "examples" / "quick.yaml"
-TERMINAL = {"succeeded", "failed", "diverged", "cancelled"}
 
 ServerOpt = Annotated[
     str | None, typer.Option("--server", "-s", help="API base URL (default: $DYKAF_SERVER or local)")
@@ -193,7 +193,7 @@ def watch(
         _print_results(client, job)
     reason = f" ({job['reason']})" if job["reason"] else ""
     out.print(f"job {job_id}: {job['status']}{reason}", markup=False)
-    if job["status"] != "succeeded":
+    if job["status"] != RunStatus.SUCCEEDED:
         raise typer.Exit(1)
 
 

@@ -32,10 +32,11 @@ from server.core.config import Settings
 from server.crud import runs as runs_crud
 from server.crud.metrics import FisherRowT, MetricRow, insert_fisher, insert_metrics
 from server.crud.rollups import build_rollups_safely
-from server.db.models import CANCELLED, FAILED, SUCCEEDED, Run
+from server.db.models import Run
 from server.db.session import get_engine, session_scope
 from server.jobs.publish import publish_runs
 from server.jobs.spec import RunSpec
+from server.jobs.status import RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +328,7 @@ def execute_claimed(claim: runs_crud.Claim, settings: Settings, *, device: str |
         if isinstance(step, int):
             heartbeat.progress_step = step
 
-    status, reason, final_step, summary, error = FAILED, None, None, None, None
+    status, reason, final_step, summary, error = RunStatus.FAILED, None, None, None, None
     try:
         spec = RunSpec.model_validate(claim.spec)
         sink.alignment = CheckpointAlignment(spec.task)
@@ -359,18 +360,18 @@ def execute_claimed(claim: runs_crud.Claim, settings: Settings, *, device: str |
     if heartbeat.lost.is_set():
         log.warning("run %s was taken over by another worker; leaving it alone", claim.run_id)
         return "lost"
-    if status == CANCELLED and SHUTDOWN.is_set() and not heartbeat.cancel.is_set():
+    if status == RunStatus.CANCELLED and SHUTDOWN.is_set() and not heartbeat.cancel.is_set():
         return _requeue_for_shutdown(claim, settings, elapsed)
-    if status == CANCELLED and heartbeat.cancel.is_set():
+    if status == RunStatus.CANCELLED and heartbeat.cancel.is_set():
         reason = "cancelled on request"
-    if status != SUCCEEDED and not reason:
+    if status != RunStatus.SUCCEEDED and not reason:
         reason = status
     with session_scope(settings.database_url) as session:
         finished = runs_crud.finish_run(
             session,
             claim,
             status=status,
-            reason=reason if status != SUCCEEDED else None,
+            reason=reason if status != RunStatus.SUCCEEDED else None,
             final_step=final_step,
             summary=summary,
             error=error,

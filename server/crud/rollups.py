@@ -14,10 +14,11 @@ from datetime import datetime
 from sqlalchemy import Connection, select, text, update
 from sqlalchemy.orm import Session
 
-from server.db.models import TERMINAL, Job, Run
+from server.db.models import Job, Run
 from server.db.session import get_engine
 from server.db.types import utcnow
 from server.downsample import ROLLUP_WIDTHS
+from server.jobs.status import TERMINAL
 
 log = logging.getLogger(__name__)
 

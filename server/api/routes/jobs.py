@@ -14,10 +14,11 @@ from server.api.deps import JobId, get_session, get_settings
 from server.auth import read_access, require_key
 from server.core.config import Settings
 from server.crud import jobs as jobs_crud
-from server.db.models import STATUSES, TERMINAL, ApiKey, Job, Run
+from server.db.models import ApiKey, Job, Run
 from server.errors import ApiError
 from server.jobs.publish import publish_runs, revoke
 from server.jobs.spec import JobSpec
+from server.jobs.status import STATUSES, TERMINAL
 from server.observability import JOBS_SUBMITTED
 from server.schemas import JobOut, JobPage, JobSummaryOut, Progress, RunOut
 

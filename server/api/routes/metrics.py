@@ -19,9 +19,10 @@ from server.core.config import Settings
 from server.crud import jobs as jobs_crud
 from server.crud import metrics as metrics_crud
 from server.csv_export import fisher_csv, metrics_csv, summary_csv
-from server.db.models import TERMINAL, Run
+from server.db.models import Run
 from server.db.session import session_factory
 from server.errors import ApiError
+from server.jobs.status import TERMINAL
 from server.schemas import FisherOut, MetricsOut
 
 # A running job's read is kept at least this many times as long as it took to aggregate.
