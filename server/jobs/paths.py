@@ -1,4 +1,6 @@
-"""Where the worker may read local files from, and where it caches things.
+"""Where the worker may read local files from, and where it caches things (``Settings.data_roots``
+and ``Settings.cache_dir``, read from the environment at each call so a spec validates against the
+deployment it is submitted to).
 
 Job specs arrive from users (YAML on the command line, JSON over the REST API), so a path inside a
 spec must never reach files the operator did not offer: every local path is resolved (symlinks and
@@ -10,27 +12,24 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DATA_ROOTS_ENV = "DYKAF_DATA_ROOTS"
-CACHE_ENV = "DYKAF_CACHE_DIR"
+from server.core.config import Settings
+
+DATA_ROOTS_ENV = Settings.env_names()["data_roots"]
 
 
 def cache_root() -> Path:
-    """The writable cache directory (BPE tokenizers, HF dataset caches); ``DYKAF_CACHE_DIR`` wins."""
-    configured = os.environ.get(CACHE_ENV)
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "dykaf-lab"
+    """The writable cache directory (BPE tokenizers, HF dataset caches): ``Settings.cache_dir``."""
+    return Settings.from_env().cache_dir
 
 
 def data_roots() -> list[Path]:
     """Directories local spec paths may point into.
 
-    ``DYKAF_DATA_ROOTS`` (``os.pathsep``-separated) when set, otherwise the current working directory
-    and the cache root. Resolved so that comparisons below are between real locations.
+    ``Settings.data_roots`` when set, otherwise the current working directory and the cache root.
+    Resolved so that comparisons below are between real locations.
     """
-    configured = os.environ.get(DATA_ROOTS_ENV)
-    if configured:
-        roots = [Path(part).expanduser() for part in configured.split(os.pathsep) if part.strip()]
-    else:
-        roots = [Path.cwd(), cache_root()]
+    settings = Settings.from_env()
+    roots = list(settings.data_roots) or [Path.cwd(), settings.cache_dir]
     return [root.resolve() for root in roots]
 
 

@@ -24,6 +24,7 @@ from server.db.models import ApiKey, FisherValue, Job, MetricPoint, Run
 from server.db.session import get_engine, session_scope
 from server.db.types import utcnow
 from server.downsample import bucket_width, downsample_minmax
+from server.jobs.spec import MAX_STEPS
 from tests.support.services import tiny_job
 
 
@@ -111,7 +112,7 @@ def _bad_cases(settings: Any) -> list[tuple[str, Any, int, list[str]]]:
         ("negative steps", job(task__steps=-5), 422, ["body", "task", "steps"]),
         (
             "steps over server cap",
-            job(task__steps=settings.max_steps + 1, task__warmup_steps=1),
+            job(task__steps=MAX_STEPS + 1, task__warmup_steps=1),
             422,
             ["body", "task", "steps"],
         ),
@@ -243,10 +244,10 @@ def test_cancel_queued_job_then_rerun_and_delete(api: Any) -> None:
     assert rerun.json()["rerun_of"] == job["id"] and rerun.json()["status"] == "queued"
     assert rerun.json()["spec"] == body["spec"]
 
-    # a stored spec that no longer validates (here: the step cap was lowered) is a 422, not a 500
-    api.app.state.settings = api.settings.with_(max_steps=5)
+    # a stored spec over a limit lowered since (here: runs per job) is a 422, not a 500
+    api.app.state.settings = api.settings.with_(max_runs_per_job=1)
     r = api.post(f"/jobs/{job['id']}/rerun")
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "task", "steps"]
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "optimizers"]
     api.app.state.settings = api.settings
     with session_scope(api.settings.database_url) as session:  # a stored spec that no longer parses
         stored = session.get(Job, job["id"])

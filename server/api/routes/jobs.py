@@ -110,14 +110,7 @@ def job_detail(session: Session, job: Job, warnings: list[str] | None = None) ->
 
 
 def check_limits(spec: JobSpec, settings: Settings) -> None:
-    """Deployment caps on top of the schema's own (``DYKAF_MAX_STEPS``, ``DYKAF_MAX_RUNS_PER_JOB``)."""
-    if spec.task.steps > settings.max_steps:
-        raise ApiError(
-            422,
-            f"steps ({spec.task.steps}) exceeds this server's limit of {settings.max_steps}",
-            loc=["body", "task", "steps"],
-            type_="less_than_equal",
-        )
+    """Deployment caps on top of the schema's own (``DYKAF_MAX_RUNS_PER_JOB``)."""
     runs = spec.run_count()
     if runs > settings.max_runs_per_job:
         raise ApiError(
