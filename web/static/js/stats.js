@@ -1,6 +1,8 @@
 // Pure numeric helpers: smoothing, statistics, the per-optimizer summary, run-count preview and
 // client-side checks against the registry's hyperparameter schema. No DOM here (unit-tested).
 
+import { TERMINAL } from './statuses.js';
+
 const finite = (v) => typeof v === 'number' && Number.isFinite(v);
 
 /**
@@ -213,8 +215,6 @@ export function parseList(text, type = 'number') {
 }
 
 // ---------------------------------------------------------------- per-optimizer summary
-
-const TERMINAL = new Set(['succeeded', 'failed', 'diverged', 'cancelled']);
 
 /** Summary columns: key, header, which direction is better, and whether it needs a target. */
 export const SUMMARY_COLUMNS = [
