@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -65,8 +65,9 @@ class Settings(BaseSettings):
     # directories (``os.pathsep``-separated in the environment); empty: the working directory and
     # ``cache_dir``. See ``server.jobs.paths``.
     data_roots: Annotated[tuple[Path, ...], NoDecode] = ()
-    # Writable cache (BPE tokenizers, Hugging Face dataset caches).
-    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "dykaf-lab")
+    # Writable cache (BPE tokenizers, Hugging Face dataset caches); None: ``~/.cache/dykaf-lab``
+    # (see ``cache_root``), left unset so that a child process keeps its own environment's choice.
+    cache_dir: Path | None = None
     # Input limits: a job larger than this is rejected with 4xx before anything is written (the
     # schema's own caps, e.g. ``server.jobs.spec.MAX_STEPS``, apply as well).
     max_runs_per_job: int = 256
@@ -140,8 +141,8 @@ class Settings(BaseSettings):
 
     @field_validator("cache_dir")
     @classmethod
-    def _expand_cache(cls, value: Path) -> Path:
-        return value.expanduser()
+    def _expand_cache(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -167,14 +168,20 @@ class Settings(BaseSettings):
         return self.broker_url.startswith(("redis://", "rediss://"))
 
     @property
+    def cache_root(self) -> Path:
+        """The writable cache directory: ``cache_dir`` or ``~/.cache/dykaf-lab``."""
+        return self.cache_dir or Path.home() / ".cache" / "dykaf-lab"
+
+    @property
     def checkpoint_root(self) -> Path:
         return self.data_dir / "checkpoints"
 
     def env(self) -> dict[str, str]:
         """The variables that make a child process (worker subprocess) see the same settings.
 
-        Unset optional values (``worker_device``, empty ``data_roots``) are left out, so the child
-        keeps its own default; paths are absolute, so the child's working directory does not matter.
+        Unset optional values (``worker_device``, ``cache_dir``, empty ``data_roots``) are left out,
+        so the child keeps its own environment's value or the default; paths are absolute, so the
+        child's working directory does not matter.
         """
         out: dict[str, str] = {}
         for name, variable in self.env_names().items():

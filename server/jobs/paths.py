@@ -18,8 +18,8 @@ DATA_ROOTS_ENV = Settings.env_names()["data_roots"]
 
 
 def cache_root() -> Path:
-    """The writable cache directory (BPE tokenizers, HF dataset caches): ``Settings.cache_dir``."""
-    return Settings.from_env().cache_dir
+    """The writable cache directory (BPE tokenizers, HF dataset caches): ``Settings.cache_root``."""
+    return Settings.from_env().cache_root
 
 
 def data_roots() -> list[Path]:
@@ -29,7 +29,7 @@ def data_roots() -> list[Path]:
     Resolved so that comparisons below are between real locations.
     """
     settings = Settings.from_env()
-    roots = list(settings.data_roots) or [Path.cwd(), settings.cache_dir]
+    roots = list(settings.data_roots) or [Path.cwd(), settings.cache_root]
     return [root.resolve() for root in roots]
 
 
