@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import shutil
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
@@ -22,7 +22,6 @@ from server.jobs.status import STATUSES, TERMINAL
 from server.observability import JOBS_SUBMITTED
 from server.schemas import JobOut, JobPage, JobSummaryOut, Progress, RunOut
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 API_PREFIX = "/api/v1"
@@ -263,7 +262,5 @@ def delete_job(
 
 
 def _remove_checkpoints(settings: Settings, run_ids: list[int]) -> None:
-    import shutil
-
     for run_id in run_ids:
         shutil.rmtree(settings.checkpoint_root / str(run_id), ignore_errors=True)
