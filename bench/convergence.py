@@ -33,8 +33,8 @@ if not __package__:  # run as `python bench/NAME.py`: import as under `python -m
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench._common import ROOT, command_line, set_threads, write_text
+from server.jobs.spec import JobSpec
 from worker.local import JobOutcome, RunRecord, run_job
-from worker.spec import JobSpec
 
 # Five points, about half a decade apart, the same span for the three Adam-type methods; Muon's lr
 # is on another scale (orthogonalised updates), so its grid is centred on its usual default 0.02.

@@ -51,8 +51,8 @@ from server.db import migrate
 from server.db.models import Run
 from server.db.session import dispose_engines, get_engine, session_scope
 from server.db.types import utcnow
+from server.jobs.spec import JobSpec
 from worker.cli_service import uvicorn_argv
-from worker.spec import JobSpec
 
 CHROMIUM = os.environ.get("DYKAF_CHROMIUM", "/usr/bin/chromium")  # Debian's, never a downloaded one
 CHROMIUM_ARGS = [

@@ -52,7 +52,7 @@ LARGER_MODEL = {"n_layer": 6, "n_head": 6, "d_model": 384, "context": 256, "batc
 
 def traced_run(task: dict[str, Any], optimizer: str, device: str) -> dict[str, Any]:
     """One run through the worker; returns its summary and every timed diagnostics call."""
-    from worker.spec import JobSpec
+    from server.jobs.spec import JobSpec
     from worker.training import runner as runner_module
     from worker.training.runner import execute_run
     from worker.training.sinks import MemorySink

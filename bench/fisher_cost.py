@@ -278,9 +278,9 @@ def bench_worker(
     """
     import torch.nn.functional as F
 
+    from server.jobs.spec import TaskSpec
     from worker.lm.data import WindowBatches
     from worker.lm.task import build_task
-    from worker.spec import TaskSpec
 
     spec = TaskSpec()
     task = build_task(spec, 0)

@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     set_threads(args.threads)
 
+    from server.jobs.spec import TaskSpec
     from worker.lm.data import WindowBatches
     from worker.lm.task import build_task
-    from worker.spec import TaskSpec
     from worker.training.schedule import build_scheduler
 
     spec = TaskSpec()

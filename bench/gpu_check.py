@@ -138,7 +138,7 @@ def training(device: str, dry_run: bool) -> dict[str, Any]:
     absent = missing("pydantic", "yaml")
     if absent:
         return {"skipped": f"worker code path needs {', '.join(absent)}; carry wheels (bench/gpu_check.sh)"}
-    from worker.spec import JobSpec
+    from server.jobs.spec import JobSpec
     from worker.training.runner import execute_run
     from worker.training.sinks import MemorySink
 
@@ -259,7 +259,7 @@ def default_task(device: str, dry_run: bool) -> dict[str, Any]:
         return {"skipped": f"worker code path needs {', '.join(absent)}; carry wheels (bench/gpu_check.sh)"}
     import yaml
 
-    from worker.spec import JobSpec
+    from server.jobs.spec import JobSpec
     from worker.training.runner import execute_run
     from worker.training.sinks import MemorySink
 

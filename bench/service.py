@@ -50,9 +50,9 @@ from server.crud.rollups import build_rollups
 from server.db import migrate
 from server.db.models import MetricPoint, Run
 from server.db.session import dispose_engines, get_engine, session_scope
+from server.jobs.spec import JobSpec
 from worker.cli_service import uvicorn_argv
 from worker.execute import DatabaseSink
-from worker.spec import JobSpec
 
 TINY = {
     "name": "bench-submit",
@@ -456,7 +456,7 @@ def bench_gpu(device: str = "cuda") -> list[str]:
     from server.csv_export import metrics_csv
     from server.db.models import FisherValue, Job
     from server.db.session import session_factory
-    from worker.celery_app import enqueue_run
+    from server.jobs.publish import enqueue_run
     from worker.cli_service import celery_worker_argv
 
     tmp = Path(tempfile.mkdtemp(prefix="dykaf-gpu-"))

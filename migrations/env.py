@@ -5,7 +5,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
+from server.core.config import Settings
 from server.db.models import Base
+from server.db.session import create_db_engine
 
 config = context.config
 target_metadata = Base.metadata
@@ -15,8 +17,6 @@ def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from server.core.config import Settings
-
     return Settings.from_env().database_url
 
 
@@ -42,8 +42,6 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    from server.db.session import create_db_engine
-
     engine = create_db_engine(_url())
     try:
         with engine.connect() as conn:

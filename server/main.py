@@ -17,11 +17,13 @@ from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import RedirectResponse
 from fastapi_offline import FastAPIOffline
 
+from server import web
 from server.api.main import api_router
 from server.api.routes import health
 from server.cache import ReadCache
 from server.core.config import Settings
 from server.errors import install_error_handlers
+from server.jobs.reconcile import start_reconciler_thread
 from server.limits import BodySizeLimit
 from server.observability import PrometheusMiddleware
 from server.ratelimit import make_write_limiter
@@ -35,8 +37,6 @@ WEB_DIR = Path(__file__).resolve().parents[1] / "web"
 def mount_web(app: FastAPI) -> None:
     """The dashboard (``server.web``): pages at ``/``, ``/new``, ``/jobs/{id}`` and ``/static/...``
     from ``WEB_DIR`` (``web/templates``, ``web/static``); ``/jobs`` leads to the job list."""
-    from server import web
-
     web.install(app, WEB_DIR)
 
     @app.get("/jobs", include_in_schema=False)
@@ -51,8 +51,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = threading.Event()
         if settings.reconcile:
-            from worker.reconcile import start_reconciler_thread
-
             start_reconciler_thread(settings, stop)
         try:
             yield

@@ -16,8 +16,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.db.models import STATUSES, Run
+from server.db.models import Run
 from server.db.session import session_scope
+from server.jobs.status import STATUSES
 
 JOBS_SUBMITTED = Counter("dykaf_jobs_submitted_total", "Jobs accepted by POST /jobs")
 REQUESTS = Counter("dykaf_http_requests_total", "HTTP requests", ["method", "route", "status"])

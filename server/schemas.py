@@ -1,4 +1,4 @@
-"""Response models of the REST API (requests use ``worker.spec.JobSpec`` directly)."""
+"""Response models of the REST API (requests use ``server.jobs.spec.JobSpec`` directly)."""
 
 from __future__ import annotations
 

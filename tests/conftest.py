@@ -6,13 +6,18 @@ PostgreSQL and Redis are used when reachable (``DYKAF_TEST_PG_URL``, default
 ``DYKAF_REQUIRE_SERVICES=1`` (CI), where the same condition fails the test.
 
 Each test gets its own PostgreSQL database (random name, dropped afterwards) and its own Redis key
-prefix, so concurrent test sessions on one machine never see each other's rows or tasks.
+prefix, so concurrent test sessions on one machine never see each other's rows or tasks. Databases
+start at the migrations' head, copied from a template migrated once per session (PostgreSQL:
+``CREATE DATABASE … TEMPLATE``; SQLite: a file copy); ``pg_empty_url`` / ``any_empty_settings``
+give empty ones to the migrations' own tests.
 """
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,25 +47,52 @@ def pg_admin() -> str:
     return PG_ADMIN_URL
 
 
-@pytest.fixture
-def pg_url(pg_admin: str) -> Iterator[str]:
-    """SQLAlchemy URL of a fresh, empty database (dropped after the test)."""
+@contextmanager
+def _pg_database(admin_url: str, template: str | None = None) -> Iterator[str]:
+    """A database with a random name (a copy of ``template`` when given), dropped on exit."""
     import psycopg
     from sqlalchemy.engine import make_url
 
-    name = f"dykaf_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(pg_admin).set(drivername="postgresql+psycopg", database=name)
-    rendered = url.render_as_string(hide_password=False)
-    try:
-        yield rendered
-    finally:
-        from server.db.session import dispose_engines
+    from server.db.session import dispose_engines
 
+    name = f"dykaf_test_{uuid.uuid4().hex[:12]}"
+    copy = f' TEMPLATE "{template}"' if template else ""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"{copy}')
+    url = make_url(admin_url).set(drivername="postgresql+psycopg", database=name)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
         dispose_engines()
-        with psycopg.connect(pg_admin, autocommit=True) as conn:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_admin: str) -> Iterator[str]:
+    """Name of a database migrated once per session; each test's database is a copy of it
+    (``CREATE DATABASE … TEMPLATE``), which is much cheaper than running the migrations again."""
+    from sqlalchemy.engine import make_url
+
+    from server.db import migrate
+
+    with _pg_database(pg_admin) as url:
+        migrate.upgrade(url)
+        yield str(make_url(url).database)  # no connection to it stays open: copies need none
+
+
+@pytest.fixture
+def pg_url(pg_admin: str, pg_template: str) -> Iterator[str]:
+    """SQLAlchemy URL of a fresh database at the migrations' head (dropped after the test)."""
+    with _pg_database(pg_admin, template=pg_template) as url:
+        yield url
+
+
+@pytest.fixture
+def pg_empty_url(pg_admin: str) -> Iterator[str]:
+    """SQLAlchemy URL of a fresh, empty database (dropped after the test): for migration tests."""
+    with _pg_database(pg_admin) as url:
+        yield url
 
 
 # --- Redis -------------------------------------------------------------------------------------
@@ -88,18 +120,31 @@ def redis_prefix(redis_server: str) -> Iterator[str]:
         client.delete(*keys)
 
 
-# --- settings ----------------------------------------------------------------------------------
+# --- settings ---------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite database file migrated once per session; ``sqlite_settings`` starts from a copy."""
+    from server.db import migrate
+
+    path = tmp_path_factory.mktemp("sqlite-template") / "lab.db"
+    migrate.upgrade(f"sqlite:///{path}")  # disposes its engine: the WAL is checkpointed into the file
+    return path
+
+
 @pytest.fixture
-def sqlite_settings(tmp_path: Path) -> Any:
-    """Embedded mode: SQLite database and SQLAlchemy-transport broker under ``tmp_path``."""
+def sqlite_settings(tmp_path: Path, sqlite_template: Path) -> Any:
+    """Embedded mode: SQLite database (at the migrations' head) and SQLAlchemy-transport broker
+    under ``tmp_path``."""
     from server.core.config import Settings
 
+    (tmp_path / "lab").mkdir()
+    shutil.copyfile(sqlite_template, tmp_path / "lab" / "lab.db")
     return Settings(data_dir=tmp_path / "lab", **FAST)
 
 
 @pytest.fixture
 def pg_settings(tmp_path: Path, pg_url: str, redis_server: str, redis_prefix: str) -> Any:
-    """Cluster mode: PostgreSQL + Redis."""
+    """Cluster mode: PostgreSQL (at the migrations' head) + Redis."""
     from server.core.config import Settings
 
     return Settings(
@@ -116,6 +161,16 @@ def any_settings(request: pytest.FixtureRequest) -> Any:
     """Both backends: PostgreSQL+Redis and SQLite+SQLAlchemy broker."""
     name = "sqlite_settings" if request.param == "sqlite" else "pg_settings"
     return request.getfixturevalue(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_empty_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """Both backends with an empty database (no tables): for the migrations' own tests."""
+    from server.core.config import Settings
+
+    if request.param == "sqlite":
+        return Settings(data_dir=tmp_path / "empty", **FAST)
+    return Settings(data_dir=tmp_path / "empty", database_url=request.getfixturevalue("pg_empty_url"), **FAST)
 
 
 @pytest.fixture
@@ -173,10 +228,12 @@ def one_thread() -> Iterator[None]:
 _INTEGRATION_FIXTURES = frozenset(
     {
         "pg_url",
+        "pg_empty_url",
         "redis_server",
         "sqlite_settings",
         "pg_settings",
         "any_settings",
+        "any_empty_settings",
         "api_factory",
         "worker_factory",
     }

@@ -2,20 +2,25 @@
 
 ``dykaf-lab run JOB.yaml`` runs a whole comparison on this machine and writes CSVs and plots.
 Service commands (embedded server, worker, …) live in ``worker/cli_service.py`` and are registered
-in the marked section at the end of this file.
+at the end of this file; what both modules use (reading a job file, the summary table) is in
+``worker/cli_common.py``.
 """
 
 from __future__ import annotations
 
 import enum
-import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+
+from server.jobs.status import RunStatus
+from worker import cli_service
+from worker.cli_common import load_job_file, summary_table
+
+__all__ = ["app", "load_job_file", "summary_table"]
 
 app = typer.Typer(
     name="dykaf-lab",
@@ -36,75 +41,6 @@ class DeviceChoice(enum.StrEnum):
     cuda = "cuda"
 
 
-def load_job_file(path: Path) -> Any:
-    """Parse a YAML (or JSON) job file into a validated ``JobSpec``; exits 2 with a readable error."""
-    import yaml
-    from pydantic import ValidationError
-
-    from worker.spec import format_validation_error, parse_job
-
-    # Plain echo, not rich: error lines must not be re-wrapped, users grep and copy them.
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        typer.echo(f"{path}: not valid YAML\n{exc}", err=True)
-        raise typer.Exit(2) from None
-    if not isinstance(data, dict):
-        typer.echo(f"{path}: expected a mapping with at least 'optimizers'", err=True)
-        raise typer.Exit(2)
-    try:
-        return parse_job(data)
-    except ValidationError as exc:
-        typer.echo(f"{path}: invalid job file\n{format_validation_error(exc)}", err=True)
-        raise typer.Exit(2) from None
-
-
-def _fmt(mean: float, std: float, digits: int = 3) -> str:
-    """``mean ± std``; just the mean where the spread is undefined (one seed: std is NaN or 0)."""
-    if not math.isfinite(mean):
-        return "-"
-    if not math.isfinite(std):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def summary_table(rows: list[dict[str, Any]], has_target: bool) -> Table:
-    table = Table(title="summary (mean ± std over seeds)")
-    columns = ("optimizer", "ok/seeds", "final val loss", "best val loss", "step ms", "peak MB", "diag %")
-    for column in columns:
-        table.add_column(column)
-    if has_target:
-        table.add_column("steps to target")
-        table.add_column("s to target")
-    # "*" marks each optimizer's selected sweep point; without sweeps there is nothing to mark.
-    swept = len({row["group"] for row in rows}) < len(rows)
-    for row in rows:
-        row = {k: math.nan if v is None else v for k, v in row.items()}  # null over JSON is NaN here
-        if row["seeds"] == 1:  # no spread to show
-            row = {k: math.nan if k.endswith("_std") else v for k, v in row.items()}
-        # Means are over the runs that finished their schedule; the others are counted, not averaged.
-        stopped = f" ({row['partial']} partial)" if row.get("partial") else ""
-        pending = f" ({row['pending']} pending)" if row.get("pending") else ""
-        cells = [
-            escape(row["label"]) + (" *" if swept and row["selected"] else ""),
-            f"{row['succeeded']}/{row['seeds']}{stopped}{pending}",
-            _fmt(row["final_val_loss_mean"], row["final_val_loss_std"]),
-            _fmt(row["best_val_loss_mean"], row["best_val_loss_std"]),
-            _fmt(row["step_time_ms_mean"], row["step_time_ms_std"], 1),
-            f"{row['peak_memory_mb_mean']:.0f}" if math.isfinite(row["peak_memory_mb_mean"]) else "-",
-            # Fisher diagnostics' time as a share of training time (not included in the times).
-            f"{100 * row['fisher_overhead_mean']:.1f}" if math.isfinite(row["fisher_overhead_mean"]) else "-",
-        ]
-        if has_target:
-            cells.append(
-                f"{_fmt(row['steps_to_target_mean'], row['steps_to_target_std'], 0)} "
-                f"({row.get('reached_target', 0)}/{row['seeds']})"
-            )
-            cells.append(_fmt(row["time_to_target_s_mean"], row["time_to_target_s_std"], 1))
-        table.add_row(*cells)
-    return table
-
-
 @app.command()
 def run(
     job_file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="job spec (YAML or JSON)")],
@@ -116,11 +52,13 @@ def run(
     ] = None,
 ) -> None:
     """Run a comparison job locally: optimizers × sweep points × seeds, then CSVs and plots."""
-    if threads is not None:
-        import torch
+    # torch and the training code load only for this command: the other commands start fast.
+    import torch
 
-        torch.set_num_threads(threads)
     from worker.local import run_job, safe_name
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     job = load_job_file(job_file)
     out_dir = out or Path("runs") / safe_name(job.name)
@@ -136,22 +74,12 @@ def run(
         Console().print(f"Winner: {outcome.winner_text}", markup=False, soft_wrap=True)
     for name, path in outcome.files.items():
         console.print(f"  {name}: {path}")
-    bad = [r for r in outcome.runs if r.result.status != "succeeded"]
+    bad = [r for r in outcome.runs if r.result.status != RunStatus.SUCCEEDED]
     for record in bad:
         line = f"{record.spec.run_key}: {record.result.status}: {record.result.reason}"
         console.print(f"[yellow]{escape(line)}[/yellow]")
     if bad and len(bad) == len(outcome.runs):
         raise typer.Exit(1)
 
-
-# --- service commands -------------------------------------------------------------------------
-# Commands of the service (embedded stack, worker, database) are defined in worker/cli_service.py
-# and registered here, e.g.:
-#     from worker.cli_service import up, worker
-#     app.command()(up)
-#     app.command()(worker)
-# ------------------------------------------------------------------------------------------------
-
-from worker import cli_service  # noqa: E402
 
 cli_service.register(app)

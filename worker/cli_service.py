@@ -11,7 +11,8 @@
 * ``submit``, ``status``, ``watch``, ``cancel``, ``download`` — HTTP client for any server URL
   (``--server`` or DYKAF_SERVER; the key from ``--key``, DYKAF_API_KEY or ``.lab/api_key``).
 
-Nothing here imports torch or the Celery app at import time: ``dykaf-lab worker`` replaces itself
+Nothing here imports torch or the Celery app at import time (the local runner behind the printed
+summary loads inside its command): ``dykaf-lab worker`` replaces itself
 with the ``celery worker`` process after setting ``CUDA_VISIBLE_DEVICES``, so CUDA is never
 initialised in a parent that forks.
 """
@@ -31,13 +32,19 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from server.core.config import HTTP_KEEP_ALIVE_S, Settings
+from server.crud.api_keys import create_key, list_keys, revoke_key, verify_token
+from server.db import migrate as m
+from server.db.session import session_scope
+from server.jobs.status import TERMINAL, RunStatus
+from worker.cli_common import load_job_file, summary_table
+
 console = Console(stderr=True)
 out = Console()
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 EXAMPLE = ROOT / "examples" / "quick.yaml"
-TERMINAL = {"succeeded", "failed", "diverged", "cancelled"}
 
 ServerOpt = Annotated[
     str | None, typer.Option("--server", "-s", help="API base URL (default: $DYKAF_SERVER or local)")
@@ -47,9 +54,7 @@ KeyOpt = Annotated[
 ]
 
 
-def _settings(**overrides: Any) -> Any:
-    from server.core.config import Settings
-
+def _settings(**overrides: Any) -> Settings:
     return Settings.from_env(**{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -114,8 +119,6 @@ def submit(
     watch_: Annotated[bool, typer.Option("--watch", help="follow progress until the job ends")] = False,
 ) -> None:
     """Submit a job to a server (validated locally first, then by the server)."""
-    from worker.cli import load_job_file
-
     spec = load_job_file(job_file)
     with _client(server, key) as client:
         job = _request(client, "POST", "/jobs", json=spec.model_dump(mode="json")).json()
@@ -200,7 +203,7 @@ def watch(
         _print_results(client, job)
     reason = f" ({job['reason']})" if job["reason"] else ""
     out.print(f"job {job_id}: {job['status']}{reason}", markup=False)
-    if job["status"] != "succeeded":
+    if job["status"] != RunStatus.SUCCEEDED:
         raise typer.Exit(1)
 
 
@@ -226,7 +229,6 @@ def _follow(client: Any, job_id: int, interval: float) -> dict[str, Any]:
 def _print_results(client: Any, job: dict[str, Any]) -> None:
     """What ``dykaf-lab run`` prints at the end, as the server computed it (``GET /jobs/{id}/summary``,
     ``server.summary``): the summary table, the Fisher verdict line and the winner."""
-    from worker.cli import summary_table
 
     result = _request(client, "GET", f"/jobs/{job['id']}/summary").json()
     rows = [row for row in result["rows"] if row["seeds"] > row["pending"]]
@@ -297,8 +299,6 @@ def migrate(
     downgrade: Annotated[bool, typer.Option(help="downgrade to --revision (e.g. base) instead")] = False,
 ) -> None:
     """Apply the Alembic migrations to DYKAF_DATABASE_URL (default: the embedded SQLite file)."""
-    from server.db import migrate as m
-
     settings = _settings()
     if downgrade:
         m.downgrade(settings.database_url, revision)
@@ -313,9 +313,6 @@ keys_app = typer.Typer(help="API keys (stored hashed; the token is shown once)."
 @keys_app.command("create")
 def keys_create(name: Annotated[str, typer.Option(help="who or what the key is for")] = "cli") -> None:
     """Create a key and print its token."""
-    from server.crud.api_keys import create_key
-    from server.db.session import session_scope
-
     with session_scope(_settings().database_url) as session:
         row, token = create_key(session, name)
         key_id = row.id
@@ -326,9 +323,6 @@ def keys_create(name: Annotated[str, typer.Option(help="who or what the key is f
 @keys_app.command("list")
 def keys_list() -> None:
     """List keys (id, prefix, name, created, last used, revoked)."""
-    from server.crud.api_keys import list_keys
-    from server.db.session import session_scope
-
     with session_scope(_settings().database_url) as session:
         for row in list_keys(session):
             revoked = f" revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else ""
@@ -341,9 +335,6 @@ def keys_list() -> None:
 @keys_app.command("revoke")
 def keys_revoke(ident: Annotated[str, typer.Argument(help="key id, prefix or full token")]) -> None:
     """Revoke a key; requests using it get 401 from then on."""
-    from server.crud.api_keys import revoke_key
-    from server.db.session import session_scope
-
     with session_scope(_settings().database_url) as session:
         count = revoke_key(session, ident)
     if not count:
@@ -363,8 +354,6 @@ EMBEDDED_WORKER_NICE = 10
 def uvicorn_argv(host: str, port: int, *, workers: int = 1, access_log: bool = True) -> list[str]:
     """The API server command line (``up``, the benchmarks and the tests all start this one),
     with the keep-alive above the clients' (``HTTP_KEEP_ALIVE_S``)."""
-    from server.core.config import HTTP_KEEP_ALIVE_S
-
     argv = [sys.executable, "-m", "uvicorn", "--factory", "server.main:create_app"]
     argv += ["--host", host, "--port", str(port), "--workers", str(workers)]
     argv += ["--timeout-keep-alive", str(HTTP_KEEP_ALIVE_S), "--log-level", "warning"]
@@ -439,11 +428,7 @@ def api(
     import uvicorn
 
     if migrate_first:
-        from server.db import migrate as m
-
         m.upgrade(_settings().database_url)
-    from server.core.config import HTTP_KEEP_ALIVE_S
-
     uvicorn.run(
         "server.main:create_app",
         factory=True,
@@ -456,7 +441,7 @@ def api(
 
 
 def _corpus_roots() -> str:
-    """Where jobs may read local files (``worker.paths``): ``DYKAF_DATA_ROOTS``, else ``./data``,
+    """Where jobs may read local files (``server.jobs.paths``): ``DYKAF_DATA_ROOTS``, else ``./data``,
     which ``up`` creates so that it is there to copy files into."""
     if os.environ.get("DYKAF_DATA_ROOTS"):
         return os.environ["DYKAF_DATA_ROOTS"] + "  (DYKAF_DATA_ROOTS)"
@@ -467,9 +452,6 @@ def _corpus_roots() -> str:
 
 def _ensure_local_key(settings: Any) -> str:
     """The key in ``data_dir/api_key`` if it is still valid, else a new one written there (0600)."""
-    from server.crud.api_keys import create_key, verify_token
-    from server.db.session import session_scope
-
     path = settings.data_dir / "api_key"
     with session_scope(settings.database_url) as session:
         if path.exists():
@@ -612,8 +594,6 @@ def up(
     no_example: Annotated[bool, typer.Option("--no-example", help="do not submit the example job")] = False,
 ) -> None:
     """Embedded mode: SQLite + SQLAlchemy broker + API + one worker, started and stopped together."""
-    from server.db import migrate as m
-
     settings = _settings(data_dir=data_dir)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     m.upgrade(settings.database_url)

@@ -31,8 +31,12 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 from server.core.config import Settings
 from server.crud import runs as runs_crud
 from server.crud.metrics import FisherRowT, MetricRow, insert_fisher, insert_metrics
-from server.db.models import CANCELLED, FAILED, SUCCEEDED
+from server.crud.rollups import build_rollups_safely
+from server.db.models import Run
 from server.db.session import get_engine, session_scope
+from server.jobs.publish import publish_runs
+from server.jobs.spec import RunSpec
+from server.jobs.status import RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +247,7 @@ def device_label(spec_device: str, worker_device: str | None) -> str:
 
 def _latest_checkpoint_step(directory: Path) -> int | None:
     """Step of the newest checkpoint a new attempt will resume from (None: starts from scratch)."""
-    from worker.training.checkpoint import list_checkpoints
+    from worker.training.checkpoint import list_checkpoints  # imports torch: inside the task only
 
     found = list_checkpoints(directory)
     return found[-1][0] if found else None
@@ -264,9 +268,10 @@ def _finite_summary(summary: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 def run_task(run_id: int, settings: Settings, *, task_id: str | None = None) -> str:
     """Entry point of the Celery task; returns what happened (for logs and tests)."""
-    # Heavy imports (torch, the model code) happen before the claim: between the claim and the
-    # first heartbeat there must be nothing slow, or a loaded machine makes the run look orphaned.
-    import worker.spec
+    # Heavy imports (torch, the model code) happen here, inside the task, so that importing the
+    # Celery app stays cheap and torch never loads before the pool is set up; and they happen before
+    # the claim: between the claim and the first heartbeat there must be nothing slow, or a loaded
+    # machine makes the run look orphaned.
     import worker.training.runner  # noqa: F401
 
     if SHUTDOWN.is_set():
@@ -277,8 +282,6 @@ def run_task(run_id: int, settings: Settings, *, task_id: str | None = None) -> 
         raise Reject("worker is shutting down", requeue=True)
 
     with session_scope(settings.database_url) as session:
-        from server.db.models import Run
-
         row = session.get(Run, run_id)
         spec_device = (row.spec or {}).get("device", "auto") if row is not None else "auto"
     device = device_label(spec_device, settings.worker_device)
@@ -294,7 +297,7 @@ def run_task(run_id: int, settings: Settings, *, task_id: str | None = None) -> 
 
 
 def execute_claimed(claim: runs_crud.Claim, settings: Settings, *, device: str | None) -> str:
-    from worker.spec import RunSpec
+    # torch and the model code: imported inside the task only (see ``run_task``).
     from worker.training.runner import execute_run
 
     sink = DatabaseSink(
@@ -325,7 +328,7 @@ def execute_claimed(claim: runs_crud.Claim, settings: Settings, *, device: str |
         if isinstance(step, int):
             heartbeat.progress_step = step
 
-    status, reason, final_step, summary, error = FAILED, None, None, None, None
+    status, reason, final_step, summary, error = RunStatus.FAILED, None, None, None, None
     try:
         spec = RunSpec.model_validate(claim.spec)
         sink.alignment = CheckpointAlignment(spec.task)
@@ -357,18 +360,18 @@ def execute_claimed(claim: runs_crud.Claim, settings: Settings, *, device: str |
     if heartbeat.lost.is_set():
         log.warning("run %s was taken over by another worker; leaving it alone", claim.run_id)
         return "lost"
-    if status == CANCELLED and SHUTDOWN.is_set() and not heartbeat.cancel.is_set():
+    if status == RunStatus.CANCELLED and SHUTDOWN.is_set() and not heartbeat.cancel.is_set():
         return _requeue_for_shutdown(claim, settings, elapsed)
-    if status == CANCELLED and heartbeat.cancel.is_set():
+    if status == RunStatus.CANCELLED and heartbeat.cancel.is_set():
         reason = "cancelled on request"
-    if status != SUCCEEDED and not reason:
+    if status != RunStatus.SUCCEEDED and not reason:
         reason = status
     with session_scope(settings.database_url) as session:
         finished = runs_crud.finish_run(
             session,
             claim,
             status=status,
-            reason=reason if status != SUCCEEDED else None,
+            reason=reason if status != RunStatus.SUCCEEDED else None,
             final_step=final_step,
             summary=summary,
             error=error,
@@ -376,20 +379,9 @@ def execute_claimed(claim: runs_crud.Claim, settings: Settings, *, device: str |
         )
         new_runs = runs_crud.expand_next_stage(session, claim.job_id) if finished else []
     if finished:
-        from server.crud.rollups import build_rollups_safely
-
         build_rollups_safely(settings.database_url, claim.run_id)
     if new_runs:
-        from worker.celery_app import enqueue_run
-
-        for run_id, queue in new_runs:
-            try:
-                task_id = enqueue_run(settings, run_id, queue)
-            except Exception as exc:  # the reconciler publishes it later
-                log.warning("could not publish run %s: %s", run_id, exc)
-                continue
-            with session_scope(settings.database_url) as session:
-                runs_crud.set_task_id(session, run_id, task_id)
+        publish_runs(settings, new_runs)
     return status if finished else "lost"
 
 
@@ -400,14 +392,10 @@ def _requeue_for_shutdown(claim: runs_crud.Claim, settings: Settings, elapsed: f
     if not requeued:
         return "lost"
     log.warning("worker stopping: run %s requeued, resumes from its checkpoint", claim.run_id)
-    from worker.celery_app import enqueue_run
-
     try:
         with session_scope(settings.database_url) as session:
             queue = runs_crud.run_queue(session, claim.run_id) or "gpu"
-        task_id = enqueue_run(settings, claim.run_id, queue)
-        with session_scope(settings.database_url) as session:
-            runs_crud.set_task_id(session, claim.run_id, task_id)
-    except Exception as exc:  # the reconciler publishes it later
+        publish_runs(settings, [(claim.run_id, queue)])
+    except Exception as exc:  # database blip: the reconciler publishes it later
         log.warning("could not publish run %s: %s", claim.run_id, exc)
     return "requeued"

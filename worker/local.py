@@ -37,6 +37,7 @@ from rich.markup import escape
 
 from server import palette
 from server.csv_export import FISHER_HEADER, METRICS_HEADER, RUNS_FIXED
+from server.jobs.spec import JobSpec, RunSpec
 from server.summary import (
     ENDED_EARLY,
     RunOutcome,
@@ -47,7 +48,6 @@ from server.summary import (
     summary_csv_rows,
 )
 from worker import fisher_plot
-from worker.spec import JobSpec, RunSpec
 from worker.training.runner import RunResult, execute_run
 from worker.training.sinks import MemorySink, MultiSink
 

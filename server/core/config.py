@@ -1,32 +1,27 @@
-"""Service settings read from ``DYKAF_*`` environment variables.
+"""Service settings: one pydantic-settings class whose ``DYKAF_*`` variables derive from its fields.
 
-A plain frozen dataclass rather than pydantic-settings: the API, the Celery worker and the CLI all
-build it the same way (``Settings.from_env()``) and tests build it directly with overrides, so there
-is no hidden global state and no extra dependency.
+Every field ``name`` is read from ``DYKAF_<NAME>`` by ``Settings.from_env()`` (the API, the Celery
+worker and the CLI build it that way) and written back by ``Settings.env()`` for child processes,
+so the field list is the only list. Building ``Settings(...)`` directly reads no environment at all:
+tests build it with explicit values and see no hidden global state.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Annotated, Any
 
+from pydantic import ValidationInfo, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
-def _env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    return raw.strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    return default if raw in (None, "") else int(raw)
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    return default if raw in (None, "") else float(raw)
+ENV_PREFIX = "DYKAF_"
 
 
 # Seconds uvicorn keeps an idle keep-alive connection open. Above the idle timeouts of the
@@ -47,8 +42,7 @@ def with_psycopg_driver(url: str) -> str:
     return url
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(BaseSettings):
     """Everything the service processes need to agree on.
 
     ``database_url`` and ``broker_url`` default to the embedded mode: SQLite files under
@@ -56,14 +50,26 @@ class Settings:
     broker's polling never contends with the metric writes on the main database).
     """
 
-    data_dir: Path = field(default_factory=lambda: Path(".lab"))
+    # Empty variables mean "the default" (docker-compose passes every variable, most of them empty).
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True, extra="forbid"
+    )
+
+    data_dir: Path = Path(".lab")
     database_url: str = ""
     broker_url: str = ""
     # Prefix of every Redis key the broker uses, so several deployments (or test sessions) can
     # share one Redis without consuming each other's tasks.
     broker_key_prefix: str = ""
-    # Input limits: a job larger than this is rejected with 4xx before anything is written.
-    max_steps: int = 1_000_000
+    # Local files a job spec names (corpus files, model directories) must lie under one of these
+    # directories (``os.pathsep``-separated in the environment); empty: the working directory and
+    # ``cache_dir``. See ``server.jobs.paths``.
+    data_roots: Annotated[tuple[Path, ...], NoDecode] = ()
+    # Writable cache (BPE tokenizers, Hugging Face dataset caches); None: ``~/.cache/dykaf-lab``
+    # (see ``cache_root``), left unset so that a child process keeps its own environment's choice.
+    cache_dir: Path | None = None
+    # Input limits: a job larger than this is rejected with 4xx before anything is written (the
+    # schema's own caps, e.g. ``server.jobs.spec.MAX_STEPS``, apply as well).
     max_runs_per_job: int = 256
     max_body_bytes: int = 1_048_576
     reads_require_key: bool = False
@@ -97,47 +103,60 @@ class Settings:
     # Run the stale-run reconciler inside API and worker processes.
     reconcile: bool = True
 
-    def __post_init__(self) -> None:
-        data_dir = Path(self.data_dir)
-        object.__setattr__(self, "data_dir", data_dir)
-        if not self.database_url:
-            object.__setattr__(self, "database_url", f"sqlite:///{(data_dir / 'lab.db').resolve()}")
-        object.__setattr__(self, "database_url", with_psycopg_driver(self.database_url))
-        if not self.broker_url:
-            object.__setattr__(self, "broker_url", f"sqla+sqlite:///{(data_dir / 'broker.db').resolve()}")
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Explicit values only; the environment is read by ``from_env``."""
+        return (init_settings,)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str, info: ValidationInfo) -> str:
+        if not value:
+            value = f"sqlite:///{(Path(info.data['data_dir']) / 'lab.db').resolve()}"
+        return with_psycopg_driver(value)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str, info: ValidationInfo) -> str:
+        return value or f"sqla+sqlite:///{(Path(info.data['data_dir']) / 'broker.db').resolve()}"
+
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part for part in value.split(os.pathsep) if part.strip())
+        return value
+
+    @field_validator("data_roots")
+    @classmethod
+    def _expand_roots(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        return tuple(root.expanduser() for root in value)
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand_cache(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
 
     @classmethod
-    def from_env(cls, **overrides: object) -> Settings:
-        """Read ``DYKAF_*`` variables; explicit ``overrides`` win (used by the CLI and tests)."""
-        values: dict[str, object] = {
-            "data_dir": Path(os.environ.get("DYKAF_DATA_DIR") or ".lab"),
-            "database_url": os.environ.get("DYKAF_DATABASE_URL", ""),
-            "broker_url": os.environ.get("DYKAF_BROKER_URL", ""),
-            "broker_key_prefix": os.environ.get("DYKAF_BROKER_KEY_PREFIX", ""),
-            "max_steps": _env_int("DYKAF_MAX_STEPS", cls.max_steps),
-            "max_runs_per_job": _env_int("DYKAF_MAX_RUNS_PER_JOB", cls.max_runs_per_job),
-            "max_body_bytes": _env_int("DYKAF_MAX_BODY_BYTES", cls.max_body_bytes),
-            "reads_require_key": _env_bool("DYKAF_READS_REQUIRE_KEY", cls.reads_require_key),
-            "write_rate_per_min": _env_float("DYKAF_WRITE_RATE_PER_MIN", cls.write_rate_per_min),
-            "heartbeat_s": _env_float("DYKAF_HEARTBEAT_S", cls.heartbeat_s),
-            "stale_after_s": _env_float("DYKAF_STALE_AFTER_S", cls.stale_after_s),
-            "reconcile_every_s": _env_float("DYKAF_RECONCILE_EVERY_S", cls.reconcile_every_s),
-            "visibility_timeout_s": _env_int("DYKAF_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s),
-            "flush_every_points": _env_int("DYKAF_FLUSH_EVERY_POINTS", cls.flush_every_points),
-            "flush_every_s": _env_float("DYKAF_FLUSH_EVERY_S", cls.flush_every_s),
-            "max_points_per_series": _env_int("DYKAF_MAX_POINTS_PER_SERIES", cls.max_points_per_series),
-            "read_cache_entries": _env_int("DYKAF_READ_CACHE_ENTRIES", cls.read_cache_entries),
-            "live_read_ttl_s": _env_float("DYKAF_LIVE_READ_TTL_S", cls.live_read_ttl_s),
-            "worker_device": os.environ.get("DYKAF_WORKER_DEVICE") or None,
-            "auto_queue": os.environ.get("DYKAF_AUTO_QUEUE") or "gpu",
-            "reconcile": _env_bool("DYKAF_RECONCILE", cls.reconcile),
-        }
-        values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Read ``DYKAF_<FIELD>`` for every field; explicit ``overrides`` win (the CLI and tests)."""
+        return cls(**{**EnvSettingsSource(cls)(), **overrides})
 
-    def with_(self, **changes: object) -> Settings:
-        """A copy with some fields changed."""
-        return replace(self, **changes)  # type: ignore[arg-type]
+    @classmethod
+    def env_names(cls) -> dict[str, str]:
+        """``field → variable`` for every field (documentation and deployment checks use it)."""
+        return {name: ENV_PREFIX + name.upper() for name in cls.model_fields}
+
+    def with_(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (validated like a new one)."""
+        return type(self)(**{**dict(self), **changes})
 
     @property
     def is_sqlite(self) -> bool:
@@ -149,33 +168,32 @@ class Settings:
         return self.broker_url.startswith(("redis://", "rediss://"))
 
     @property
+    def cache_root(self) -> Path:
+        """The writable cache directory: ``cache_dir`` or ``~/.cache/dykaf-lab``."""
+        return self.cache_dir or Path.home() / ".cache" / "dykaf-lab"
+
+    @property
     def checkpoint_root(self) -> Path:
         return self.data_dir / "checkpoints"
 
     def env(self) -> dict[str, str]:
-        """The variables that make a child process (worker subprocess) see the same settings."""
-        out = {
-            "DYKAF_DATA_DIR": str(self.data_dir.resolve()),
-            "DYKAF_DATABASE_URL": self.database_url,
-            "DYKAF_BROKER_URL": self.broker_url,
-            "DYKAF_BROKER_KEY_PREFIX": self.broker_key_prefix,
-            "DYKAF_MAX_STEPS": str(self.max_steps),
-            "DYKAF_MAX_RUNS_PER_JOB": str(self.max_runs_per_job),
-            "DYKAF_MAX_BODY_BYTES": str(self.max_body_bytes),
-            "DYKAF_READS_REQUIRE_KEY": "1" if self.reads_require_key else "0",
-            "DYKAF_WRITE_RATE_PER_MIN": str(self.write_rate_per_min),
-            "DYKAF_HEARTBEAT_S": str(self.heartbeat_s),
-            "DYKAF_STALE_AFTER_S": str(self.stale_after_s),
-            "DYKAF_RECONCILE_EVERY_S": str(self.reconcile_every_s),
-            "DYKAF_VISIBILITY_TIMEOUT_S": str(self.visibility_timeout_s),
-            "DYKAF_FLUSH_EVERY_POINTS": str(self.flush_every_points),
-            "DYKAF_FLUSH_EVERY_S": str(self.flush_every_s),
-            "DYKAF_RECONCILE": "1" if self.reconcile else "0",
-            "DYKAF_AUTO_QUEUE": self.auto_queue,
-            "DYKAF_MAX_POINTS_PER_SERIES": str(self.max_points_per_series),
-            "DYKAF_READ_CACHE_ENTRIES": str(self.read_cache_entries),
-            "DYKAF_LIVE_READ_TTL_S": str(self.live_read_ttl_s),
-        }
-        if self.worker_device:
-            out["DYKAF_WORKER_DEVICE"] = self.worker_device
+        """The variables that make a child process (worker subprocess) see the same settings.
+
+        Unset optional values (``worker_device``, ``cache_dir``, empty ``data_roots``) are left out,
+        so the child keeps its own environment's value or the default; paths are absolute, so the
+        child's working directory does not matter.
+        """
+        out: dict[str, str] = {}
+        for name, variable in self.env_names().items():
+            value = getattr(self, name)
+            if value is None or value == ():
+                continue
+            if isinstance(value, bool):
+                out[variable] = "1" if value else "0"
+            elif isinstance(value, Path):
+                out[variable] = str(value.resolve())
+            elif isinstance(value, tuple):
+                out[variable] = os.pathsep.join(str(Path(part).resolve()) for part in value)
+            else:
+                out[variable] = str(value)
         return out

@@ -21,19 +21,9 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
-from server.db.models import (
-    ACTIVE,
-    CANCELLED,
-    DIVERGED,
-    FAILED,
-    QUEUED,
-    RUNNING,
-    SUCCEEDED,
-    TERMINAL,
-    Job,
-    Run,
-)
+from server.db.models import Job, Run
 from server.db.types import utcnow
+from server.jobs.status import ACTIVE, TERMINAL, RunStatus
 
 
 def queue_for(device: str, auto_queue: str = "gpu") -> str:
@@ -46,7 +36,7 @@ def queue_for(device: str, auto_queue: str = "gpu") -> str:
 
 
 def runs_from_specs(run_specs: Sequence[Any], *, start_index: int, auto_queue: str) -> list[Run]:
-    """ORM rows for ``worker.spec.RunSpec`` objects (the spec is stored whole, as JSON)."""
+    """ORM rows for ``server.jobs.spec.RunSpec`` objects (the spec is stored whole, as JSON)."""
     now = utcnow()
     return [
         Run(
@@ -57,7 +47,7 @@ def runs_from_specs(run_specs: Sequence[Any], *, start_index: int, auto_queue: s
             spec=rs.model_dump(mode="json"),
             total_steps=rs.task.steps,
             queue=queue_for(rs.device, auto_queue),
-            status=QUEUED,
+            status=RunStatus.QUEUED,
             step=0,
             attempt=0,
             cancel_requested=False,
@@ -81,7 +71,7 @@ def create_job(
     job = Job(
         name=spec.name,
         spec=spec.model_dump(mode="json"),
-        status=QUEUED,
+        status=RunStatus.QUEUED,
         cancel_requested=False,
         api_key_id=api_key_id,
         rerun_of=rerun_of,
@@ -110,19 +100,22 @@ def derive_status(
     (cancelled > failed > diverged), with a reason counting the runs and quoting the first one.
     """
     if not statuses_reasons:
-        return QUEUED, None
+        return RunStatus.QUEUED, None
     counts = Counter(status for status, _, _ in statuses_reasons)
     total = len(statuses_reasons)
-    if counts[QUEUED] + counts[RUNNING]:
-        started = total - counts[QUEUED]
-        return (RUNNING if started else QUEUED), None
-    if counts[SUCCEEDED] == total:
-        return SUCCEEDED, None
-    for status in (CANCELLED, FAILED, DIVERGED):
+    if counts[RunStatus.QUEUED] + counts[RunStatus.RUNNING]:
+        started = total - counts[RunStatus.QUEUED]
+        return (RunStatus.RUNNING if started else RunStatus.QUEUED), None
+    if counts[RunStatus.SUCCEEDED] == total:
+        return RunStatus.SUCCEEDED, None
+    for status in (RunStatus.CANCELLED, RunStatus.FAILED, RunStatus.DIVERGED):
         if counts[status]:
             first = next((label, reason) for s, reason, label in statuses_reasons if s == status)
-            if status == CANCELLED and cancel_requested:
-                return CANCELLED, f"cancelled on request ({counts[status]} of {total} runs stopped early)"
+            if status == RunStatus.CANCELLED and cancel_requested:
+                return (
+                    RunStatus.CANCELLED,
+                    f"cancelled on request ({counts[status]} of {total} runs stopped early)",
+                )
             return status, f"{counts[status]} of {total} runs {status}; {first[0]}: {first[1] or status}"
     raise AssertionError(f"unexpected run statuses {dict(counts)}")  # pragma: no cover
 
@@ -256,19 +249,22 @@ def request_cancel(session: Session, job_id: int) -> list[str] | None:
     task_ids = [
         tid
         for tid in session.scalars(
-            select(Run.task_id).where(Run.job_id == job_id, Run.status == QUEUED)
+            select(Run.task_id).where(Run.job_id == job_id, Run.status == RunStatus.QUEUED)
         ).all()
         if tid
     ]
     session.execute(
         update(Run)
-        .where(Run.job_id == job_id, Run.status == QUEUED)
+        .where(Run.job_id == job_id, Run.status == RunStatus.QUEUED)
         .values(
-            status=CANCELLED, reason="cancelled before it started", cancel_requested=True, finished_at=now
+            status=RunStatus.CANCELLED,
+            reason="cancelled before it started",
+            cancel_requested=True,
+            finished_at=now,
         )
     )
     session.execute(
-        update(Run).where(Run.job_id == job_id, Run.status == RUNNING).values(cancel_requested=True)
+        update(Run).where(Run.job_id == job_id, Run.status == RunStatus.RUNNING).values(cancel_requested=True)
     )
     recompute_job(session, job_id)
     return task_ids

@@ -18,33 +18,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from server.db.models import FisherValue, MetricPoint, MetricRollup, Run
+from server.db.pg_load import LOAD_TABLES_READY, PG_LOADS
 from server.downsample import ROLLUP_WIDTHS, bucket_width, finite_or_none, rollup_plan
 
 MetricRow = tuple[int, str, int, float | None, float]  # run_id, name, step, value, wall_time
 FisherRowT = tuple[int, int, str, str, str, float | None]  # run_id, step, layer, method, metric, value
 
-# PostgreSQL: COPY (binary) into a per-connection temporary table, then one merge statement in
-# primary-key order. COPY is the fastest way in; the merge gives ON CONFLICT semantics (COPY has
-# none) and the ordering turns index maintenance into mostly-sequential B-tree appends.
-_PG_LOADS = {
-    "metrics": (
-        "CREATE TEMP TABLE IF NOT EXISTS metrics_load (run_id integer, name varchar(100), step integer, "
-        "value double precision, wall_time double precision) ON COMMIT DELETE ROWS",
-        "COPY metrics_load (run_id, name, step, value, wall_time) FROM STDIN (FORMAT BINARY)",
-        ("int4", "varchar", "int4", "float8", "float8"),
-        "INSERT INTO metrics (run_id, name, step, value, wall_time) SELECT run_id, name, step, value, "
-        "wall_time FROM metrics_load ORDER BY run_id, name, step ON CONFLICT DO NOTHING",
-    ),
-    "fisher": (
-        "CREATE TEMP TABLE IF NOT EXISTS fisher_load (run_id integer, step integer, layer varchar(200), "
-        "method varchar(64), metric varchar(64), value double precision) ON COMMIT DELETE ROWS",
-        "COPY fisher_load (run_id, step, layer, method, metric, value) FROM STDIN (FORMAT BINARY)",
-        ("int4", "int4", "varchar", "varchar", "varchar", "float8"),
-        "INSERT INTO fisher (run_id, step, layer, method, metric, value) SELECT run_id, step, layer, "
-        "method, metric, value FROM fisher_load ORDER BY run_id, step, layer, method, metric "
-        "ON CONFLICT DO NOTHING",
-    ),
-}
 _SQLITE_METRICS = (
     "INSERT INTO metrics (run_id, name, step, value, wall_time) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
 )
@@ -54,21 +33,8 @@ _SQLITE_FISHER = (
 )
 
 
-LOAD_TABLES_READY = "dykaf_load_tables"
-
-
-def prepare_pg_connection(dbapi_conn: Any, record: Any) -> None:
-    """Pool ``connect`` hook: create the session's load tables once per connection (committed),
-    instead of a ``CREATE TEMP TABLE IF NOT EXISTS`` round trip in every flush."""
-    with dbapi_conn.cursor() as cur:
-        for create, *_ in _PG_LOADS.values():
-            cur.execute(create)
-    dbapi_conn.commit()
-    record.info[LOAD_TABLES_READY] = True
-
-
 def _pg_copy_merge(conn: Connection, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
-    create, copy_sql, types, merge = _PG_LOADS[table]
+    create, copy_sql, types, merge = PG_LOADS[table]
     dbapi = conn.dialect.loaded_dbapi
     try:
         with conn.connection.driver_connection.cursor() as cur:  # the same transaction as ``conn``

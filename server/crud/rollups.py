@@ -9,12 +9,16 @@ without them (worker died in between). Until then reads of that run use the raw 
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
 from sqlalchemy import Connection, select, text, update
+from sqlalchemy.orm import Session
 
-from server.db.models import TERMINAL, Job, Run
+from server.db.models import Job, Run
+from server.db.session import get_engine
 from server.db.types import utcnow
 from server.downsample import ROLLUP_WIDTHS
+from server.jobs.status import TERMINAL
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +66,25 @@ def build_rollups(conn: Connection, run_id: int) -> bool:
 
 def build_rollups_safely(database_url: str, run_id: int) -> bool:
     """Build in its own transaction; a failure only means reads of this run stay on raw points."""
-    from server.db.session import get_engine
-
     try:
         with get_engine(database_url).begin() as conn:
             return build_rollups(conn, run_id)
     except Exception:
         log.exception("building metric rollups for run %s failed", run_id)
         return False
+
+
+def runs_missing_rollups(session: Session, finished_before: datetime, limit: int) -> list[int]:
+    """Ids of ended runs (before ``finished_before``) whose rollups were never built, oldest first."""
+    return list(
+        session.scalars(
+            select(Run.id)
+            .where(
+                Run.status.in_(sorted(TERMINAL)),
+                Run.rollup_built.is_(False),
+                Run.finished_at < finished_before,
+            )
+            .order_by(Run.id)
+            .limit(limit)
+        )
+    )

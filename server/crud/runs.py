@@ -16,10 +16,12 @@ from typing import Any
 from sqlalchemy import and_, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
-from server.crud.jobs import lock_job, recompute_job
+from server.crud.jobs import lock_job, recompute_job, runs_from_specs
 from server.db.clock import db_now
-from server.db.models import CANCELLED, QUEUED, RUNNING, TERMINAL, Run
+from server.db.models import Job, Run
 from server.db.types import UTCDateTime, utcnow
+from server.jobs.spec import JobSpec, SweepResult, sweep_winners
+from server.jobs.status import ACTIVE, TERMINAL, RunStatus
 
 
 @dataclass(frozen=True)
@@ -45,14 +47,16 @@ def claim_run(
     now = db_now(session)
     stale_before = now - timedelta(seconds=stale_after_s)
     claimable = or_(
-        Run.status == QUEUED,
-        and_(Run.status == RUNNING, or_(Run.heartbeat_at.is_(None), Run.heartbeat_at < stale_before)),
+        Run.status == RunStatus.QUEUED,
+        and_(
+            Run.status == RunStatus.RUNNING, or_(Run.heartbeat_at.is_(None), Run.heartbeat_at < stale_before)
+        ),
     )
     result = session.execute(
         update(Run)
         .where(Run.id == run_id, Run.cancel_requested.is_(False), claimable)
         .values(
-            status=RUNNING,
+            status=RunStatus.RUNNING,
             attempt=Run.attempt + 1,
             worker=worker[:200],
             device=device,
@@ -76,7 +80,9 @@ def heartbeat(session: Session, run_id: int, attempt: int, step: int | None) -> 
     if step is not None:
         values["step"] = step
     result = session.execute(
-        update(Run).where(Run.id == run_id, Run.attempt == attempt, Run.status == RUNNING).values(**values)
+        update(Run)
+        .where(Run.id == run_id, Run.attempt == attempt, Run.status == RunStatus.RUNNING)
+        .values(**values)
     )
     if result.rowcount != 1:
         return False, True
@@ -120,7 +126,7 @@ def _update_owned_run(
         values["run_seconds"] = func.coalesce(Run.run_seconds, 0.0) + run_seconds
     result = session.execute(
         update(Run)
-        .where(Run.id == claim.run_id, Run.attempt == claim.attempt, Run.status == RUNNING)
+        .where(Run.id == claim.run_id, Run.attempt == claim.attempt, Run.status == RunStatus.RUNNING)
         .values(**values)
     )
     if result.rowcount != 1:
@@ -143,7 +149,7 @@ def release_run(session: Session, claim: Claim, *, run_seconds: float | None = N
     if not lock_job(session, claim.job_id):
         return False
     values: dict[str, Any] = {
-        "status": QUEUED,
+        "status": RunStatus.QUEUED,
         "task_id": None,
         "worker": None,
         "queued_at": utcnow(),
@@ -158,26 +164,28 @@ def requeue_stale(session: Session, stale_after_s: float) -> list[int]:
     requeued runs, to be enqueued again."""
     stale_before = db_now(session) - timedelta(seconds=stale_after_s)
     candidates = session.execute(
-        select(Run.id, Run.job_id).where(Run.status == RUNNING, Run.heartbeat_at < stale_before)
+        select(Run.id, Run.job_id).where(Run.status == RunStatus.RUNNING, Run.heartbeat_at < stale_before)
     ).all()
     requeued: list[int] = []
     for run_id, job_id in candidates:
         if not lock_job(session, job_id):
             continue
-        stale = and_(Run.id == run_id, Run.status == RUNNING, Run.heartbeat_at < stale_before)
+        stale = and_(Run.id == run_id, Run.status == RunStatus.RUNNING, Run.heartbeat_at < stale_before)
         now = utcnow()
         cancelled = session.execute(
             update(Run)
             .where(stale, Run.cancel_requested.is_(True))
             .values(
-                status=CANCELLED, reason="cancelled (its worker was lost before it stopped)", finished_at=now
+                status=RunStatus.CANCELLED,
+                reason="cancelled (its worker was lost before it stopped)",
+                finished_at=now,
             )
         ).rowcount
         moved = session.execute(
             update(Run)
             .where(stale, Run.cancel_requested.is_(False))
             .values(
-                status=QUEUED,
+                status=RunStatus.QUEUED,
                 task_id=None,
                 worker=None,
                 queued_at=now,
@@ -195,7 +203,9 @@ def unenqueued_runs(session: Session, queued_before: datetime) -> list[int]:
     """Queued runs that never got a broker message (e.g. the broker was down at submit time)."""
     return list(
         session.scalars(
-            select(Run.id).where(Run.status == QUEUED, Run.task_id.is_(None), Run.queued_at < queued_before)
+            select(Run.id).where(
+                Run.status == RunStatus.QUEUED, Run.task_id.is_(None), Run.queued_at < queued_before
+            )
         ).all()
     )
 
@@ -204,30 +214,28 @@ def enqueued_runs(session: Session, queued_before: datetime) -> list[tuple[int, 
     """``(run id, task id, queue)`` of queued runs published before ``queued_before``."""
     rows = session.execute(
         select(Run.id, Run.task_id, Run.queue).where(
-            Run.status == QUEUED, Run.task_id.is_not(None), Run.queued_at < queued_before
+            Run.status == RunStatus.QUEUED, Run.task_id.is_not(None), Run.queued_at < queued_before
         )
     ).all()
     return [(row.id, row.task_id, row.queue) for row in rows]
 
 
 def set_task_id(session: Session, run_id: int, task_id: str) -> None:
-    session.execute(update(Run).where(Run.id == run_id, Run.status == QUEUED).values(task_id=task_id))
+    session.execute(
+        update(Run).where(Run.id == run_id, Run.status == RunStatus.QUEUED).values(task_id=task_id)
+    )
 
 
 def run_queue(session: Session, run_id: int) -> str | None:
     return session.scalar(select(Run.queue).where(Run.id == run_id))
 
 
-# Summary key that picks a sweep winner (lower is better), as in ``worker.local``'s selection.
-SELECTION_KEYS = ("final_val_loss",)
-
-
-def _score(summary: Mapping[str, Any] | None) -> float:
-    for key in SELECTION_KEYS:
-        value = (summary or {}).get(key)
-        if isinstance(value, int | float) and value == value:  # not NaN
-            return float(value)
-    return float("inf")
+def run_queues(session: Session, run_ids: list[int]) -> dict[int, str]:
+    """``run id → queue`` of the runs that still exist among ``run_ids``."""
+    if not run_ids:
+        return {}
+    rows = session.execute(select(Run.id, Run.queue).where(Run.id.in_(run_ids))).all()
+    return {row.id: row.queue for row in rows}
 
 
 def expand_next_stage(session: Session, job_id: int) -> list[tuple[int, str]]:
@@ -239,30 +247,26 @@ def expand_next_stage(session: Session, job_id: int) -> list[tuple[int, str]]:
     transaction that finished a run (the job row is locked), so exactly one worker creates it.
     Returns ``(run_id, queue)`` of the new runs, to publish after commit.
     """
-    from server.crud.jobs import recompute_job, runs_from_specs
-    from server.db.models import ACTIVE, SUCCEEDED, Job
-
     job = session.get(Job, job_id)
     if job is None or job.cancel_requested:
         return []
     spec_json = job.spec or {}
     if spec_json.get("sweep_selection") != "first_seed" or len(spec_json.get("seeds") or []) < 2:
         return []
-    from worker.spec import JobSpec
-
     spec = JobSpec.model_validate(spec_json)
     stage_one = len(spec.expand())
     runs = list(session.scalars(select(Run).where(Run.job_id == job_id).order_by(Run.index)).all())
     if len(runs) != stage_one or any(run.status in ACTIVE for run in runs):
         return []
-    chosen: dict[str, dict[str, Any]] = {}
-    best: dict[str, float] = {}
-    for run in runs:
-        group = (run.spec or {}).get("group", run.label)
-        score = _score(run.summary) if run.status == SUCCEEDED else float("inf")
-        if group not in chosen or score < best[group]:
-            chosen[group] = dict((run.spec or {}).get("sweep_point") or {})
-            best[group] = score
+    chosen = sweep_winners(
+        SweepResult(
+            group=(run.spec or {}).get("group", run.label),
+            sweep_point=(run.spec or {}).get("sweep_point") or {},
+            status=run.status,
+            summary=run.summary,
+        )
+        for run in runs
+    )
     new = runs_from_specs(spec.expand_selected(chosen), start_index=stage_one, auto_queue=runs[0].queue)
     for run in new:
         run.job_id = job_id

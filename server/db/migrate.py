@@ -14,6 +14,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import Connection
 
 from server.db.session import create_db_engine
 
@@ -36,15 +37,27 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Bring the database at ``url`` to ``revision`` (creates the SQLite file if needed)."""
+    """Bring the database at ``url`` to ``revision`` (creates the SQLite file if needed).
+
+    Idempotent, and cheap when there is nothing to do: a database already at the head (every
+    restart of ``dykaf-lab up``, every test database copied from a migrated template) is answered
+    from its ``alembic_version`` row without running Alembic's environment.
+    """
     engine = create_db_engine(url)
     try:
         with engine.begin() as conn:
             cfg = alembic_config(url)
+            if revision == "head" and _at_head(conn, cfg):
+                return
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
     finally:
         engine.dispose()
+
+
+def _at_head(conn: Connection, cfg: Config) -> bool:
+    heads = ScriptDirectory.from_config(cfg).get_heads()
+    return set(MigrationContext.configure(conn).get_current_heads()) == set(heads)
 
 
 def downgrade(url: str, revision: str = "base") -> None:

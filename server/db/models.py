@@ -25,6 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from server.db.types import JSONType, UTCDateTime, utcnow
+from server.jobs.status import RunStatus
 
 # Deterministic constraint names so that Alembic migrations can drop them on every backend.
 NAMING_CONVENTION = {
@@ -34,17 +35,6 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-# Run and job statuses. Terminal statuses other than "succeeded" always carry a reason.
-QUEUED = "queued"
-RUNNING = "running"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-DIVERGED = "diverged"
-CANCELLED = "cancelled"
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, DIVERGED, CANCELLED)
-TERMINAL = frozenset({SUCCEEDED, FAILED, DIVERGED, CANCELLED})
-ACTIVE = frozenset({QUEUED, RUNNING})
 
 
 class Base(DeclarativeBase):
@@ -73,7 +63,7 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), nullable=False, index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSONType, nullable=False)
-    status: Mapped[str] = mapped_column(String(16), nullable=False, default=QUEUED, index=True)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default=RunStatus.QUEUED, index=True)
     reason: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     rerun_of: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
@@ -104,7 +94,7 @@ class Run(Base):
     seed: Mapped[int] = mapped_column(Integer, nullable=False)
     spec: Mapped[dict[str, Any]] = mapped_column(JSONType, nullable=False)
     queue: Mapped[str] = mapped_column(String(32), nullable=False, default="cpu")
-    status: Mapped[str] = mapped_column(String(16), nullable=False, default=QUEUED)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default=RunStatus.QUEUED)
     reason: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     step: Mapped[int] = mapped_column(Integer, nullable=False, default=0)

@@ -17,6 +17,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from server.db.pg_load import prepare_pg_connection
+
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
 
@@ -44,14 +46,8 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
     kwargs.setdefault("max_overflow", 20)
     engine = create_engine(url, **kwargs)
     if parsed.get_backend_name() == "postgresql":
-        event.listen(engine, "connect", _pg_connect)
+        event.listen(engine, "connect", prepare_pg_connection)
     return engine
-
-
-def _pg_connect(dbapi_conn: Any, record: Any) -> None:
-    from server.crud.metrics import prepare_pg_connection
-
-    prepare_pg_connection(dbapi_conn, record)
 
 
 def get_engine(url: str) -> Engine:

@@ -145,7 +145,7 @@ def test_js_units_match_python(page: Any, stack: Stack) -> None:
     """stats.js (run count and labels, %g, range checks, EMA) against the Python side. The summary
     is the server's (tests/server/test_summary.py); the page only lays it out."""
     from dykaf.baselines.registry import all_schemas, optimizer_schema, validate_hyperparameters
-    from worker.spec import JobSpec
+    from server.jobs.spec import JobSpec
 
     page.goto("/")
     stats = "const m = await import('/static/js/stats.js');"
@@ -508,7 +508,7 @@ class DirectRun:
 def direct_run(stack: Stack, body: dict[str, Any], step: int) -> Iterator[DirectRun]:
     """``DirectRun`` of ``body``'s first run, running at ``step``; cancelled afterwards."""
     from server.crud import jobs as jobs_crud
-    from worker.spec import JobSpec
+    from server.jobs.spec import JobSpec
 
     with session_scope(stack.settings.database_url) as session:
         job = jobs_crud.create_job(session, JobSpec.model_validate(body), auto_queue="cpu")
@@ -583,7 +583,7 @@ def test_summary_lists_only_configurations_whose_curves_are_charted(page: Any, s
 def test_a_job_that_ended_early_says_how_far_it_got(page: Any, stack: Stack) -> None:
     """Cancelled part-way: progress is the steps trained, partial runs are marked and not averaged."""
     from server.crud import jobs as jobs_crud
-    from worker.spec import JobSpec
+    from server.jobs.spec import JobSpec
 
     body = {**tiny_job(name="stopped early", seeds=(0, 1)), "device": "cpu"}
     with session_scope(stack.settings.database_url) as session:
@@ -669,7 +669,7 @@ def test_one_fisher_report_is_a_dot_plot_until_the_next_arrives(page: Any, stack
 def test_new_job_from_an_existing_spec(page: Any, stack: Stack) -> None:
     """ "Edit as new job" opens the form filled with the job's spec (sweeps and labels included)."""
     from server.crud import jobs as jobs_crud
-    from worker.spec import JobSpec
+    from server.jobs.spec import JobSpec
 
     raw = tiny_job(name="template", seeds=(3, 4, 5))
     raw["target_loss"] = 4.25

@@ -158,8 +158,11 @@ def option_value(argv: list[str], option: str) -> str | None:
 
 
 def code_variables() -> set[str]:
-    """Every ``DYKAF_*`` name in the service code (server/ and worker/)."""
-    names: set[str] = set()
+    """Every ``DYKAF_*`` name the service code reads: one per ``Settings`` field, and any other
+    named in server/ and worker/ (the client commands' variables)."""
+    from server.core.config import Settings
+
+    names = set(Settings.env_names().values())
     for base in ("server", "worker"):
         for path in (ROOT / base).rglob("*.py"):
             names |= set(re.findall(r"\bDYKAF_[A-Z][A-Z0-9_]*\b", path.read_text()))
@@ -222,10 +225,9 @@ def test_code_variables_are_all_classified() -> None:
     """A new DYKAF_* variable in the code must be wired into the compose file (or classified here)."""
     from server.core.config import Settings
 
-    from_settings = set(Settings().env()) | {"DYKAF_WORKER_DEVICE"}
-    from worker import paths
-
-    known = from_settings | {paths.DATA_ROOTS_ENV, paths.CACHE_ENV} | CLIENT_ONLY
+    from_settings = set(Settings.env_names().values())
+    assert set(Settings().env()) <= from_settings  # what a child process is handed is a setting
+    known = from_settings | CLIENT_ONLY
     assert code_variables() - known == set(), (
         "variables read by the code that docker-compose.yml does not know about: pass them in the "
         "x-lab-env block and document them in docker/.env.example"
@@ -295,9 +297,15 @@ def test_settings_seen_by_the_containers(compose: dict[str, Any], clean_env: pyt
         assert settings.checkpoint_root == Path("/data/checkpoints")
         assert not settings.is_sqlite
         # Empty tunables fall back to the code's defaults.
-        for field in ("visibility_timeout_s", "heartbeat_s", "stale_after_s", "max_steps", "auto_queue"):
+        for field in (
+            "visibility_timeout_s",
+            "heartbeat_s",
+            "stale_after_s",
+            "max_runs_per_job",
+            "auto_queue",
+        ):
             assert getattr(settings, field) == getattr(defaults, field), (name, field)
-        from worker import paths
+        from server.jobs import paths
 
         assert [str(p) for p in paths.data_roots()] == ["/data/corpora", "/cache/dykaf-lab"]
         assert paths.cache_root() == Path("/cache/dykaf-lab")
@@ -309,7 +317,7 @@ def test_settings_seen_by_the_containers(compose: dict[str, Any], clean_env: pyt
 
 def test_visibility_timeout_reaches_celery(compose: dict[str, Any], clean_env: pytest.MonkeyPatch) -> None:
     from server.core.config import Settings
-    from worker.celery_app import celery_config
+    from server.jobs.publish import celery_config
 
     env = environment(compose["services"]["worker-gpu0"])
     env["DYKAF_VISIBILITY_TIMEOUT_S"] = "172800"
@@ -335,7 +343,7 @@ def cli_options(*path: str) -> set[str]:
 def test_commands_match_the_cli(compose: dict[str, Any]) -> None:
     import typer.main
 
-    from worker.celery_app import QUEUES
+    from server.jobs.publish import QUEUES
     from worker.cli import app
 
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]

@@ -16,9 +16,9 @@ from torch import nn
 from dykaf import DyKAF
 from dykaf.fisher import FisherMonitor, LayerProbe
 from dykaf.fisher.background import available_cores, use_background
+from server.jobs.spec import JobSpec
 from tests.support.worker import tiny_job, tiny_task
-from worker.spec import JobSpec
-from worker.training import optim
+from worker.training import runner as runner_module
 from worker.training.runner import execute_run
 from worker.training.sinks import MemorySink
 
@@ -175,9 +175,7 @@ def test_runner_stores_the_same_fisher_rows_with_background_reports(
     pytest.importorskip("dykaf.fisher")
     results = {}
     for mode in ("off", "on"):
-        monkeypatch.setattr(
-            optim, "fisher_monitor_class", lambda mode=mode: functools.partial(FisherMonitor, background=mode)
-        )
+        monkeypatch.setattr(runner_module, "FisherMonitor", functools.partial(FisherMonitor, background=mode))
         task = tiny_task(steps=12, fisher_every=4, fisher_window=3, checkpoint_every=4)
         (spec,) = JobSpec.model_validate(tiny_job([{"name": "dykaf"}], task=task)).expand()
         sink = MemorySink()
@@ -193,9 +191,7 @@ def test_a_failing_background_report_fails_the_run_with_its_reason(monkeypatch: 
         raise RuntimeError("report exploded")
 
     monkeypatch.setattr(LayerProbe, "report", broken)
-    monkeypatch.setattr(
-        optim, "fisher_monitor_class", lambda: functools.partial(FisherMonitor, background="on")
-    )
+    monkeypatch.setattr(runner_module, "FisherMonitor", functools.partial(FisherMonitor, background="on"))
     job = tiny_job(task=tiny_task(steps=6, fisher_every=3, fisher_window=2))
     (spec,) = JobSpec.model_validate(job).expand()
     result = execute_run(spec, MemorySink())

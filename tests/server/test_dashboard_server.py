@@ -138,7 +138,7 @@ def test_chart_data_is_gzipped_for_clients_that_accept_it(api: Any) -> None:
     from server.crud import jobs as jobs_crud
     from server.crud.metrics import insert_fisher, insert_metrics
     from server.db.session import get_engine
-    from worker.spec import JobSpec
+    from server.jobs.spec import JobSpec
 
     with session_scope(api.settings.database_url) as session:
         job = jobs_crud.create_job(session, JobSpec.model_validate(tiny_job()), auto_queue="cpu")

@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from server.core.config import Settings
+from server.jobs.broker_messages import held_task_ids
+from server.jobs.reconcile import LostMessages, reconcile_once
 from tests.support.services import Api, tiny_job
-from worker.broker_messages import held_task_ids
-from worker.reconcile import LostMessages, reconcile_once
 
 
 def _task_ids(api: Api, job_id: int) -> dict[int, str]:
@@ -78,7 +78,7 @@ def test_embedded_broker_lost_messages_are_republished_once(sqlite_settings: Set
 def test_the_full_scan_is_skipped_while_the_message_count_covers_the_queued_runs(
     sqlite_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import worker.broker_messages as broker_messages
+    import server.jobs.broker_messages as broker_messages
 
     api = Api(sqlite_settings)
     job = api.post("/jobs", json=tiny_job()).json()
@@ -126,7 +126,7 @@ def test_stale_messages_of_cancelled_runs_delay_a_lost_message_by_at_most_full_s
 ) -> None:
     # A cancelled job's messages stay in the broker until a worker drains them; with no worker
     # free they pad the O(1) count, which alone would then never call for the scan.
-    from worker.reconcile import FULL_SCAN_EVERY
+    from server.jobs.reconcile import FULL_SCAN_EVERY
 
     api = Api(sqlite_settings)
     cancelled = api.post("/jobs", json=tiny_job()).json()

@@ -11,8 +11,8 @@ from server.cache import ReadCache
 from server.crud import jobs as jobs_crud
 from server.crud.metrics import insert_fisher, insert_metrics
 from server.db.session import get_engine, session_scope
+from server.jobs.spec import JobSpec
 from tests.support.services import Api, tiny_job
-from worker.spec import JobSpec
 
 
 class FakeClock:

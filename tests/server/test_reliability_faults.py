@@ -390,7 +390,7 @@ def test_redis_restart_without_persistence_republishes_every_queued_run_once(
     import redis
 
     from server.core.config import Settings
-    from worker.reconcile import run_forever
+    from server.jobs.reconcile import run_forever
 
     volatile = PrivateRedis(persistent=False)
     stop = threading.Event()

@@ -19,6 +19,7 @@ from sqlalchemy import select, text
 
 from server.db.models import ApiKey
 from server.db.session import session_scope
+from server.jobs.spec import MAX_STEPS
 from tests.server.test_service_api import db_counts
 from tests.support.services import tiny_job
 
@@ -114,7 +115,7 @@ def test_exhausting_inputs_are_refused_and_write_nothing(any_settings: Any, api_
     deep_obj = '{"a":' * 30_000 + "1" + "}" * 30_000
     cases.append(("nested object as task", body.replace('"task": {', '"task": ' + deep_obj + ', "x": {', 1)))
     # Enormous step counts (beyond the cap, beyond int64, absurd floats).
-    for steps in (any_settings.max_steps + 1, 2**63, 10**400, 1e308):
+    for steps in (MAX_STEPS + 1, 2**63, 10**400, 1e308):
         job = tiny_job()
         job["task"]["steps"] = steps
         cases.append((f"steps={str(steps)[:20]}", json.dumps(job)))

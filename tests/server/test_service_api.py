@@ -24,6 +24,7 @@ from server.db.models import ApiKey, FisherValue, Job, MetricPoint, Run
 from server.db.session import get_engine, session_scope
 from server.db.types import utcnow
 from server.downsample import bucket_width, downsample_minmax
+from server.jobs.spec import MAX_STEPS
 from tests.support.services import tiny_job
 
 
@@ -111,7 +112,7 @@ def _bad_cases(settings: Any) -> list[tuple[str, Any, int, list[str]]]:
         ("negative steps", job(task__steps=-5), 422, ["body", "task", "steps"]),
         (
             "steps over server cap",
-            job(task__steps=settings.max_steps + 1, task__warmup_steps=1),
+            job(task__steps=MAX_STEPS + 1, task__warmup_steps=1),
             422,
             ["body", "task", "steps"],
         ),
@@ -257,10 +258,10 @@ def test_cancel_queued_job_then_rerun_and_delete(api: Any) -> None:
     assert rerun.json()["rerun_of"] == job["id"] and rerun.json()["status"] == "queued"
     assert rerun.json()["spec"] == body["spec"]
 
-    # a stored spec that no longer validates (here: the step cap was lowered) is a 422, not a 500
-    api.app.state.settings = api.settings.with_(max_steps=5)
+    # a stored spec over a limit lowered since (here: runs per job) is a 422, not a 500
+    api.app.state.settings = api.settings.with_(max_runs_per_job=1)
     r = api.post(f"/jobs/{job['id']}/rerun")
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "task", "steps"]
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "optimizers"]
     api.app.state.settings = api.settings
     with session_scope(api.settings.database_url) as session:  # a stored spec that no longer parses
         stored = session.get(Job, job["id"])
@@ -451,7 +452,7 @@ def test_csv_exports_are_full_fidelity(api: Any) -> None:
     runs = list(csv.DictReader(io.StringIO(api.get(f"/jobs/{job['id']}/runs.csv").text)))
     assert [int(s["run_id"]) for s in runs] == [run["id"] for run in job["runs"]]
     assert {s["status"] for s in runs} == {"queued"} and {s["partial"] for s in runs} == {"false"}
-    summary = list(csv.DictReader(io.StringIO(api.get(f"/jobs/{job['id']}/summary.csv").text)))
+    summary = list(csv.DictReader(io.StringIO(api.get(f"/jobs/{job['id']}/runs.csv").text)))
     assert [(s["label"], s["seeds"], s["pending"]) for s in summary] == [
         ("adamw", "2", "2"),
         ("dykaf", "2", "2"),
@@ -459,7 +460,7 @@ def test_csv_exports_are_full_fidelity(api: Any) -> None:
     assert api.get("/jobs/424242/metrics.csv").status_code == 404
 
 
-def test_summary_csv_writes_counts_as_integers_and_missing_as_empty(api: Any) -> None:
+def test_runs_csv_writes_counts_as_integers_and_missing_as_empty(api: Any) -> None:
     """A stored summary holds floats (JSON): counts are written ``60``, not ``60.0``, and the
     ``-1`` an older failed run kept for "no best step" as an empty cell."""
     job = api.post("/jobs", json=tiny_job(seeds=(0, 1))).json()
@@ -475,7 +476,7 @@ def test_summary_csv_writes_counts_as_integers_and_missing_as_empty(api: Any) ->
         )
     rows = {
         int(r["run_id"]): r
-        for r in csv.DictReader(io.StringIO(api.get(f"/jobs/{job['id']}/summary.csv").text))
+        for r in csv.DictReader(io.StringIO(api.get(f"/jobs/{job['id']}/runs.csv").text))
     }
     assert (rows[first]["final_step"], rows[first]["best_val_step"], rows[first]["parameters"]) == (
         "60",
@@ -526,7 +527,7 @@ def test_readyz_reports_unreachable_services(sqlite_settings: Any, api_factory: 
 
 def test_submit_survives_a_broker_outage(sqlite_settings: Any, api_factory: Any) -> None:
     """Runs of a job submitted while the broker is down are published by the reconciler later."""
-    from worker.reconcile import reconcile_once
+    from server.jobs.reconcile import reconcile_once
 
     api = api_factory(sqlite_settings.with_(broker_url="redis://127.0.0.1:1/0"))
     r = api.post("/jobs", json=tiny_job())

@@ -23,8 +23,8 @@ def _tables(url: str) -> set[str]:
         engine.dispose()
 
 
-def test_up_and_down_on_both_backends(any_settings: Any) -> None:
-    url = any_settings.database_url
+def test_up_and_down_on_both_backends(any_empty_settings: Any) -> None:
+    url = any_empty_settings.database_url
     assert _tables(url) == set()
     migrate.upgrade(url)
     assert _tables(url) == TABLES

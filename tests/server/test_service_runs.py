@@ -19,10 +19,10 @@ from server.db import migrate
 from server.db.models import Job, MetricPoint, MetricRollup, Run
 from server.db.session import get_engine, session_scope
 from server.db.types import utcnow
+from server.jobs.reconcile import reconcile_once
+from server.jobs.spec import JobSpec
 from tests.support.services import tiny_job
 from worker.execute import CheckpointAlignment, DatabaseSink
-from worker.reconcile import reconcile_once
-from worker.spec import JobSpec
 
 
 @pytest.fixture

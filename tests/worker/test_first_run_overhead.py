@@ -29,7 +29,7 @@ SCRIPT = f"""
 import json, sys
 import torch
 torch.set_num_threads(1)
-from worker.spec import JobSpec
+from server.jobs.spec import JobSpec
 from worker.training.runner import execute_run
 from worker.training.sinks import MemorySink
 

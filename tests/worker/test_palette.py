@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from dykaf.registry import OPTIMIZER_NAMES
 from matplotlib.colors import to_hex
 
+from dykaf.baselines.registry import OPTIMIZER_NAMES
 from server import palette
+from server.jobs.spec import JobSpec
 from tests.support.worker import tiny_job, tiny_task
 from worker import fisher_plot
 from worker.local import _label_colors, plot_curves, plot_job_fisher, run_job
-from worker.spec import JobSpec
 
 pytestmark = pytest.mark.usefixtures("data_roots")
 

@@ -11,10 +11,10 @@ import yaml
 from typer.testing import CliRunner
 
 from server.csv_export import FISHER_HEADER, METRICS_HEADER, RUNS_FIXED
+from server.jobs.spec import JobSpec, TaskSpec
 from tests.support.worker import tiny_job, tiny_task
 from worker.cli import app
 from worker.local import run_job
-from worker.spec import JobSpec, TaskSpec
 
 pytestmark = pytest.mark.usefixtures("data_roots")
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
+from server.jobs.spec import JobSpec, RunSpec
 from tests.support.worker import tiny_job, tiny_task
-from worker.spec import JobSpec, RunSpec
 from worker.training.runner import execute_run
 from worker.training.sinks import MemorySink
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from server.jobs.spec import CorpusSpec
 from worker.lm.corpora import load_documents, split_documents
 from worker.lm.data import WindowBatches, validation_batches
 from worker.lm.tokenization import ByteTokenizer, encode_documents, train_bpe
-from worker.spec import CorpusSpec
 
 pytestmark = pytest.mark.usefixtures("data_roots")  # local paths confined to tmp_path
 

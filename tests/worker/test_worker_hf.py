@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
+from server.jobs.spec import CorpusSpec, JobSpec, RunSpec
 from tests.support.worker import tiny_job, tiny_task
 from worker.lm.corpora import load_documents
-from worker.spec import CorpusSpec, JobSpec, RunSpec
 from worker.training import runner as runner_mod
 from worker.training.runner import execute_run
 from worker.training.sinks import MemorySink

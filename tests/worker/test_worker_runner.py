@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import torch
 
+from server.jobs.spec import JobSpec, RunSpec
 from tests.support.worker import tiny_job, tiny_task
 from worker.lm import data as lm_data
-from worker.spec import JobSpec, RunSpec
 from worker.training import checkpoint as ckpt
-from worker.training import optim
+from worker.training import runner as runner_module
 from worker.training.runner import execute_run
 from worker.training.schedule import lr_multiplier
 from worker.training.sinks import CsvSink, MemorySink
@@ -103,7 +103,7 @@ def test_same_seed_same_batches_and_initial_weights_across_optimizers(
 ) -> None:
     seen: dict[str, list[torch.Tensor]] = {}
     inits: dict[str, dict[str, torch.Tensor]] = {}
-    real_build = optim.build_optimizer
+    real_build = runner_module.build_optimizer
     real_batch = lm_data.WindowBatches.batch
     current: list[str] = []
 
@@ -117,7 +117,7 @@ def test_same_seed_same_batches_and_initial_weights_across_optimizers(
         seen[current[0]].append(out[0])
         return out
 
-    monkeypatch.setattr(optim, "build_optimizer", build)
+    monkeypatch.setattr(runner_module, "build_optimizer", build)
     monkeypatch.setattr(lm_data.WindowBatches, "batch", batch)
     specs = _run([{"name": "adamw"}, {"name": "dykaf"}], seeds=(0, 1), steps=4)
     for spec in specs:
@@ -253,7 +253,7 @@ def test_checkpoint_of_another_spec_is_refused(tmp_path: Path) -> None:
 
 
 def test_huge_lr_diverges_with_step_and_reason_and_siblings_run_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_build = optim.build_optimizer
+    real_build = runner_module.build_optimizer
 
     def huge_lr(*args: Any) -> Any:
         # The schema caps lr, so the real optimizer is built valid and then pushed past any sane lr.
@@ -262,7 +262,7 @@ def test_huge_lr_diverges_with_step_and_reason_and_siblings_run_on(monkeypatch: 
             group["lr"] = 1e30
         return optimizer
 
-    monkeypatch.setattr(optim, "build_optimizer", huge_lr)
+    monkeypatch.setattr(runner_module, "build_optimizer", huge_lr)
     (bad,) = _run([{"name": "adamw"}], steps=8, warmup_steps=0, schedule="constant")
     sink = MemorySink()
     result = execute_run(bad, sink)
@@ -273,7 +273,7 @@ def test_huge_lr_diverges_with_step_and_reason_and_siblings_run_on(monkeypatch: 
     last_step, last_metrics, _ = sink.records[-1]
     assert last_step == result.final_step
     assert not all(math.isfinite(v) for v in last_metrics.values())  # the sink saw the bad value
-    monkeypatch.setattr(optim, "build_optimizer", real_build)
+    monkeypatch.setattr(runner_module, "build_optimizer", real_build)
     (good,) = _run(steps=2)
     assert execute_run(good, MemorySink()).status == "succeeded"
 
@@ -283,7 +283,7 @@ def test_a_breakdown_of_the_optimizers_linear_algebra_is_divergence(monkeypatch:
     decomposition before any loss turns non-finite; that is the run diverging, not the worker
     failing. The breakdown here is torch's own (a Cholesky of a matrix that is not positive
     definite), raised from a real optimizer's step at step 3."""
-    real_build = optim.build_optimizer
+    real_build = runner_module.build_optimizer
 
     def breaking(*args: Any) -> Any:
         optimizer = real_build(*args)
@@ -299,7 +299,7 @@ def test_a_breakdown_of_the_optimizers_linear_algebra_is_divergence(monkeypatch:
         optimizer.step = types.MethodType(step, optimizer)  # bound, as the LR scheduler expects
         return optimizer
 
-    monkeypatch.setattr(optim, "build_optimizer", breaking)
+    monkeypatch.setattr(runner_module, "build_optimizer", breaking)
     (spec,) = _run(steps=6)
     sink = MemorySink()
     result = execute_run(spec, sink)
@@ -314,7 +314,7 @@ def test_exceptions_become_failed(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: Any) -> Any:
         raise ValueError("no such optimizer in this build")
 
-    monkeypatch.setattr(optim, "build_optimizer", broken)
+    monkeypatch.setattr(runner_module, "build_optimizer", broken)
     (spec,) = _run(steps=2)
     result = execute_run(spec, MemorySink())
     assert result.status == "failed" and result.reason == "ValueError: no such optimizer in this build"
@@ -361,7 +361,7 @@ def test_diagnostics_time_is_kept_out_of_training_time(monkeypatch: pytest.Monke
             time.sleep(delay)
             return super().report(step)
 
-    monkeypatch.setattr(optim, "fisher_monitor_class", lambda: SlowMonitor)
+    monkeypatch.setattr(runner_module, "FisherMonitor", SlowMonitor)
     (spec,) = _run(steps=6, eval_every=3, log_every=1, fisher_every=3, fisher_window=2)
     spec = spec.model_copy(update={"target_loss": 100.0})
     sink = MemorySink()
@@ -420,7 +420,7 @@ def test_own_factors_equal_the_matching_shadow_with_clipping(
     reused_sink = MemorySink()
     assert execute_run(spec, reused_sink).status == "succeeded"
     forced = functools.partial(fisher.FisherMonitor, reuse_own=False)
-    monkeypatch.setattr(optim, "fisher_monitor_class", lambda: forced)
+    monkeypatch.setattr(runner_module, "FisherMonitor", forced)
     sink = MemorySink()
     assert execute_run(spec, sink).status == "succeeded"
     values = {(row[0], row[1], row[2], row[3]): row[4] for row in sink.fisher}

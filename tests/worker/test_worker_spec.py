@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from server.jobs.paths import confine_path
+from server.jobs.spec import MAX_RUNS_PER_JOB, MAX_STEPS, JobSpec, format_validation_error, task_schema
 from tests.support.worker import tiny_job
-from worker.paths import confine_path
-from worker.spec import MAX_RUNS_PER_JOB, MAX_STEPS, JobSpec, format_validation_error, task_schema
 
 pytestmark = pytest.mark.usefixtures("data_roots")  # local paths confined to tmp_path
 

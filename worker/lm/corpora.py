@@ -15,8 +15,8 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from worker.paths import cache_root, confine_path
-from worker.spec import CorpusSpec, looks_like_local_path
+from server.jobs.paths import cache_root, confine_path
+from server.jobs.spec import CorpusSpec, looks_like_local_path
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
 # Directories of the standard library that are tests, vendored packages or not library code.

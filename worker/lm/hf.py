@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from server.jobs.paths import confine_path
+from server.jobs.spec import LoraSpec, looks_like_local_path
 from worker.lm.model import EMBEDDING, GPT, HEAD, HIDDEN, VECTOR, GPTConfig
 from worker.lm.tokenization import HFTokenizer, TextTokenizer, tokenizer_from_dict
-from worker.paths import confine_path
-from worker.spec import LoraSpec, looks_like_local_path
+from worker.training.checkpoint import atomic_torch_save
 
 EXPORT_FORMAT = "dykaf-lab/gpt-v1"
 EXPORT_NAME = "model.pt"
@@ -24,8 +25,6 @@ EXPORT_NAME = "model.pt"
 
 def save_gpt_export(path: Path, model: GPT, tokenizer: TextTokenizer) -> None:
     """Write a self-contained model file (config, weights, tokenizer) that ``finetune.model`` accepts."""
-    from worker.training.checkpoint import atomic_torch_save
-
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {
         "format": EXPORT_FORMAT,

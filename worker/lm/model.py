@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The same strings as ``dykaf.roles`` (kept here so the model has no dependency on the library).
+# The same strings as ``dykaf.baselines.roles`` (kept here so the model has no dependency on the library).
 EMBEDDING, HEAD, HIDDEN, VECTOR = "embedding", "head", "hidden", "vector"
 
 

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from server.jobs.spec import CorpusSpec, TaskSpec, TokenizerSpec
 from worker.lm.corpora import load_documents, split_documents
 from worker.lm.hf import apply_lora, load_pretrained, logits_of, max_context, param_roles
 from worker.lm.model import GPT, GPTConfig
 from worker.lm.tokenization import ByteTokenizer, TextTokenizer, encode_documents, train_bpe
-from worker.spec import CorpusSpec, TaskSpec, TokenizerSpec
 
 
 @dataclass

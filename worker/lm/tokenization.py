@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from worker.paths import cache_root
+from server.jobs.paths import cache_root
 
 EOT = "<|endoftext|>"
 

@@ -32,11 +32,14 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
+from dykaf.baselines.registry import build_optimizer
+from dykaf.fisher import FisherMonitor
+from server.jobs.spec import RunSpec
+from server.jobs.status import RunStatus
 from worker.lm.data import WindowBatches, validation_batches
 from worker.lm.task import LMTask, build_task
-from worker.spec import RunSpec
 from worker.training import checkpoint as ckpt
-from worker.training import measure, optim, warmup
+from worker.training import measure, warmup
 from worker.training.schedule import build_scheduler
 from worker.training.sinks import MetricSink
 
@@ -44,14 +47,13 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 ProgressFn = Callable[[int, int, Mapping[str, float]], None]
-STATUSES = ("succeeded", "diverged", "cancelled", "failed")
 
 
 @dataclass
 class RunResult:
     """Outcome of a run. ``summary`` holds final/best losses, time-to-target, costs (floats only)."""
 
-    status: str
+    status: RunStatus
     reason: str | None
     final_step: int
     summary: dict[str, float] = field(default_factory=dict)
@@ -194,7 +196,7 @@ class _Run:
         named = task.trainable_parameters()
         self.params = [p for _, p in named]
         roles = {name: task.roles[name] for name, _ in named}
-        self.optimizer = optim.build_optimizer(self.spec.optimizer, named, self.spec.hyperparameters, roles)
+        self.optimizer = build_optimizer(self.spec.optimizer, named, dict(self.spec.hyperparameters), roles)
         t = self.task_spec
         self.scheduler = build_scheduler(
             self.optimizer,
@@ -206,19 +208,14 @@ class _Run:
         self.batches = WindowBatches(task.train_tokens, t.context, t.batch_size, self.spec.seed)
         self.val_batches = validation_batches(task.val_tokens, t.context, t.batch_size, t.eval_batches)
         self.tokens_per_step = t.batch_size * t.grad_accum * t.context
-        monitor_cls = optim.fisher_monitor_class() if t.fisher_every > 0 else None
-        if monitor_cls is not None:
-            self.fisher = monitor_cls(
+        if t.fisher_every > 0:
+            self.fisher = FisherMonitor(
                 self.model,
                 self.optimizer,
                 layers=t.fisher_layers,
                 window=t.fisher_window,
                 report_every=t.fisher_every,
                 last_step=t.steps,
-            )
-        elif t.fisher_every > 0:
-            log.warning(
-                "fisher_every=%d but dykaf.fisher is not available; diagnostics skipped", t.fisher_every
             )
         # Once-per-process device start-up, before the peak-memory window and every timed phase.
         self.warmup_s = warmup.warm_up(self.device, self.params, self.fisher)
@@ -425,7 +422,7 @@ class _Run:
         resumed = self.resume()
         self.tracker.warmup_total += self.warmup_s  # after resume(), which restores the tracker
         if self.step >= t.steps:
-            return self.result("succeeded", None)
+            return self.result(RunStatus.SUCCEEDED, None)
         if not resumed:
             metrics: dict[str, float] = {}
             self.log_eval(metrics)
@@ -435,7 +432,7 @@ class _Run:
         while self.step < t.steps:
             if self.should_cancel():
                 self.save()
-                return self.result("cancelled", f"cancelled before step {self.step + 1}")
+                return self.result(RunStatus.CANCELLED, f"cancelled before step {self.step + 1}")
             self.step += 1
             is_eval = self.step % t.eval_every == 0 or self.step == t.steps
             is_log = is_eval or self.step % t.log_every == 0
@@ -459,9 +456,9 @@ class _Run:
         self.log_finished_fisher(close=True)
         self.save()
         self.export_model()
-        return self.result("succeeded", None)
+        return self.result(RunStatus.SUCCEEDED, None)
 
-    def result(self, status: str, reason: str | None) -> RunResult:
+    def result(self, status: RunStatus, reason: str | None) -> RunResult:
         info = self.task.info if self.task is not None else {}
         summary = self.tracker.summary(self.step, self.wall_time(), info)
         return RunResult(status=status, reason=reason, final_step=self.step, summary=summary)
@@ -494,15 +491,15 @@ def execute_run(
     except Diverged as exc:
         assert run is not None
         log.warning("run %s diverged: %s", spec.run_key, exc)
-        result = run.result("diverged", str(exc))
+        result = run.result(RunStatus.DIVERGED, str(exc))
         result.summary["diverged_step"] = float(run.step)
         return result
     except Exception as exc:
         log.exception("run %s failed", spec.run_key)
         reason = f"{type(exc).__name__}: {exc}"
         if run is None:
-            return RunResult(status="failed", reason=reason, final_step=0)
-        return run.result("failed", reason)
+            return RunResult(status=RunStatus.FAILED, reason=reason, final_step=0)
+        return run.result(RunStatus.FAILED, reason)
     finally:
         with contextlib.suppress(Exception):
             sink.flush()

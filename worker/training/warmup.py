@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from dykaf import eigenbasis
+from dykaf.fisher.background import use_background
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +141,6 @@ def _warm_solver(device: torch.device, sides: set[int], generator: torch.Generat
 
 def _reports_beside_training(monitor: Any) -> bool:
     """Whether ``monitor`` will compute its reports on its background thread (``submit_report``)."""
-    try:
-        from dykaf.fisher.background import use_background
-    except ImportError:
-        return False
     params = [probe.param for probe in monitor.probes.values()]
     return bool(params) and use_background(getattr(monitor, "background", "off"), params)
 

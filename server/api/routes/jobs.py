@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import shutil
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
@@ -14,16 +14,16 @@ from server.api.deps import JobId, get_session, get_settings
 from server.auth import read_access, require_key
 from server.core.config import Settings
 from server.crud import jobs as jobs_crud
-from server.crud import runs as runs_crud
 from server.crud import summary as summary_crud
-from server.db.models import STATUSES, TERMINAL, ApiKey, Job, Run
+from server.db.models import ApiKey, Job, Run
 from server.errors import ApiError
+from server.jobs.publish import publish_runs, revoke
+from server.jobs.spec import JobSpec
+from server.jobs.status import STATUSES, TERMINAL
 from server.observability import JOBS_SUBMITTED
 from server.schemas import JobOut, JobPage, JobSummaryOut, Progress, RunOut
 from server.summary import jsonable
-from worker.spec import JobSpec
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 API_PREFIX = "/api/v1"
@@ -115,14 +115,7 @@ def job_detail(session: Session, job: Job, warnings: list[str] | None = None) ->
 
 
 def check_limits(spec: JobSpec, settings: Settings) -> None:
-    """Deployment caps on top of the schema's own (``DYKAF_MAX_STEPS``, ``DYKAF_MAX_RUNS_PER_JOB``)."""
-    if spec.task.steps > settings.max_steps:
-        raise ApiError(
-            422,
-            f"steps ({spec.task.steps}) exceeds this server's limit of {settings.max_steps}",
-            loc=["body", "task", "steps"],
-            type_="less_than_equal",
-        )
+    """Deployment caps on top of the schema's own (``DYKAF_MAX_RUNS_PER_JOB``)."""
     runs = spec.run_count()
     if runs > settings.max_runs_per_job:
         raise ApiError(
@@ -132,26 +125,6 @@ def check_limits(spec: JobSpec, settings: Settings) -> None:
             loc=["body", "optimizers"],
             type_="too_many_runs",
         )
-
-
-def publish_runs(settings: Settings, session: Session, runs: list[tuple[int, str]]) -> list[str]:
-    """Send one task per run; failures leave ``task_id`` empty for the reconciler to retry."""
-    from worker.celery_app import enqueue_run
-
-    warnings: list[str] = []
-    for run_id, queue in runs:
-        try:
-            task_id = enqueue_run(settings, run_id, queue)
-        except Exception as exc:
-            log.warning("publishing run %s failed: %s", run_id, exc)
-            if not warnings:
-                warnings.append(
-                    f"broker unavailable ({type(exc).__name__}); runs will be queued when it is back"
-                )
-            continue
-        runs_crud.set_task_id(session, run_id, task_id)
-    session.commit()
-    return warnings
 
 
 def submit(
@@ -166,9 +139,9 @@ def submit(
         session, spec, auto_queue=settings.auto_queue, api_key_id=api_key_id, rerun_of=rerun_of
     )
     session.commit()
-    warnings = publish_runs(settings, session, [(run.id, run.queue) for run in job.runs])
+    warning = publish_runs(settings, [(run.id, run.queue) for run in job.runs]).warning()
     JOBS_SUBMITTED.inc()
-    return job, warnings
+    return job, [warning] if warning else []
 
 
 def _get_job(session: Session, job_id: int) -> Job:
@@ -258,8 +231,6 @@ def cancel_job(
     if task_ids is None:
         raise ApiError(404, f"job {job_id} not found", loc=["path", "job_id"], type_="not_found")
     session.commit()
-    from worker.celery_app import revoke
-
     revoke(settings, task_ids)
     session.expire_all()
     return job_detail(session, _get_job(session, job_id))
@@ -316,7 +287,5 @@ def delete_job(
 
 
 def _remove_checkpoints(settings: Settings, run_ids: list[int]) -> None:
-    import shutil
-
     for run_id in run_ids:
         shutil.rmtree(settings.checkpoint_root / str(run_id), ignore_errors=True)

@@ -20,9 +20,10 @@ from server.crud import jobs as jobs_crud
 from server.crud import metrics as metrics_crud
 from server.crud.summary import load_job_summary
 from server.csv_export import fisher_csv, metrics_csv, runs_csv, summary_csv
-from server.db.models import TERMINAL, Run
+from server.db.models import Run
 from server.db.session import session_factory
 from server.errors import ApiError
+from server.jobs.status import TERMINAL
 from server.schemas import FisherOut, JobResultsOut, MetricsOut
 from server.summary import jsonable
 

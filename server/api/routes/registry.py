@@ -1,4 +1,4 @@
-"""What can be compared: optimizer schemas (from ``dykaf.registry``) and the task schema."""
+"""What can be compared: optimizer schemas (from ``dykaf.baselines.registry``) and the task schema."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from server.auth import read_access
+from server.jobs.spec import job_schema, task_schema
 
 router = APIRouter(tags=["registry"], dependencies=[Depends(read_access)])
 
@@ -20,6 +21,4 @@ def optimizers() -> list[dict[str, Any]]:
 
 @router.get("/tasks", summary="The task schema (model, data, schedule) with defaults")
 def tasks() -> dict[str, Any]:
-    from worker.spec import job_schema, task_schema
-
     return {"task": task_schema(), "job": job_schema()}

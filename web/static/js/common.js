@@ -4,9 +4,9 @@
 import { del, errorText, getKey, post, setKey } from './api.js';
 import { $, h } from './dom.js';
 import { percent } from './format.js';
+import { ACTIVE, TERMINAL } from './statuses.js';
 
-export const ACTIVE = new Set(['queued', 'running']);
-export const TERMINAL = new Set(['succeeded', 'failed', 'diverged', 'cancelled']);
+export { ACTIVE, TERMINAL };
 
 export function initKeyBox() {
   const form = $('#key-form');

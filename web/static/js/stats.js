@@ -1,6 +1,8 @@
 // Pure numeric helpers: smoothing, interpolation, the summary table's columns, run-count preview and
 // client-side checks against the registry's hyperparameter schema. No DOM here (unit-tested).
 
+import { TERMINAL } from './statuses.js';
+
 const finite = (v) => typeof v === 'number' && Number.isFinite(v);
 
 /**
@@ -60,7 +62,7 @@ export function tokensPerStep(task) {
   return b * c * a || null;
 }
 
-/** Number of runs a job spec expands to (mirror of worker.spec.JobSpec.run_count). */
+/** Number of runs a job spec expands to (mirror of server.jobs.spec.JobSpec.run_count). */
 export function runCount(spec) {
   const seeds = (spec.seeds || []).length;
   const points = (spec.optimizers || []).reduce((acc, opt) => acc + sweepPoints(opt).length, 0);

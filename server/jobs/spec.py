@@ -17,6 +17,8 @@ import math
 import os
 import re
 import unicodedata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -30,7 +32,8 @@ from pydantic import (
     model_validator,
 )
 
-from worker.paths import confine_path
+from server.jobs.paths import confine_path
+from server.jobs.status import RunStatus
 
 MAX_STEPS = 200_000
 MAX_RUNS_PER_JOB = 256
@@ -241,12 +244,11 @@ HyperValue = Annotated[
 ]
 
 
-def _registry() -> Any | None:
-    """The optimizer registry, or None while ``dykaf.registry`` is not installed (checks are skipped)."""
-    try:
-        from dykaf.baselines import registry
-    except ImportError:
-        return None
+def _registry() -> Any:
+    """The optimizer registry, imported on first use: it imports torch, which the Celery app (it
+    imports this contract) must not load before its pool is set up."""
+    from dykaf.baselines import registry
+
     return registry
 
 
@@ -264,7 +266,7 @@ class OptimizerSpec(StrictModel):
     @classmethod
     def _known(cls, value: str) -> str:
         registry = _registry()
-        if registry is not None and value not in registry.OPTIMIZER_NAMES:
+        if value not in registry.OPTIMIZER_NAMES:
             accepted = ", ".join(registry.OPTIMIZER_NAMES)
             raise ValueError(f"unknown optimizer {value!r}; accepted: {accepted}")
         return value
@@ -281,7 +283,7 @@ class OptimizerSpec(StrictModel):
     def _hyperparameters_valid(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         registry = _registry()
         name = info.data.get("name")
-        if registry is not None and name in registry.OPTIMIZER_NAMES:
+        if name in registry.OPTIMIZER_NAMES:
             registry.validate_hyperparameters(name, value)
         return value
 
@@ -291,7 +293,7 @@ class OptimizerSpec(StrictModel):
         registry = _registry()
         name = info.data.get("name")
         base = info.data.get("hyperparameters")
-        if registry is None or name not in registry.OPTIMIZER_NAMES or base is None:
+        if name not in registry.OPTIMIZER_NAMES or base is None:
             return value
         for key, values in value.items():
             for item in values:
@@ -399,7 +401,7 @@ class JobSpec(StrictModel):
     def _run(self, opt: OptimizerSpec, point: dict[str, Any], seed: int) -> RunSpec:
         hyper = {**opt.hyperparameters, **point}
         registry = _registry()
-        if registry is not None and opt.name in registry.OPTIMIZER_NAMES:
+        if opt.name in registry.OPTIMIZER_NAMES:
             hyper = registry.validate_hyperparameters(opt.name, hyper)
         suffix = ",".join(f"{k}={_format_value(v)}" for k, v in sorted(point.items()))
         label = f"{opt.display}[{suffix}]" if suffix else opt.display
@@ -438,6 +440,42 @@ class JobSpec(StrictModel):
             point = chosen.get(opt.display, {})
             runs.extend(self._run(opt, point, seed) for seed in self.seeds[1:])
         return runs
+
+
+# Summary key that picks a sweep winner (lower is better).
+SELECTION_KEY = "final_val_loss"
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What sweep-winner selection needs of one ended run."""
+
+    group: str
+    sweep_point: Mapping[str, Any]
+    status: str
+    summary: Mapping[str, Any] | None
+
+
+def selection_score(status: str, summary: Mapping[str, Any] | None) -> float:
+    """A run's score for sweep selection (lower wins): its final validation loss if it succeeded
+    with a finite one, +inf otherwise (a diverged or failed point never wins)."""
+    value = (summary or {}).get(SELECTION_KEY)
+    if status != RunStatus.SUCCEEDED or not isinstance(value, int | float) or not math.isfinite(value):
+        return math.inf
+    return float(value)
+
+
+def sweep_winners(results: Iterable[SweepResult]) -> dict[str, dict[str, Any]]:
+    """Each group's winning sweep point (the first seen among equal scores, so runs in index order
+    give a deterministic answer; a group whose points all failed keeps its first point)."""
+    chosen: dict[str, dict[str, Any]] = {}
+    best: dict[str, float] = {}
+    for result in results:
+        score = selection_score(result.status, result.summary)
+        if result.group not in chosen or score < best[result.group]:
+            chosen[result.group] = dict(result.sweep_point)
+            best[result.group] = score
+    return chosen
 
 
 def task_schema() -> dict[str, Any]:

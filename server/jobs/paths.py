@@ -1,4 +1,6 @@
-"""Where the worker may read local files from, and where it caches things.
+"""Where the worker may read local files from, and where it caches things (``Settings.data_roots``
+and ``Settings.cache_dir``, read from the environment at each call so a spec validates against the
+deployment it is submitted to).
 
 Job specs arrive from users (YAML on the command line, JSON over the REST API), so a path inside a
 spec must never reach files the operator did not offer: every local path is resolved (symlinks and
@@ -21,28 +23,21 @@ import os
 from pathlib import Path
 from urllib.parse import unquote
 
-DATA_ROOTS_ENV = "DYKAF_DATA_ROOTS"
-CACHE_ENV = "DYKAF_CACHE_DIR"
-STATE_DIR_ENV = "DYKAF_DATA_DIR"
+from server.core.config import Settings
+
+DATA_ROOTS_ENV = Settings.env_names()["data_roots"]
 DEFAULT_DATA_ROOT = "data"  # relative to the working directory (the checkout for ./lab up)
-DEFAULT_STATE_DIR = ".lab"
-SQLITE_URL_ENVS = ("DYKAF_DATABASE_URL", "DYKAF_BROKER_URL")
 
 
 def cache_root() -> Path:
-    """The writable cache directory (BPE tokenizers, HF dataset caches); ``DYKAF_CACHE_DIR`` wins."""
-    configured = os.environ.get(CACHE_ENV)
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "dykaf-lab"
+    """The writable cache directory (BPE tokenizers, HF dataset caches): ``Settings.cache_root``."""
+    return Settings.from_env().cache_root
 
 
 def data_roots() -> list[Path]:
-    """Directories local spec paths may point into: ``DYKAF_DATA_ROOTS`` when set, otherwise
+    """Directories local spec paths may point into: ``Settings.data_roots`` when set, otherwise
     ``./data``. Resolved so that comparisons below are between real locations."""
-    configured = os.environ.get(DATA_ROOTS_ENV)
-    if configured:
-        roots = [Path(part).expanduser() for part in configured.split(os.pathsep) if part.strip()]
-    else:
-        roots = [Path.cwd() / DEFAULT_DATA_ROOT]
+    roots = list(Settings.from_env().data_roots) or [Path.cwd() / DEFAULT_DATA_ROOT]
     return [root.resolve() for root in roots]
 
 
@@ -59,10 +54,11 @@ def _sqlite_file(url: str) -> Path | None:
 def state_paths() -> list[Path]:
     """What jobs may never read: the state directory, the SQLite database and broker files (with
     their ``-wal``/``-journal`` companions, checked by prefix) and the cache directory."""
-    state_dir = Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR).expanduser()
-    paths = [state_dir if state_dir.is_absolute() else Path.cwd() / state_dir, cache_root()]
-    for name in SQLITE_URL_ENVS:
-        db = _sqlite_file(os.environ.get(name, ""))
+    settings = Settings.from_env()
+    state_dir = settings.data_dir.expanduser()
+    paths = [state_dir if state_dir.is_absolute() else Path.cwd() / state_dir, settings.cache_root]
+    for url in (settings.database_url, settings.broker_url):
+        db = _sqlite_file(url)
         if db is not None:
             paths.append(db if db.is_absolute() else Path.cwd() / db)
     return [p.resolve() for p in paths]

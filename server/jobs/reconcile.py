@@ -7,7 +7,7 @@ conditional UPDATE, so any number of reconcilers (API replicas, workers) can run
 a run is requeued once. Runs whose submit-time publish failed (broker down) have no task id and
 are published here once the broker is back. Queued runs whose message the broker lost (Redis
 restarted without persistence) are republished once two passes in a row found their task id
-missing from the broker (``worker.broker_messages``; a message in flight between queue and
+missing from the broker (``server.jobs.broker_messages``; a message in flight between queue and
 worker is missing for an instant, never for a whole pass interval). The full scan runs when the
 broker holds fewer messages than there are queued runs (an O(1) count first), while there are
 suspects to confirm, and at least every ``FULL_SCAN_EVERY`` passes: messages of cancelled runs stay
@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from server.core.config import Settings
+from server.crud import rollups as rollups_crud
 from server.crud import runs as runs_crud
 from server.db.session import session_scope
 from server.db.types import utcnow
+from server.jobs import broker_messages
+from server.jobs.publish import Enqueue, publish_runs
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,6 @@ UNENQUEUED_GRACE_S = 10.0
 # messages of cancelled runs can make it so): the longest a lost message stays undetected
 # (≈ 100 s at the default reconcile_every_s of 10 s, plus one pass to confirm).
 FULL_SCAN_EVERY = 10
-
-Enqueue = Callable[[Settings, int, str], str]
 
 
 @dataclass
@@ -72,22 +72,11 @@ class LostMessages:
         return sorted(lost)
 
 
-def _publish(settings: Settings, run_ids: list[int], enqueue: Enqueue) -> list[int]:
-    done = []
-    for run_id in run_ids:
-        with session_scope(settings.database_url) as session:
-            queue = runs_crud.run_queue(session, run_id)
-        if queue is None:
-            continue
-        try:
-            task_id = enqueue(settings, run_id, queue)
-        except Exception as exc:
-            log.warning("could not publish run %s: %s (will retry)", run_id, exc)
-            continue
-        with session_scope(settings.database_url) as session:
-            runs_crud.set_task_id(session, run_id, task_id)
-        done.append(run_id)
-    return done
+def _publish(settings: Settings, run_ids: list[int], enqueue: Enqueue | None) -> list[int]:
+    """Publish runs known by id only (runs deleted meanwhile are skipped); returns those published."""
+    with session_scope(settings.database_url) as session:
+        queues = runs_crud.run_queues(session, run_ids)
+    return publish_runs(settings, sorted(queues.items()), enqueue=enqueue).run_ids
 
 
 def reconcile_once(
@@ -98,10 +87,6 @@ def reconcile_once(
     ``lost`` carries the lost-message suspects from the previous pass (``run_forever`` keeps one);
     without it no lost message is republished, since that needs two passes' agreement.
     """
-    if enqueue is None:
-        from worker.celery_app import enqueue_run
-
-        enqueue = enqueue_run
     now = utcnow()
     with session_scope(settings.database_url) as session:
         requeued = runs_crud.requeue_stale(session, settings.stale_after_s)
@@ -124,8 +109,6 @@ def reconcile_once(
 
 def _lost_message_runs(settings: Settings, lost: LostMessages, now: datetime) -> list[int]:
     """Queued runs whose task id the broker has not held for two passes in a row."""
-    from worker.broker_messages import held_message_count, held_task_ids
-
     with session_scope(settings.database_url) as session:
         published = runs_crud.enqueued_runs(session, now - timedelta(seconds=UNENQUEUED_GRACE_S))
     if not published:
@@ -133,12 +116,12 @@ def _lost_message_runs(settings: Settings, lost: LostMessages, now: datetime) ->
         lost.passes_since_scan = 0  # nothing queued: nothing a later scan could find
         return []
     queues = {queue for _, _, queue in published}
-    count = held_message_count(settings, queues)
+    count = broker_messages.held_message_count(settings, queues)
     if count is not None and count >= len(published) and not lost.scan_due():
         # Every queued run can still have its message (the usual case): skip the full scan.
         lost.passes_since_scan += 1
         return []
-    held = held_task_ids(settings, queues)
+    held = broker_messages.held_task_ids(settings, queues)
     if held is None:  # broker down or not inspectable: decide nothing this pass
         return []
     lost.passes_since_scan = 0
@@ -151,25 +134,9 @@ def backfill_rollups(settings: Settings, limit: int = 5) -> list[int]:
     Runs that ended less than a minute ago are left to their own worker, which builds them right
     after finishing; doing it here too would only duplicate the work.
     """
-    from sqlalchemy import select
-
-    from server.crud.rollups import build_rollups_safely
-    from server.db.models import TERMINAL, Run
-    from server.db.session import get_engine
-
-    cutoff = utcnow() - timedelta(seconds=60)
-    with get_engine(settings.database_url).connect() as conn:
-        run_ids = list(
-            conn.execute(
-                select(Run.id)
-                .where(
-                    Run.status.in_(sorted(TERMINAL)), Run.rollup_built.is_(False), Run.finished_at < cutoff
-                )
-                .order_by(Run.id)
-                .limit(limit)
-            ).scalars()
-        )
-    return [run_id for run_id in run_ids if build_rollups_safely(settings.database_url, run_id)]
+    with session_scope(settings.database_url) as session:
+        run_ids = rollups_crud.runs_missing_rollups(session, utcnow() - timedelta(seconds=60), limit)
+    return [run_id for run_id in run_ids if rollups_crud.build_rollups_safely(settings.database_url, run_id)]
 
 
 def run_forever(settings: Settings, stop: threading.Event, enqueue: Enqueue | None = None) -> None:
