@@ -475,8 +475,7 @@ def test_runs_csv_writes_counts_as_integers_and_missing_as_empty(api: Any) -> No
             update(Run).where(Run.id == second).values(summary={"final_step": 0.0, "best_val_step": -1.0})
         )
     rows = {
-        int(r["run_id"]): r
-        for r in csv.DictReader(io.StringIO(api.get(f"/jobs/{job['id']}/runs.csv").text))
+        int(r["run_id"]): r for r in csv.DictReader(io.StringIO(api.get(f"/jobs/{job['id']}/runs.csv").text))
     }
     assert (rows[first]["final_step"], rows[first]["best_val_step"], rows[first]["parameters"]) == (
         "60",
