@@ -49,6 +49,8 @@ SUMMARY_METRICS = (
     "fwd_bwd_ms",
     "optimizer_ms",
     "tokens_per_s",
+    "mfu",
+    "optimizer_share",
     "peak_memory_mb",
     "fisher_overhead",
 )
