@@ -147,5 +147,7 @@ def run(
 # ------------------------------------------------------------------------------------------------
 
 from worker import cli_service  # noqa: E402
+from worker.lm import cli_data  # noqa: E402
 
 cli_service.register(app)
+cli_data.register(app)  # prepare-data, presets

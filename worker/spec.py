@@ -82,7 +82,9 @@ class CorpusSpec(StrictModel):
         "of token shards written by `dykaf-lab prepare-data` (read from disk, any size; the tokenizer "
         "is the one recorded in its manifest)",
     )
-    path: str | None = Field(None, description="local file or directory (name='file'), shard folder (name='shards')")
+    path: str | None = Field(
+        None, description="local file or directory (name='file'), shard folder (name='shards')"
+    )
     format: Literal["auto", "text", "jsonl", "parquet"] = Field(
         "auto", description="file format (name='file'); auto picks by extension"
     )
@@ -235,7 +237,16 @@ PRESETS: dict[str, ModelPreset] = {
         source="GaLore's llama_1b config (Zhao et al. 2024); nominal 1B",
     ),
 }
-_PRESET_FIELDS = ("arch", "n_layer", "n_head", "d_model", "context", "vocab_size", "ffn_hidden", "tie_weights")
+_PRESET_FIELDS = (
+    "arch",
+    "n_layer",
+    "n_head",
+    "d_model",
+    "context",
+    "vocab_size",
+    "ffn_hidden",
+    "tie_weights",
+)
 
 
 class TaskSpec(StrictModel):
@@ -256,7 +267,9 @@ class TaskSpec(StrictModel):
     vocab_size: int | None = Field(
         None, ge=2, le=1_048_576, description="model vocabulary; null = the tokenizer's (must hold every id)"
     )
-    ffn_hidden: int | None = Field(None, ge=1, le=131_072, description="llama feed-forward width; null = 8/3·d")
+    ffn_hidden: int | None = Field(
+        None, ge=1, le=131_072, description="llama feed-forward width; null = 8/3·d"
+    )
     compile: bool = Field(False, description="run the model under torch.compile")
     n_layer: int = Field(4, ge=1, le=128)
     n_head: int = Field(4, ge=1, le=128)
@@ -320,7 +333,8 @@ class TaskSpec(StrictModel):
             # A dumped spec carries both (steps computed); only a disagreeing pair is an error.
             if "steps" in self.model_fields_set and self.steps != steps:
                 raise ValueError(
-                    f"give task.tokens or task.steps, not both (tokens give {steps} steps, steps is {self.steps})"
+                    f"give task.tokens or task.steps, not both (tokens give {steps} steps, "
+                    f"steps is {self.steps})"
                 )
             if steps > MAX_STEPS:
                 raise ValueError(f"task.tokens gives {steps} steps at this batch; the limit is {MAX_STEPS}")

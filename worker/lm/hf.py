@@ -72,7 +72,7 @@ def load_hf_causal_lm(source: str) -> tuple[nn.Module, TextTokenizer]:
 
 
 def load_pretrained(reference: str) -> tuple[nn.Module, TextTokenizer, str]:
-    """Resolve ``finetune.model``: (model, tokenizer, origin) with origin ``"gpt"``, ``"llama"`` or ``"hf"``."""
+    """Resolve ``finetune.model``: (model, tokenizer, origin); origin is gpt, llama or hf."""
     if looks_like_local_path(reference):
         path = confine_path(reference)
         if not path.exists():

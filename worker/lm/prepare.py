@@ -110,7 +110,9 @@ def _files_stream(pattern: str, fmt: str, text_field: str) -> Iterator[str]:
         return
     root = Path(pattern).expanduser()
     if not root.exists():
-        raise FileNotFoundError(f"source {pattern!r} is neither an embedded corpus, a file, a folder nor a glob")
+        raise FileNotFoundError(
+            f"source {pattern!r} is neither an embedded corpus, a file, a folder nor a glob"
+        )
     # The operator's own command: paths are not confined to the data roots here.
     yield from read_files(root.resolve(), fmt, text_field)
 
@@ -466,7 +468,9 @@ def write_document_shards(
         for start in range(0, len(docs), 256):
             arrays.extend(encode_with_separator(tokenizer, docs[start : start + 256], dtype))
         total = sum(len(a) for a in arrays)
-        writer = _SplitWriter(folder, split, dtype, max(total, 1), 0, {"doc": 0, "offset": 0}, manifest["shards"].append)
+        writer = _SplitWriter(
+            folder, split, dtype, max(total, 1), 0, {"doc": 0, "offset": 0}, manifest["shards"].append
+        )
         for index, ids in enumerate(arrays):
             writer.add(index, ids)
         if writer.fill or total == 0:

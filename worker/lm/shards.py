@@ -68,7 +68,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     """The folder's manifest, checked for the fields every reader relies on."""
     path = folder / MANIFEST
     if not folder.is_dir():
-        raise ShardError(f"shard folder {str(folder)!r} does not exist; create it with `dykaf-lab prepare-data`")
+        raise ShardError(
+            f"shard folder {str(folder)!r} does not exist; create it with `dykaf-lab prepare-data`"
+        )
     if not path.is_file():
         raise ShardError(
             f"{str(folder)!r} has no {MANIFEST}; it is not a shard folder written by `dykaf-lab prepare-data`"

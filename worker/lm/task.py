@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from worker.paths import cache_root, confine_path
 from worker.spec import CorpusSpec, TaskSpec, TokenizerSpec
 
 SHARD_CACHE_VERSION = "shards-v1"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -246,7 +248,16 @@ def build_task(spec: TaskSpec, seed: int) -> LMTask:
         "train_tokens": len(shards.train),
         "val_tokens": len(shards.val),
         "flops_per_token": flops_per_token(model, spec.context),
+        "chinchilla_tokens": 20 * n_params,
     }
+    if spec.preset is not None:
+        log.info(
+            "preset %s: %.1f M parameters, Chinchilla %.2f B tokens (20/parameter); this run trains %.2f B",
+            spec.preset,
+            n_params / 1e6,
+            20 * n_params / 1e9,
+            spec.steps * spec.batch_size * spec.grad_accum * spec.context / 1e9,
+        )
     return LMTask(
         kind=spec.kind,
         model=model,

@@ -54,7 +54,9 @@ def _shape(model: nn.Module) -> tuple[int, int] | None:
     base: Any = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     layers = next((getattr(config, a) for a in ("n_layer", "num_hidden_layers") if hasattr(config, a)), None)
-    width = next((getattr(config, a) for a in ("d_model", "hidden_size", "n_embd") if hasattr(config, a)), None)
+    width = next(
+        (getattr(config, a) for a in ("d_model", "hidden_size", "n_embd") if hasattr(config, a)), None
+    )
     if isinstance(layers, int) and isinstance(width, int):
         return layers, width
     return None
