@@ -190,7 +190,7 @@ def test_prepare_refuses_a_folder_of_another_tokenizer_or_source(tmp_path: Path)
     stray = tmp_path / "stray"
     stray.mkdir()
     (stray / "x.bin").write_bytes(b"\0\0")
-    with pytest.raises(ShardError, match="no manifest.json"):
+    with pytest.raises(ShardError, match=r"no manifest\.json"):
         prepare_data(Source(str(source)), stray, processes=1, progress=False)
     # The command line reports the refusal in one line and exits 2.
     from worker.cli import app
@@ -301,7 +301,7 @@ def test_bad_shard_folders_fail_before_training(tmp_path: Path) -> None:
         build_task(_shard_task(tmp_path / "nowhere"), seed=0)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ShardError, match="has no manifest.json"):
+    with pytest.raises(ShardError, match=r"has no manifest\.json"):
         build_task(_shard_task(empty), seed=0)
     manifest = json.loads((folder / MANIFEST).read_text())
     broken = tmp_path / "broken"
