@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.support.worker import tiny_job
 from worker.lm.llama import Llama, LlamaConfig, SwiGLU, apply_rotary, rotary_tables
@@ -117,9 +116,8 @@ def test_llama_roles_and_tied_weights() -> None:
 
 def _hf_count(name: str) -> int:
     """The same published configuration built by transformers (meta device, no memory)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
     from transformers import LlamaConfig as HFConfig
-    from transformers import LlamaForCausalLM
 
     p = PRESETS[name]
     with torch.device("meta"):
