@@ -323,3 +323,57 @@ def test_separator_and_dtype_for_large_vocabularies() -> None:
 
     (ids,) = encode_with_separator(Big(), ["abc"], prep.dtype_for_vocab(Big.vocab_size))  # type: ignore[arg-type]
     assert ids.dtype == np.uint32 and ids.tolist() == [70_003, 99_999]
+
+
+class _CrashAt:
+    """A sink whose worker 'dies' when step ``step`` is logged."""
+
+    def __init__(self, step: int) -> None:
+        from worker.training.sinks import MemorySink
+
+        self.inner, self.step = MemorySink(), step
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def log_metrics(self, step: int, metrics: Any, wall_time: float) -> None:
+        if step == self.step:
+            raise RuntimeError("simulated worker crash")
+        self.inner.log_metrics(step, metrics, wall_time)
+
+
+def test_resumed_run_on_prepared_shards_is_exact(tmp_path: Path) -> None:
+    from worker.spec import parse_job
+    from worker.training.runner import execute_run
+    from worker.training.sinks import MemorySink
+
+    source = _write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    prepare_data(
+        Source(str(source)), tmp_path / "s", val_fraction=0.1, shard_tokens=1000, processes=1, progress=False
+    )
+    job = {
+        "name": "shards",
+        "device": "cpu",
+        "optimizers": [{"name": "adamw", "hyperparameters": {"lr": 3e-3}}],
+        "task": {
+            **_shard_task(tmp_path / "s").model_dump(),
+            "arch": "llama",
+            "steps": 8,
+            "eval_every": 4,
+            "checkpoint_every": 3,
+            "fisher_every": 0,
+            "log_every": 1,
+            "dropout": 0.1,
+        },
+    }
+    (spec,) = parse_job(job).expand()
+    full = MemorySink()
+    assert execute_run(spec, full, checkpoint_dir=tmp_path / "full").status == "succeeded"
+    crashed = execute_run(spec, _CrashAt(5), checkpoint_dir=tmp_path / "resumed")  # type: ignore[arg-type]
+    assert crashed.status == "failed"
+    resumed = MemorySink()
+    result = execute_run(spec, resumed, checkpoint_dir=tmp_path / "resumed")
+    assert result.status == "succeeded" and next(s for s, _, _ in resumed.records) == 4
+    reference = dict(full.series("train_loss"))
+    assert all(reference[step] == loss for step, loss in resumed.series("train_loss"))
+    assert result.summary["final_val_loss"] == full.series("val_loss")[-1][1]
