@@ -228,6 +228,10 @@ export const SUMMARY_COLUMNS = [
   { key: 'optShare', title: 'Optimizer time share', better: 'min', kind: 'percent' },
   { key: 'peakMemoryMb', title: 'Peak memory (MB)', better: 'min', kind: 'stat', digits: 0 },
   { key: 'tokensPerS', title: 'Tokens/s', better: 'max', kind: 'stat', digits: 0 },
+  {
+    key: 'mfu', title: 'MFU', better: 'max', kind: 'percent',
+    hint: 'model FLOPs utilisation: (6N + attention) FLOPs per token × tokens/s over the GPU\'s dense peak; none on CPU',
+  },
   { key: 'diverged', title: 'Runs diverged', better: 'min', kind: 'count' },
   // Not a property of the optimizer (no "best"): what the Fisher probes cost this run, kept out of
   // every time above so that they do not skew the comparison.
@@ -276,6 +280,7 @@ export function summarize(runs, { targetLoss = null } = {}) {
       diagShare: describe(withSummary.map((r) => pick(r, 'fisher_overhead'))).mean,
       peakMemoryMb: describe(withSummary.map((r) => pick(r, 'peak_memory_mb'))),
       tokensPerS: describe(withSummary.map((r) => pick(r, 'tokens_per_s'))),
+      mfu: describe(withSummary.map((r) => pick(r, 'mfu'))).mean,
       diverged: ended.filter((r) => r.status === 'diverged').length,
       speedupSteps: NaN,
       speedupTime: NaN,
