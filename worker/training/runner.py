@@ -150,6 +150,8 @@ class _Tracker:
         for key in ("parameters", "trainable_parameters"):
             if key in info:
                 out[key] = float(info[key])
+        if "compile_s" in info:
+            out["compile_time_s"] = float(info["compile_s"])  # kept out of every time above
         return out
 
 
@@ -229,6 +231,8 @@ class _Run:
         self.batches = WindowBatches(task.train_tokens, t.context, t.batch_size, self.spec.seed)
         self.val_batches = validation_batches(task.val_tokens, t.context, t.batch_size, t.eval_batches)
         self.tokens_per_step = t.batch_size * t.grad_accum * t.context
+        if t.compile:
+            task.info["compile_s"] = self.compile_now()
         monitor_cls = optim.fisher_monitor_class() if t.fisher_every > 0 else None
         if monitor_cls is not None:
             self.fisher = monitor_cls(
@@ -251,6 +255,17 @@ class _Run:
         random.seed(self.spec.seed)
         if self.device.type == "cuda":
             torch.cuda.manual_seed(self.spec.seed)
+
+    def compile_now(self) -> float:
+        """Trigger torch.compile's graph capture and code generation with one untimed forward and
+        backward pass, so that compilation is not billed to the first training step (and so to
+        tokens/s). RNG states are forked and gradients cleared: training is unchanged."""
+        began = time.perf_counter()
+        inputs, targets = self.batches.batch(0)
+        with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
+            self.loss(inputs.to(self.device), targets.to(self.device)).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - began
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type == "cuda":
