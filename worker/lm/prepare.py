@@ -172,8 +172,12 @@ def tokenizer_request(kind: str, vocab_size: int) -> dict[str, Any]:
 _WORKER_TOKENIZER: TextTokenizer | None = None
 
 
-def _init_worker(recipe: dict[str, Any]) -> None:
+def _init_worker(recipe: dict[str, Any], pooled: bool = False) -> None:
     global _WORKER_TOKENIZER
+    if pooled:
+        # One thread per process: the pool already uses every core, the Rust tokenizer's own
+        # threads would only oversubscribe them.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER_TOKENIZER = _rebuild(recipe)
 
 
@@ -412,7 +416,11 @@ def prepare_data(
     new_tokens, n_docs, text_bytes = 0, start_doc, 0
     bar = tqdm(desc=f"tokenising ({n_proc} proc)", unit="tok", unit_scale=True, disable=not progress)
     recipe = _tokenizer_recipe(tok)
-    pool = multiprocessing.get_context("spawn").Pool(n_proc, _init_worker, (recipe,)) if n_proc > 1 else None
+    pool = (
+        multiprocessing.get_context("spawn").Pool(n_proc, _init_worker, (recipe, True))
+        if n_proc > 1
+        else None
+    )
     try:
         if pool is None:
             _init_worker(recipe)

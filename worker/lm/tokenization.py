@@ -12,11 +12,12 @@ import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from worker.paths import cache_root
+
+if TYPE_CHECKING:
+    import torch
 
 EOT = "<|endoftext|>"
 
@@ -192,6 +193,8 @@ def tokenizer_from_dict(data: dict[str, Any]) -> TextTokenizer:
 
 def encode_documents(tokenizer: TextTokenizer, documents: Iterable[str]) -> torch.Tensor:
     """Concatenate the documents' ids with ``eos_id`` after each, as one int32 tensor."""
+    import torch  # here, not at the top: prepare-data's worker processes never pay for importing it
+
     docs = list(documents)
     if isinstance(tokenizer, ByteTokenizer):
         joined = bytearray()
