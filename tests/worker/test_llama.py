@@ -221,3 +221,15 @@ def test_compiled_run_equals_eager_run(arch: str) -> None:
     for (_, x), (_, y) in zip(a, b, strict=True):
         assert x == pytest.approx(y, rel=1e-4, abs=1e-5)
     assert dict(eager.series("val_loss"))[3] == pytest.approx(dict(compiled.series("val_loss"))[3], rel=1e-4)
+
+
+def test_presets_command_prints_sizes_and_chinchilla_tokens() -> None:
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    result = CliRunner().invoke(app, ["presets"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Chinchilla" in result.output
+    line = next(row for row in result.output.splitlines() if "llama-130m" in row)
+    assert "134.1 M" in line and "2.68 B" in line  # 134.1 M parameters x 20 tokens
