@@ -56,7 +56,6 @@ def run(device: str, dry_run: bool, presets: tuple[str, ...] = PRESETS) -> dict[
     """One row per (preset, optimizer) with steady-state tokens/s, MFU and optimizer share."""
     import torch
 
-    from worker.lm.presets import preset_parameters
     from worker.lm.throughput import device_peak_flops, mfu
     from worker.spec import JobSpec
     from worker.training.runner import execute_run
@@ -117,8 +116,6 @@ def run(device: str, dry_run: bool, presets: tuple[str, ...] = PRESETS) -> dict[
             print(row, flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
-        if not dry_run:
-            rows[-1]["preset_parameters_m"] = round(preset_parameters(preset) / 1e6, 1)
     for row in rows:  # DyKAF's tokens/s as a ratio to AdamW's on the same preset
         base = next((r for r in rows if r["preset"] == row["preset"] and r["optimizer"] == "adamw"), None)
         if base and base.get("tokens_per_s") and row.get("tokens_per_s"):
