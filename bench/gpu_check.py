@@ -335,6 +335,13 @@ def _table(keys: list[str], rows: list[dict[str, Any]]) -> list[str]:
     return head + ["| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |" for row in rows]
 
 
+def pretrain_throughput(device: str, dry_run: bool) -> dict[str, Any]:
+    """gpt2-124m and llama-130m, bf16, compiled, 0.26 M-token batches: see bench/pretrain_throughput.py."""
+    import pretrain_throughput
+
+    return pretrain_throughput.run(device, dry_run)
+
+
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [
@@ -421,6 +428,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(rule_kernels.markdown(rules))
     else:
         lines.append(rules.get("skipped") or rules.get("error", ""))
+    pretrain = report.get("pretrain", {})
+    lines += ["", "## Pre-training throughput (presets, compiled, bf16): tokens/s, MFU, optimizer share", ""]
+    if "rows" in pretrain:
+        import pretrain_throughput
+
+        lines.append(pretrain_throughput.markdown(pretrain))
+    else:
+        lines.append(pretrain.get("skipped") or pretrain.get("error", ""))
     return "\n".join(lines) + "\n"
 
 
@@ -434,7 +449,7 @@ def main() -> int:
         "--skip",
         nargs="*",
         default=[],
-        choices=["tests", "cold", "default", "fisher", "rules", "training", "steps"],
+        choices=["tests", "cold", "default", "fisher", "rules", "training", "steps", "pretrain"],
     )
     args = parser.parse_args()
     device = "cpu" if args.dry_run else "cuda"
@@ -456,6 +471,7 @@ def main() -> int:
         "rules": ("factor_rules", factor_rules),
         "training": ("training", training),
         "steps": ("optimizer_step", optimizer_steps),
+        "pretrain": ("pretrain", pretrain_throughput),
     }
     for key, (name, fn) in sections.items():
         if key in args.skip:

@@ -42,6 +42,7 @@ SUMMARY_METRICS = (
     "fwd_bwd_ms",
     "optimizer_ms",
     "tokens_per_s",
+    "mfu",
     "peak_memory_mb",
     "fisher_overhead",
 )
@@ -163,6 +164,7 @@ COLUMNS: tuple[tuple[str, str | None, bool], ...] = (
     ("optimizer_share", "min", False),
     ("peak_memory_mb", "min", False),
     ("tokens_per_s", "max", False),
+    ("mfu", "max", False),
     ("diverged", "min", False),
     ("fisher_overhead", None, False),  # what the probes cost, kept out of every time above
 )

@@ -19,6 +19,7 @@ from rich.markup import escape
 from server.jobs.status import RunStatus
 from worker import cli_service
 from worker.cli_common import load_job_file, summary_table
+from worker.lm import cli_data
 
 __all__ = ["app", "load_job_file", "summary_table"]
 
@@ -83,3 +84,4 @@ def run(
 
 
 cli_service.register(app)
+cli_data.register(app)  # prepare-data, presets

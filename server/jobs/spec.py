@@ -91,13 +91,17 @@ def _check_local_or_hub(value: str, what: str) -> str:
 class CorpusSpec(StrictModel):
     """Which text to train on and how to split it into training and validation parts."""
 
-    name: Literal["pydoc", "stdlib_code", "file", "hf"] = Field(
+    name: Literal["pydoc", "stdlib_code", "file", "hf", "shards"] = Field(
         "pydoc",
         description="pydoc: the Python documentation topics (English prose, embedded); stdlib_code: the "
         "Python standard library's source (embedded); file: a local .txt/.jsonl/.parquet file or "
-        "directory; hf: a Hugging Face dataset by name (or a local dataset directory)",
+        "directory; hf: a Hugging Face dataset by name (or a local dataset directory); shards: a folder "
+        "of token shards written by `dykaf-lab prepare-data` (read from disk, any size; the tokenizer "
+        "is the one recorded in its manifest)",
     )
-    path: str | None = Field(None, description="local file or directory (name='file')")
+    path: str | None = Field(
+        None, description="local file or directory (name='file'), shard folder (name='shards')"
+    )
     format: Literal["auto", "text", "jsonl", "parquet"] = Field(
         "auto", description="file format (name='file'); auto picks by extension"
     )
@@ -124,8 +128,8 @@ class CorpusSpec(StrictModel):
 
     @model_validator(mode="after")
     def _required_per_kind(self) -> CorpusSpec:
-        if self.name == "file" and not self.path:
-            raise ValueError("corpus.path is required when corpus.name is 'file'")
+        if self.name in ("file", "shards") and not self.path:
+            raise ValueError(f"corpus.path is required when corpus.name is '{self.name}'")
         if self.name == "hf" and not self.hf_name:
             raise ValueError("corpus.hf_name is required when corpus.name is 'hf'")
         return self
@@ -167,11 +171,123 @@ class FinetuneSpec(StrictModel):
         return _check_local_or_hub(value, "model")
 
 
+class ModelPreset(StrictModel):
+    """A named model size from the literature; ``published_parameters`` is the count its source
+    reports (or, for a configuration published without a count, the Hugging Face model's count)."""
+
+    arch: Literal["gpt", "llama"]
+    n_layer: int
+    n_head: int
+    d_model: int
+    context: int
+    vocab_size: int | None = None
+    ffn_hidden: int | None = None
+    tie_weights: bool = False
+    published_parameters: int | None = None
+    source: str = ""
+
+
+# The presets a task may name (``task.preset``); the explicit task fields win over a preset's.
+PRESETS: dict[str, ModelPreset] = {
+    "gpt-micro": ModelPreset(
+        arch="gpt", n_layer=1, n_head=2, d_model=32, context=16, source="the test suite's tiny GPT"
+    ),
+    "gpt-tiny": ModelPreset(
+        arch="gpt", n_layer=4, n_head=4, d_model=128, context=128, source="the default task's GPT"
+    ),
+    "llama-tiny": ModelPreset(
+        arch="llama", n_layer=4, n_head=4, d_model=128, context=128, source="the default task as LLaMA"
+    ),
+    "gpt2-124m": ModelPreset(
+        arch="gpt",
+        n_layer=12,
+        n_head=12,
+        d_model=768,
+        context=1024,
+        vocab_size=50257,
+        tie_weights=True,
+        published_parameters=124_439_808,
+        source="GPT-2 small (Radford et al. 2019; Hugging Face 'gpt2'), without biases as in nanoGPT",
+    ),
+    "llama-60m": ModelPreset(
+        arch="llama",
+        n_layer=8,
+        n_head=8,
+        d_model=512,
+        context=1024,
+        vocab_size=32000,
+        ffn_hidden=1376,
+        published_parameters=58_073_600,
+        source="GaLore's llama_60m config (Zhao et al. 2024); nominal 60M",
+    ),
+    "llama-130m": ModelPreset(
+        arch="llama",
+        n_layer=12,
+        n_head=12,
+        d_model=768,
+        context=1024,
+        vocab_size=32000,
+        ffn_hidden=2048,
+        published_parameters=134_105_856,
+        source="GaLore's llama_130m config (Zhao et al. 2024); nominal 130M",
+    ),
+    "llama-350m": ModelPreset(
+        arch="llama",
+        n_layer=24,
+        n_head=16,
+        d_model=1024,
+        context=1024,
+        vocab_size=32000,
+        ffn_hidden=2736,
+        published_parameters=367_969_280,
+        source="GaLore's llama_350m config (Zhao et al. 2024); nominal 350M",
+    ),
+    "llama-1b": ModelPreset(
+        arch="llama",
+        n_layer=24,
+        n_head=32,
+        d_model=2048,
+        context=1024,
+        vocab_size=32000,
+        ffn_hidden=5461,
+        published_parameters=1_339_082_752,
+        source="GaLore's llama_1b config (Zhao et al. 2024); nominal 1B",
+    ),
+}
+_PRESET_FIELDS = (
+    "arch",
+    "n_layer",
+    "n_head",
+    "d_model",
+    "context",
+    "vocab_size",
+    "ffn_hidden",
+    "tie_weights",
+)
+
+
 class TaskSpec(StrictModel):
     """What is trained and how: model size, data, batch, schedule, measurement cadence."""
 
     kind: Literal["pretrain", "finetune"] = "pretrain"
     # model (pretrain)
+    preset: str | None = Field(
+        None,
+        description="a named model size that fills arch, layers, heads, width, context and vocabulary "
+        f"(fields given explicitly win): {', '.join(PRESETS)}",
+    )
+    arch: Literal["gpt", "llama"] = Field(
+        "gpt",
+        description="gpt: LayerNorm, learned positions, GELU MLP; llama: RMSNorm, rotary embeddings, "
+        "SwiGLU, no biases",
+    )
+    vocab_size: int | None = Field(
+        None, ge=2, le=1_048_576, description="model vocabulary; null = the tokenizer's (must hold every id)"
+    )
+    ffn_hidden: int | None = Field(
+        None, ge=1, le=131_072, description="llama feed-forward width; null = 8/3·d"
+    )
+    compile: bool = Field(False, description="run the model under torch.compile")
     n_layer: int = Field(4, ge=1, le=128)
     n_head: int = Field(4, ge=1, le=128)
     d_model: int = Field(128, ge=8, le=16_384)
@@ -182,6 +298,12 @@ class TaskSpec(StrictModel):
     batch_size: int = Field(16, ge=1, le=4096, description="sequences per micro-batch")
     grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
     steps: int = Field(500, gt=0, le=MAX_STEPS, description="optimizer steps")
+    tokens: int | None = Field(
+        None,
+        gt=0,
+        description="training tokens instead of steps: steps = ceil(tokens / (batch_size · grad_accum · "
+        "context))",
+    )
     # schedule and clipping
     warmup_steps: int = Field(50, ge=0, le=MAX_STEPS)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -210,8 +332,32 @@ class TaskSpec(StrictModel):
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
     finetune: FinetuneSpec | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("preset") is None:
+            return data
+        name = data["preset"]
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; accepted: {', '.join(PRESETS)}")
+        preset = PRESETS[name]
+        return {**{key: getattr(preset, key) for key in _PRESET_FIELDS}, **data}
+
     @model_validator(mode="after")
     def _consistent(self) -> TaskSpec:
+        if self.tokens is not None:
+            steps = math.ceil(self.tokens / (self.batch_size * self.grad_accum * self.context))
+            # A dumped spec carries both (steps computed); only a disagreeing pair is an error.
+            if "steps" in self.model_fields_set and self.steps != steps:
+                raise ValueError(
+                    f"give task.tokens or task.steps, not both (tokens give {steps} steps, "
+                    f"steps is {self.steps})"
+                )
+            if steps > MAX_STEPS:
+                raise ValueError(f"task.tokens gives {steps} steps at this batch; the limit is {MAX_STEPS}")
+            self.steps = steps
+        if self.arch == "llama" and (self.d_model // self.n_head) % 2:
+            raise ValueError("llama needs an even head width (d_model / n_head) for rotary embeddings")
         if self.kind == "pretrain":
             if self.d_model % self.n_head:
                 raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")

@@ -68,3 +68,33 @@ def test_report_written_midway_marks_the_sections_still_to_run(tmp_path: Path) -
     assert all("not run yet" in report[name]["skipped"] for name in pending)
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert "`14 passed`" in markdown and markdown.count("not run yet") == 6
+
+
+def test_gpu_check_pretrain_section_dry_run(tmp_path: Path) -> None:
+    """The pre-training throughput section alone (tiny presets on the CPU): every optimizer's row
+    has tokens/s and an optimizer share, and no MFU (no peak on a CPU)."""
+    others = ["tests", "cold", "default", "fisher", "rules", "training", "steps"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_check.py"),
+            "--out",
+            str(tmp_path),
+            "--dry-run",
+            "--skip",
+            *others,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["pretrain"]["rows"]
+    assert [(r["preset"].split()[0], r["optimizer"]) for r in rows] == [
+        (p, o) for p in ("gpt2-124m", "llama-130m") for o in ("adamw", "soap", "dykaf", "muon")
+    ]
+    assert all(r["status"] == "succeeded" and r["tokens_per_s"] > 0 for r in rows)
+    assert all(0 < r["optimizer_share"] < 1 and r["mfu"] is None for r in rows)
+    markdown = (tmp_path / "gpu_check.md").read_text()
+    assert "## Pre-training throughput" in markdown and "| muon |" in markdown

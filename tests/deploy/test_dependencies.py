@@ -30,7 +30,12 @@ LOCAL_IMPORT_ALLOWED: dict[tuple[str, str], str] = {
     ("worker.execute", "worker.training.checkpoint"): "torch: loaded inside the task, never before the pool",
     ("worker.cli", "worker.local"): "torch: `dykaf-lab run` only; the other commands start fast",
     ("worker.training.runner", "worker.lm.hf"): "transformers/peft: only runs that export or fine-tune",
-    ("worker.training.runner", "worker.lm.model"): "only runs that export a model",
+    (
+        "worker.lm.cli_data",
+        "worker.lm.prepare",
+    ): "numpy/tokenizers: data commands only",
+    ("worker.lm.cli_data", "worker.lm.shards"): "numpy: the data commands only; --help starts fast",
+    ("worker.lm.cli_data", "worker.lm.presets"): "torch: the presets command only; --help starts fast",
 }
 
 

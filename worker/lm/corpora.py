@@ -76,15 +76,24 @@ def _read_one_file(path: Path, fmt: str, text_field: str) -> Iterator[str]:
     else:
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path, columns=[text_field])
-        for value in table.column(text_field).to_pylist():
-            if value is not None:
-                yield str(value)
+        # Row group by row group: a large Parquet file is never read whole.
+        parquet = pq.ParquetFile(path)
+        if text_field not in parquet.schema_arrow.names:
+            raise ValueError(f"{path.name} has no column {text_field!r}")
+        for batch in parquet.iter_batches(columns=[text_field], batch_size=4096):
+            for value in batch.column(0).to_pylist():
+                if value is not None:
+                    yield str(value)
 
 
 def file_documents(path: str, fmt: str = "auto", text_field: str = "text") -> Iterator[str]:
-    """Documents from a local file, or from every readable file in a directory (sorted by path)."""
-    root = confine_path(path)
+    """Documents from a local file, or from every readable file in a directory (sorted by path);
+    ``path`` must lie inside the data roots (it comes from a job spec)."""
+    yield from read_files(confine_path(path), fmt, text_field)
+
+
+def read_files(root: Path, fmt: str = "auto", text_field: str = "text") -> Iterator[str]:
+    """Documents from the file ``root`` or every readable file below the folder ``root``."""
     if root.is_dir():
         files = [p for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(".")]
         files = [
@@ -95,7 +104,7 @@ def file_documents(path: str, fmt: str = "auto", text_field: str = "text") -> It
     elif root.is_file():
         files = [root]
     else:
-        raise FileNotFoundError(f"corpus path {path!r} does not exist")
+        raise FileNotFoundError(f"corpus path {str(root)!r} does not exist")
     for file in files:
         yield from _read_one_file(file, _file_format(file, fmt), text_field)
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from server.jobs.paths import confine_path
 from server.jobs.spec import LoraSpec, looks_like_local_path
+from worker.lm.llama import Llama, LlamaConfig
 from worker.lm.model import EMBEDDING, GPT, HEAD, HIDDEN, VECTOR, GPTConfig
 from worker.lm.tokenization import HFTokenizer, TextTokenizer, tokenizer_from_dict
 from worker.training.checkpoint import atomic_torch_save
@@ -23,11 +24,15 @@ EXPORT_FORMAT = "dykaf-lab/gpt-v1"
 EXPORT_NAME = "model.pt"
 
 
-def save_gpt_export(path: Path, model: GPT, tokenizer: TextTokenizer) -> None:
+OUR_MODELS = (GPT, Llama)
+
+
+def save_gpt_export(path: Path, model: GPT | Llama, tokenizer: TextTokenizer) -> None:
     """Write a self-contained model file (config, weights, tokenizer) that ``finetune.model`` accepts."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {
         "format": EXPORT_FORMAT,
+        "arch": "llama" if isinstance(model, Llama) else "gpt",
         "config": model.config.to_dict(),
         "state_dict": state,
         "tokenizer": tokenizer.to_dict(),
@@ -43,11 +48,15 @@ def _export_file(path: Path) -> Path | None:
     return None
 
 
-def load_gpt_export(path: Path) -> tuple[GPT, TextTokenizer]:
+def load_gpt_export(path: Path) -> tuple[GPT | Llama, TextTokenizer]:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path} is not a model export of a dykaf-lab pre-training run")
-    model = GPT(GPTConfig(**payload["config"]))
+    model: GPT | Llama
+    if payload.get("arch") == "llama":
+        model = Llama(LlamaConfig(**payload["config"]))
+    else:
+        model = GPT(GPTConfig(**payload["config"]))
     model.load_state_dict(payload["state_dict"])
     return model, tokenizer_from_dict(payload["tokenizer"])
 
@@ -62,7 +71,7 @@ def load_hf_causal_lm(source: str) -> tuple[nn.Module, TextTokenizer]:
 
 
 def load_pretrained(reference: str) -> tuple[nn.Module, TextTokenizer, str]:
-    """Resolve ``finetune.model``: (model, tokenizer, origin) with origin ``"gpt"`` or ``"hf"``."""
+    """Resolve ``finetune.model``: (model, tokenizer, origin); origin is gpt, llama or hf."""
     if looks_like_local_path(reference):
         path = confine_path(reference)
         if not path.exists():
@@ -70,7 +79,7 @@ def load_pretrained(reference: str) -> tuple[nn.Module, TextTokenizer, str]:
         export = _export_file(path)
         if export is not None:
             model, tokenizer = load_gpt_export(export)
-            return model, tokenizer, "gpt"
+            return model, tokenizer, "llama" if isinstance(model, Llama) else "gpt"
         model, tokenizer = load_hf_causal_lm(str(path))
         return model, tokenizer, "hf"
     model, tokenizer = load_hf_causal_lm(reference)
@@ -79,7 +88,7 @@ def load_pretrained(reference: str) -> tuple[nn.Module, TextTokenizer, str]:
 
 def max_context(model: nn.Module) -> int | None:
     """The longest sequence the pretrained model accepts, when its config says."""
-    if isinstance(model, GPT):
+    if isinstance(model, OUR_MODELS):
         return model.config.context
     config = getattr(model, "config", None)
     for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
@@ -96,6 +105,8 @@ def apply_lora(model: nn.Module, lora: LoraSpec, origin: str) -> nn.Module:
     targets = lora.target_modules
     if targets is None and origin == "gpt":
         targets = ["qkv"]
+    elif targets is None and origin == "llama":
+        targets = ["q_proj", "v_proj"]
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -116,7 +127,7 @@ def param_roles(model: nn.Module) -> dict[str, str]:
     """
     base: Any = model.get_base_model() if hasattr(model, "get_base_model") else model
     by_id: dict[int, str] = {}
-    if isinstance(base, GPT):
+    if isinstance(base, OUR_MODELS):
         named = dict(base.named_parameters())
         by_id = {id(named[name]): role for name, role in base.param_roles().items()}
     else:
@@ -145,5 +156,7 @@ def logits_of(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 
 def _is_gpt(model: nn.Module) -> bool:
+    """One of our models, seen through torch.compile's and peft's wrappers."""
+    model = getattr(model, "_orig_mod", model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return isinstance(base, GPT)
+    return isinstance(base, OUR_MODELS)

@@ -12,11 +12,12 @@ import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from server.jobs.paths import cache_root
+
+if TYPE_CHECKING:
+    import torch
 
 EOT = "<|endoftext|>"
 
@@ -106,6 +107,35 @@ class HFTokenizer:
         return {"kind": "hf", "name_or_path": getattr(self._tok, "name_or_path", "")}
 
 
+def tokenizer_identity(tokenizer: TextTokenizer) -> dict[str, Any]:
+    """What a shard manifest records about the tokenizer: kind, name, sizes and a content hash.
+
+    The hash covers the whole vocabulary and merge rules (BPE, fast HF tokenizers) so two folders
+    agree on it exactly when their token ids mean the same strings.
+    """
+    if isinstance(tokenizer, ByteTokenizer):
+        name, content = "utf-8 bytes", "byte-v1"
+    elif isinstance(tokenizer, BPETokenizer):
+        name, content = f"bpe-{tokenizer.vocab_size}", tokenizer.to_dict()["json"]
+    else:
+        inner = getattr(tokenizer, "_tok", tokenizer)
+        name = str(getattr(inner, "name_or_path", "") or type(inner).__name__)
+        backend = getattr(inner, "backend_tokenizer", None)
+        if backend is not None:
+            content = backend.to_str()
+        else:
+            import json
+
+            content = json.dumps(sorted(inner.get_vocab().items()))
+    return {
+        "kind": tokenizer.to_dict()["kind"],
+        "name": name,
+        "vocab_size": int(tokenizer.vocab_size),
+        "eos_id": int(tokenizer.eos_id),
+        "sha256": hashlib.sha256(content.encode("utf-8")).hexdigest(),
+    }
+
+
 def _bpe_cache_key(texts: Sequence[str], vocab_size: int) -> str:
     digest = hashlib.sha256(f"bpe-v1|{vocab_size}|{len(texts)}|".encode())
     for text in texts:
@@ -163,6 +193,8 @@ def tokenizer_from_dict(data: dict[str, Any]) -> TextTokenizer:
 
 def encode_documents(tokenizer: TextTokenizer, documents: Iterable[str]) -> torch.Tensor:
     """Concatenate the documents' ids with ``eos_id`` after each, as one int32 tensor."""
+    import torch  # here, not at the top: prepare-data's worker processes never pay for importing it
+
     docs = list(documents)
     if isinstance(tokenizer, ByteTokenizer):
         joined = bytearray()

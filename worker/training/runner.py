@@ -38,6 +38,7 @@ from server.jobs.spec import RunSpec
 from server.jobs.status import RunStatus
 from worker.lm.data import WindowBatches, validation_batches
 from worker.lm.task import LMTask, build_task
+from worker.lm.throughput import device_peak_flops, mfu
 from worker.training import checkpoint as ckpt
 from worker.training import measure, warmup
 from worker.training.schedule import build_scheduler
@@ -141,6 +142,10 @@ class _Tracker:
             out["optimizer_ms"] = 1000 * self.optimizer_total / self.timed_steps
         if self.train_time > 0:
             out["tokens_per_s"] = self.tokens_total / self.train_time
+            out.update(_throughput(out["tokens_per_s"], info))
+        if self.fwd_bwd_total + self.optimizer_total > 0:
+            # The optimizer's share of a step (forward/backward + optimizer; diagnostics excluded).
+            out["optimizer_share"] = self.optimizer_total / (self.fwd_bwd_total + self.optimizer_total)
         if self.target_loss is not None:
             out["reached_target"] = float(self.steps_to_target >= 0)
             if self.steps_to_target >= 0:
@@ -149,7 +154,21 @@ class _Tracker:
         for key in ("parameters", "trainable_parameters"):
             if key in info:
                 out[key] = float(info[key])
+        if "compile_s" in info:
+            out["compile_time_s"] = float(info["compile_s"])  # kept out of every time above
         return out
+
+
+def _throughput(tokens_per_s: float, info: Mapping[str, Any]) -> dict[str, float]:
+    """Model FLOPs per token, achieved TFLOP/s and MFU (only on a GPU of known peak)."""
+    per_token = info.get("flops_per_token")
+    if not per_token:
+        return {}
+    out = {"flops_per_token": float(per_token), "model_tflops": tokens_per_s * per_token / 1e12}
+    utilisation = mfu(tokens_per_s, per_token, info.get("peak_flops"))
+    if utilisation is not None:
+        out["mfu"] = utilisation
+    return out
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -193,6 +212,10 @@ class _Run:
         task = build_task(self.task_spec, self.spec.seed)
         self.task = task
         self.model = task.model.to(self.device)
+        # Forward passes go through ``forward_model``; state dicts, hooks and exports use ``model``.
+        self.forward_model = torch.compile(self.model) if self.task_spec.compile else self.model
+        if self.device.type == "cuda":
+            task.info["peak_flops"] = device_peak_flops(torch.cuda.get_device_name(self.device), bf16=True)
         named = task.trainable_parameters()
         self.params = [p for _, p in named]
         roles = {name: task.roles[name] for name, _ in named}
@@ -208,6 +231,8 @@ class _Run:
         self.batches = WindowBatches(task.train_tokens, t.context, t.batch_size, self.spec.seed)
         self.val_batches = validation_batches(task.val_tokens, t.context, t.batch_size, t.eval_batches)
         self.tokens_per_step = t.batch_size * t.grad_accum * t.context
+        if t.compile:
+            task.info["compile_s"] = self.compile_now()
         if t.fisher_every > 0:
             self.fisher = FisherMonitor(
                 self.model,
@@ -225,6 +250,17 @@ class _Run:
         random.seed(self.spec.seed)
         if self.device.type == "cuda":
             torch.cuda.manual_seed(self.spec.seed)
+
+    def compile_now(self) -> float:
+        """Trigger torch.compile's graph capture and code generation with one untimed forward and
+        backward pass, so that compilation is not billed to the first training step (and so to
+        tokens/s). RNG states are forked and gradients cleared: training is unchanged."""
+        began = time.perf_counter()
+        inputs, targets = self.batches.batch(0)
+        with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
+            self.loss(inputs.to(self.device), targets.to(self.device)).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - began
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type == "cuda":
@@ -284,10 +320,9 @@ class _Run:
 
     def export_model(self) -> None:
         """Pre-training runs leave a ``model.pt`` that a fine-tuning task can start from."""
-        from worker.lm.hf import EXPORT_NAME, save_gpt_export
-        from worker.lm.model import GPT
+        from worker.lm.hf import EXPORT_NAME, OUR_MODELS, save_gpt_export
 
-        if self.checkpoint_dir is not None and isinstance(self.model, GPT) and self.task is not None:
+        if self.checkpoint_dir is not None and isinstance(self.model, OUR_MODELS) and self.task is not None:
             save_gpt_export(self.checkpoint_dir / EXPORT_NAME, self.model, self.task.tokenizer)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -317,7 +352,7 @@ class _Run:
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         assert self.task is not None
         with self.autocast():
-            logits = self.task.logits(self.model, inputs)
+            logits = self.task.logits(self.forward_model, inputs)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
     @torch.no_grad()

@@ -222,6 +222,10 @@ export const SUMMARY_COLUMNS = [
   { key: 'optimizer_share', title: 'Optimizer time share', kind: 'percent' },
   { key: 'peak_memory_mb', title: 'Peak memory (MB)', kind: 'stat', digits: 0 },
   { key: 'tokens_per_s', title: 'Tokens/s', better: 'max', kind: 'stat', digits: 0 },
+  {
+    key: 'mfu', title: 'MFU', better: 'max', kind: 'percent',
+    hint: 'model FLOPs utilisation: (6N + attention) FLOPs per token × tokens/s over the GPU\'s dense peak; none on CPU',
+  },
   { key: 'diverged', title: 'Runs diverged', kind: 'count' },
   // Not a property of the optimizer (no "best"): what the Fisher probes cost this run, kept out of
   // every time above so that they do not skew the comparison.
