@@ -263,7 +263,12 @@ def expand_next_stage(session: Session, job_id: int) -> list[tuple[int, str]]:
         if group not in chosen or score < best[group]:
             chosen[group] = dict((run.spec or {}).get("sweep_point") or {})
             best[group] = score
-    new = runs_from_specs(spec.expand_selected(chosen), start_index=stage_one, auto_queue=runs[0].queue)
+    run_specs = spec.expand_selected(chosen)
+    if job.study_id is not None:  # a study's baseline also runs at its larger budgets
+        from server.studies.orchestrate import budget_run_specs_for
+
+        run_specs += budget_run_specs_for(session, job, chosen)
+    new = runs_from_specs(run_specs, start_index=stage_one, auto_queue=runs[0].queue)
     for run in new:
         run.job_id = job_id
         run.queue = runs[0].queue
