@@ -155,3 +155,7 @@ def run(
 from worker import cli_service  # noqa: E402
 
 cli_service.register(app)
+
+from worker import cli_study  # noqa: E402
+
+cli_study.register(app)
