@@ -10,40 +10,13 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from server.crud import runs as runs_crud
 from server.db import migrate
 from server.db.models import Job, Run, Study
 from server.db.session import session_scope
 from server.studies import orchestrate
 from server.studies.report import csv_rows
 from server.studies.spec import parse_study
-
-LRS = [0.001, 0.003, 0.01]
-
-
-def study_body(**overrides: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "name": "two scales",
-        "device": "cpu",
-        "task": {
-            "n_layer": 1,
-            "n_head": 2,
-            "context": 16,
-            "batch_size": 4,
-            "steps": 10,
-            "warmup_steps": 2,
-            "eval_every": 5,
-            "eval_batches": 1,
-            "fisher_every": 0,
-            "corpus": {"name": "pydoc", "max_chars": 20000},
-        },
-        "scales": [{"name": "d16", "task": {"d_model": 16}}, {"name": "d32", "task": {"d_model": 32}}],
-        "optimizers": [{"name": "adamw", "sweep": {"lr": LRS}}, {"name": "muon", "sweep": {"lr": LRS}}],
-        "seeds": [0, 1],
-        "budgets": [2, 4],
-    }
-    body.update(overrides)
-    return body
+from tests.support.studies import LRS, finish_all, study_body
 
 
 @pytest.fixture
@@ -63,34 +36,6 @@ def sweep_loss(group: str, lr: float, scale: int) -> float:
 BUDGET_LOSS = {"adamw": 0.0, "adamw@2x": -0.1, "adamw@4x": -0.2}
 
 
-def finish_all(settings: Any, job_id: int, loss_of: Any) -> list[tuple[int, str]]:
-    created: list[tuple[int, str]] = []
-    with session_scope(settings.database_url) as session:
-        pending = session.scalars(select(Run).where(Run.job_id == job_id, Run.status == "queued")).all()
-        pending = [(r.id, r.spec) for r in pending]
-    for run_id, spec in pending:
-        with session_scope(settings.database_url) as session:
-            claim = runs_crud.claim_run(session, run_id, worker="w", device="cpu", stale_after_s=30)
-        assert claim is not None
-        loss = loss_of(spec)
-        summary = {
-            "final_val_loss": loss,
-            "train_time_s": 10.0 * spec["task"]["steps"] / 10,
-            "parameters": 1e4,
-        }
-        with session_scope(settings.database_url) as session:
-            runs_crud.finish_run(
-                session,
-                claim,
-                status="succeeded",
-                reason=None,
-                final_step=spec["task"]["steps"],
-                summary=summary,
-            )
-            created += runs_crud.expand_next_stage(session, job_id)
-    return created
-
-
 def test_study_expands_confirms_and_reports(db: Any) -> None:
     spec = parse_study(study_body())
     with session_scope(db.database_url) as session:
@@ -103,10 +48,10 @@ def test_study_expands_confirms_and_reports(db: Any) -> None:
         def stage_one_loss(run_spec: dict[str, Any], scale: int = scale) -> float:
             return sweep_loss(run_spec["group"], run_spec["sweep_point"]["lr"], scale)
 
-        created = finish_all(db, job_id, stage_one_loss)
+        created = finish_all(db.database_url, job_id, stage_one_loss)
         # confirmation: each winner on seed 1, plus the baseline winner at 2x and 4x on both seeds
         assert len(created) == 2 + 2 * 2
-        assert finish_all(db, job_id, stage_one_loss) == []  # idempotent: nothing added twice
+        assert finish_all(db.database_url, job_id, stage_one_loss) == []  # idempotent: nothing added twice
     with session_scope(db.database_url) as session:
         runs = session.scalars(select(Run).where(Run.job_id == job_ids[0]).order_by(Run.index)).all()
         budget = [(r.label, r.seed, r.total_steps) for r in runs if "@" in r.label]
@@ -149,8 +94,8 @@ def test_speedups_match_a_hand_computation(db: Any) -> None:
             return sweep_loss(group, lr, 0)
         return {"adamw": 2.9, "muon": 2.75}[group]  # muon seeds: 2.85, 2.75
 
-    finish_all(db, job_id, loss_of)
-    finish_all(db, job_id, loss_of)
+    finish_all(db.database_url, job_id, loss_of)
+    finish_all(db.database_url, job_id, loss_of)
     with session_scope(db.database_url) as session:
         study = session.scalars(select(Study)).one()
         report = orchestrate.report_of(study)
