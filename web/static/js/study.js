@@ -101,6 +101,12 @@ export function gridTraces(scale, colorOf) {
   return traces;
 }
 
+/** The swept hyperparameter's name when every optimizer sweeps the same single one. */
+function gridKey(scale) {
+  const keys = new Set(scale.optimizers.flatMap((row) => row.sweep.flatMap((s) => Object.keys(s.point))));
+  return keys.size === 1 ? [...keys][0] : 'sweep point';
+}
+
 function gridIsLog(scale) {
   return scale.optimizers.every((row) => {
     const keys = [...new Set(row.sweep.flatMap((s) => Object.keys(s.point)))];
@@ -163,7 +169,7 @@ async function renderCharts(report) {
     const lossLayout = baseLayout({ title: `${scale.name}: final val loss vs tokens`, xTitle: 'tokens', yTitle: 'final val loss' });
     lossLayout.xaxis.type = 'log';
     await draw(block.querySelector('.loss-tokens'), lossTokenTraces(scale, report.baseline, colorOf), lossLayout);
-    const gridLayout = baseLayout({ title: `${scale.name}: tuning grid (first seed)`, xTitle: 'swept value', yTitle: 'final val loss' });
+    const gridLayout = baseLayout({ title: `${scale.name}: tuning grid (first seed)`, xTitle: gridKey(scale), yTitle: 'final val loss' });
     if (gridIsLog(scale)) gridLayout.xaxis.type = 'log';
     await draw(block.querySelector('.grid'), gridTraces(scale, colorOf), gridLayout);
   }
