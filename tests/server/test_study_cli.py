@@ -69,3 +69,42 @@ def test_show_tables_carry_winner_loss_and_bounded_speedups() -> None:
     assert "lr=0.003" in adamw and "2.900 ± 0.000" in adamw and "1× ± 0" in adamw
     muon = next(line for line in text.splitlines() if line.startswith("│ muon"))
     assert "(edge)" in muon and "lr=0.01" in muon and "2.550 ± 0.071" in muon and "> 4×" in muon
+
+
+def test_submit_and_show_against_a_real_server(tmp_path: Path) -> None:
+    """The CLI against uvicorn on SQLite (no worker: the study stays queued, which show reports)."""
+    import os
+    import subprocess
+    import sys
+
+    from server.core.config import Settings
+    from server.db import migrate
+    from tests.support.browser import ServerProcess, create_api_key
+    from tests.support.services import FAST
+
+    settings = Settings(data_dir=tmp_path / "lab", **FAST)
+    migrate.upgrade(settings.database_url)
+    key = create_api_key(settings.database_url, "cli")
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({**SPEC, "device": "cpu", "scales": [{"name": "s1"}, {"name": "s2"}]}))
+    server = ServerProcess(settings, tmp_path / "server.log").start()
+    try:
+        env = {**os.environ, "DYKAF_SERVER": server.url, "DYKAF_API_KEY": key, "COLUMNS": "160"}
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            command = [sys.executable, "-c", "from worker.cli import app; app()", *args]
+            return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
+
+        submitted = cli("study", "submit", str(path))
+        assert submitted.returncode == 0, submitted.stderr
+        # per scale: 4 sweep runs + 2 confirmations + 2 budgets x 2 seeds = 10
+        assert "study 1 (cli): 20 runs planned (s1: job 1, s2: job 2)" in submitted.stdout
+        shown = cli("study", "show", "1")
+        assert shown.returncode == 0, shown.stderr
+        assert "study 1 (cli): queued" in shown.stdout
+        assert "s1 (queued)" in shown.stdout and "s2 (queued)" in shown.stdout
+        assert shown.stdout.count("+2 pending") == 4, shown.stdout  # 2 scales x 2 optimizers
+        missing = cli("study", "show", "7")
+        assert missing.returncode == 1 and "study 7 not found" in missing.stdout + missing.stderr
+    finally:
+        server.stop()
