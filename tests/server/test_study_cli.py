@@ -108,3 +108,10 @@ def test_submit_and_show_against_a_real_server(tmp_path: Path) -> None:
         assert missing.returncode == 1 and "study 7 not found" in missing.stdout + missing.stderr
     finally:
         server.stop()
+
+
+def test_the_example_study_is_valid_and_fair() -> None:
+    study = parse_study(yaml.safe_load((Path(__file__).parents[2] / "examples" / "study.yaml").read_text()))
+    assert study.equal_budgets() and study.baseline == "adamw"
+    assert [s.task.d_model for s in study.scales] == [64, 128]
+    assert study.run_count() == 2 * (12 + 4 + 4)  # sweeps, confirmations, baseline at 2x and 4x
