@@ -114,4 +114,4 @@ def test_the_example_study_is_valid_and_fair() -> None:
     study = parse_study(yaml.safe_load((Path(__file__).parents[2] / "examples" / "study.yaml").read_text()))
     assert study.equal_budgets() and study.baseline == "adamw"
     assert [s.task.d_model for s in study.scales] == [64, 128]
-    assert study.run_count() == 2 * (12 + 4 + 4)  # sweeps, confirmations, baseline at 2x and 4x
+    assert study.run_count() == 2 * (16 + 4 + 4)  # sweeps, confirmations, baseline at 2x and 4x
