@@ -30,7 +30,7 @@ from typing import Any
 if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench._common import ROOT, command_line, set_threads, write_text
+from bench._common import ROOT, command_line, markdown_table, set_threads, write_text
 from server.studies.report import CSV_COLUMNS, RunRecord, csv_rows, study_report, tokens_of
 from server.studies.spec import StudySpec, budget_run_specs, parse_study
 
@@ -106,7 +106,6 @@ def run_scale(study: StudySpec, index: int, out: Path, quiet: bool) -> list[RunR
 
 
 def markdown(study: StudySpec, report: dict[str, Any], seconds: float, threads: int) -> str:
-    from bench._common import markdown_table
 
     lines = [
         f"Command: `{command_line()}` ({threads} torch thread(s), {seconds / 60:.1f} min wall-clock).",

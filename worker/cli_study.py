@@ -13,9 +13,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from server.studies.spec import format_study_error, parse_study
+from worker.cli_service import _client, _request, _server
 
 study_app = typer.Typer(help="Studies: several scales, equal-budget tuning, speed-up over AdamW.")
 console = Console(stderr=True)
@@ -32,9 +36,6 @@ KeyOpt = Annotated[
 def load_study_file(path: Path) -> Any:
     """Parse a YAML/JSON study file into a validated ``StudySpec``; exits 2 with a readable error."""
     import yaml
-    from pydantic import ValidationError
-
-    from server.studies.spec import format_study_error, parse_study
 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -96,8 +97,6 @@ def submit(
     key: KeyOpt = None,
 ) -> None:
     """Submit a study (validated locally first, then by the server): one job per scale."""
-    from worker.cli_service import _client, _request, _server
-
     spec = load_study_file(study_file)
     with _client(server, key) as client:
         study = _request(client, "POST", "/studies", json=spec.model_dump(mode="json")).json()
@@ -117,8 +116,6 @@ def show(
     key: KeyOpt = None,
 ) -> None:
     """The study's summary: per scale, each optimizer's winner, loss and speed-ups over the baseline."""
-    from worker.cli_service import _client, _request
-
     with _client(server, key) as client:
         study = _request(client, "GET", f"/studies/{study_id}").json()
     out.print(f"study {study['id']} ({study['name']}): {study['status']}", markup=False)

@@ -20,6 +20,7 @@ from server.crud.jobs import lock_job, recompute_job
 from server.db.clock import db_now
 from server.db.models import CANCELLED, QUEUED, RUNNING, TERMINAL, Run
 from server.db.types import UTCDateTime, utcnow
+from server.studies.orchestrate import budget_run_specs_for
 
 
 @dataclass(frozen=True)
@@ -265,8 +266,6 @@ def expand_next_stage(session: Session, job_id: int) -> list[tuple[int, str]]:
             best[group] = score
     run_specs = spec.expand_selected(chosen)
     if job.study_id is not None:  # a study's baseline also runs at its larger budgets
-        from server.studies.orchestrate import budget_run_specs_for
-
         run_specs += budget_run_specs_for(session, job, chosen)
     new = runs_from_specs(run_specs, start_index=stage_one, auto_queue=runs[0].queue)
     for run in new:

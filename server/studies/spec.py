@@ -23,30 +23,21 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-try:  # the job contract is moving from worker/ to server/jobs/ (the server must not import worker/)
-    from server.jobs.spec import (  # type: ignore[import-not-found]
-        MAX_RUNS_PER_JOB,
-        MAX_SEEDS,
-        JobSpec,
-        OptimizerSpec,
-        RunSpec,
-        StrictModel,
-        TaskSpec,
-        format_validation_error,
-    )
-except ImportError:  # pragma: no cover - until that move lands
-    from worker.spec import (
-        MAX_RUNS_PER_JOB,
-        MAX_SEEDS,
-        JobSpec,
-        OptimizerSpec,
-        RunSpec,
-        StrictModel,
-        TaskSpec,
-        format_validation_error,
-    )
+# The job contract. It moves to ``server.jobs.spec`` (the server never imports worker/): when this
+# branch meets that move, this import is the one line to change; every other study module imports
+# the job contract from here.
+from worker.spec import (
+    MAX_RUNS_PER_JOB,
+    MAX_SEEDS,
+    JobSpec,
+    OptimizerSpec,
+    RunSpec,
+    StrictModel,
+    TaskSpec,
+    format_validation_error,
+)
 
-__all__ = ["ScaleSpec", "StudySpec", "format_study_error", "parse_study"]
+__all__ = ["JobSpec", "RunSpec", "ScaleSpec", "StudySpec", "format_study_error", "parse_study"]
 
 MAX_SCALES = 8
 MAX_BUDGETS = 4
