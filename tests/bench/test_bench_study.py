@@ -19,7 +19,7 @@ def test_a_tiny_study_runs_and_reports(tmp_path: Path, capsys: object) -> None:
     assert [p["tokens"] for p in scale["baseline_curve"]] == [4 * 8 * 64, 8 * 8 * 64, 16 * 8 * 64]
     assert all(p["seeds"] == 2 for p in scale["baseline_curve"])
     for row in scale["optimizers"]:
-        assert row["seeds"] == 2 and len(row["sweep"]) == 3 and row["token_speedup"] is not None
+        assert row["seeds"] == 2 and len(row["sweep"]) == 4 and row["token_speedup"] is not None
     rows = list(csv.DictReader((out / "study.csv").open()))
     assert [(r["scale"], r["optimizer"]) for r in rows] == [("d64x2", "adamw"), ("d64x2", "muon")]
     text = (out / "study.md").read_text()
