@@ -90,13 +90,19 @@ def run_record(run: Run) -> RunRecord:
     )
 
 
+def jobs_by_scale(study: Study, spec: StudySpec) -> list[Job | None]:
+    """The job of each scale, in the spec's order (None where that job was deleted)."""
+    by_name = {job.name: job for job in study.jobs}
+    return [by_name.get(spec.job_name(index)) for index in range(len(spec.scales))]
+
+
 def report_of(study: Study) -> dict[str, Any]:
     """The study's report (see ``server.studies.report``) from its jobs' stored runs."""
     spec = StudySpec.model_validate(study.spec)
-    jobs = sorted(study.jobs, key=lambda j: j.id)
-    runs_by_scale = [[run_record(r) for r in job.runs] for job in jobs]
+    jobs = jobs_by_scale(study, spec)
+    runs_by_scale = [[run_record(r) for r in job.runs] if job is not None else [] for job in jobs]
     report = study_report(spec, runs_by_scale)
     for scale, job in zip(report["scales"], jobs, strict=True):
-        scale["job_id"] = job.id
-        scale["status"] = job.status
+        scale["job_id"] = None if job is None else job.id
+        scale["status"] = "deleted" if job is None else job.status
     return report

@@ -188,7 +188,8 @@ class StudySpec(StrictModel):
         return len({opt.sweep_size() for opt in self.optimizers}) == 1
 
     def job_name(self, index: int) -> str:
-        return f"{self.name} {self.scales[index].name}"[:80]
+        """Unique per scale within the study (scale names are unique and kept whole)."""
+        return f"{self.name[:39]} {self.scales[index].name}"
 
     def job_spec(self, index: int) -> JobSpec:
         """The job of one scale: sweep on the first seed, the winners on every seed."""

@@ -151,3 +151,27 @@ def test_bad_studies_are_refused_with_the_field_named() -> None:
         )
     )
     assert not allowed.equal_budgets()
+
+
+def test_a_deleted_scale_job_leaves_the_other_scales_reported(db: Any) -> None:
+    from server.crud import jobs as jobs_crud
+
+    spec = parse_study(study_body())
+    with session_scope(db.database_url) as session:
+        study = orchestrate.create_study(session, spec, auto_queue="cpu")
+        study_id, job_ids = study.id, [j.id for j in study.jobs]
+    for job_id in job_ids:
+        finish_all(db.database_url, job_id, lambda s: 3.0 - 0.1 * s["sweep_point"]["lr"] * 10)
+        finish_all(db.database_url, job_id, lambda s: 3.0)
+    with session_scope(db.database_url) as session:
+        jobs_crud.delete_job(session, job_ids[0])
+    with session_scope(db.database_url) as session:
+        report = orchestrate.report_of(session.get(Study, study_id))
+    first, second = report["scales"]
+    assert (first["name"], first["status"], first["job_id"]) == ("d16", "deleted", None)
+    assert all(row["winner"] is None for row in first["optimizers"])
+    assert (second["name"], second["status"], second["job_id"]) == ("d32", "succeeded", job_ids[1])
+    assert {row["optimizer"]: row["winner"] for row in second["optimizers"]} == {
+        "adamw": {"lr": 0.01},
+        "muon": {"lr": 0.01},
+    }

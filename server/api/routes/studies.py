@@ -25,10 +25,9 @@ StudyId = Annotated[int, Path(ge=1, le=DB_INT_MAX, description="study id")]
 
 
 def _summary(study: Study) -> StudySummaryOut:
-    spec = study.spec or {}
-    scales = [scale.get("name", "?") for scale in spec.get("scales", [])]
-    jobs = sorted(study.jobs, key=lambda j: j.id)
-    status, reason = orchestrate.study_status(jobs)
+    spec = StudySpec.model_validate(study.spec)
+    jobs = orchestrate.jobs_by_scale(study, spec)
+    status, reason = orchestrate.study_status([job for job in jobs if job is not None])
     return StudySummaryOut(
         id=study.id,
         name=study.name,
@@ -36,8 +35,9 @@ def _summary(study: Study) -> StudySummaryOut:
         reason=reason,
         created_at=study.created_at,
         jobs=[
-            StudyJobOut(id=j.id, scale=scale, name=j.name, status=j.status, reason=j.reason)
-            for scale, j in zip(scales, jobs, strict=False)
+            StudyJobOut(id=j.id, scale=scale.name, name=j.name, status=j.status, reason=j.reason)
+            for scale, j in zip(spec.scales, jobs, strict=True)
+            if j is not None
         ],
     )
 
