@@ -161,3 +161,32 @@ class FisherSeriesOut(BaseModel):
 class FisherOut(BaseModel):
     job_id: int
     series: list[FisherSeriesOut]
+
+
+class StudyJobOut(BaseModel):
+    id: int
+    scale: str
+    name: str
+    status: str
+    reason: str | None
+
+
+class StudySummaryOut(BaseModel):
+    id: int
+    name: str
+    status: str = Field(..., description="derived from its jobs (one per scale)")
+    reason: str | None
+    created_at: datetime
+    jobs: list[StudyJobOut]
+
+
+class StudyOut(StudySummaryOut):
+    spec: dict[str, Any]
+    report: dict[str, Any] = Field(
+        ...,
+        description="per scale: the baseline's loss-vs-tokens curve and, per optimizer, its sweep, winner, "
+        "edge flags, final loss over seeds, token and time speed-ups over the baseline (bounds outside "
+        "the measured range); recomputed from the runs on every read",
+    )
+    links: dict[str, str]
+    warnings: list[str] = Field(default_factory=list)

@@ -168,6 +168,10 @@ def create_web_router(web_dir: Path = WEB_DIR) -> APIRouter:
     def job_page(request: Request, job_id: int) -> HTMLResponse:
         return page(request, "job.html", f"Job {job_id}", page_id="job", job_id=job_id)
 
+    @router.get("/studies/{study_id}", response_class=HTMLResponse)
+    def study_page(request: Request, study_id: int) -> HTMLResponse:
+        return page(request, "study.html", f"Study {study_id}", page_id="study", study_id=study_id)
+
     @router.get("/static/{name:path}")
     def static(name: str, request: Request) -> Response:
         asset = store.get(name)

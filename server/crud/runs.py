@@ -22,6 +22,7 @@ from server.db.models import Job, Run
 from server.db.types import UTCDateTime, utcnow
 from server.jobs.spec import JobSpec, SweepResult, sweep_winners
 from server.jobs.status import ACTIVE, TERMINAL, RunStatus
+from server.studies.orchestrate import budget_run_specs_for
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,10 @@ def expand_next_stage(session: Session, job_id: int) -> list[tuple[int, str]]:
         )
         for run in runs
     )
-    new = runs_from_specs(spec.expand_selected(chosen), start_index=stage_one, auto_queue=runs[0].queue)
+    run_specs = spec.expand_selected(chosen)
+    if job.study_id is not None:  # a study's baseline also runs at its larger budgets
+        run_specs += budget_run_specs_for(session, job, chosen)
+    new = runs_from_specs(run_specs, start_index=stage_one, auto_queue=runs[0].queue)
     for run in new:
         run.job_id = job_id
         run.queue = runs[0].queue

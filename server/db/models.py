@@ -1,4 +1,4 @@
-"""ORM models: api_keys, jobs, runs, metrics (tall) and fisher rows.
+"""ORM models: api_keys, studies, jobs, runs, metrics (tall) and fisher rows.
 
 Metrics and Fisher rows have natural composite primary keys (``run_id, name, step`` and
 ``run_id, step, layer, method, metric``): the key is the uniqueness guarantee that makes a
@@ -55,6 +55,23 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+class Study(Base):
+    """A study (several scales, equal-budget tuning, speed-up over a baseline): its validated spec.
+
+    Its status and results are derived from its jobs (one per scale, ``Job.study_id``), so nothing
+    here can disagree with the runs."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), nullable=False, index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONType, nullable=False)
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+    jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
+
+
 class Job(Base):
     """A submitted comparison: the validated spec and a status derived from its runs."""
 
@@ -68,10 +85,12 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     rerun_of: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id", ondelete="SET NULL"), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
+    study: Mapped[Study | None] = relationship(back_populates="jobs")
     runs: Mapped[list[Run]] = relationship(
         back_populates="job", order_by="Run.index", cascade="all, delete-orphan", passive_deletes=True
     )

@@ -12,7 +12,7 @@ from server.db import migrate
 from server.db.models import Base
 from server.db.session import create_db_engine
 
-TABLES = {"api_keys", "jobs", "runs", "metrics", "metric_rollups", "fisher"}
+TABLES = {"api_keys", "jobs", "runs", "metrics", "metric_rollups", "fisher", "studies"}
 
 
 def _tables(url: str) -> set[str]:
