@@ -31,6 +31,7 @@ def update_rank1(row: Tensor, col: Tensor, squared: Tensor, beta2: float) -> tup
     ``l1 = K/‖K‖``, ``r1 = M/‖M‖``; ``S1 = s(l̂·l1)(r̂·r1) + l1ᵀ E r1``. All terms are non-negative,
     so ``l`` and ``r`` stay non-negative and ``sqrt(v)`` is defined.
     """
+
     def norm(vector: Tensor) -> Tensor:
         return torch.linalg.vector_norm(vector, dim=-1, keepdim=True)
 
