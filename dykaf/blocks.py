@@ -112,6 +112,18 @@ class MatrixBlock:
         )
 
 
+def contiguous_shares(count: int, parts: int) -> list[tuple[int, int]]:
+    """Balanced contiguous ``(start, stop)`` ranges of ``count`` matrices for ``parts`` owners (the
+    first ``count % parts`` get one more; owners beyond ``count`` get an empty range)."""
+    base, extra = divmod(count, parts)
+    shares, start = [], 0
+    for part in range(parts):
+        stop = start + base + (part < extra)
+        shares.append((start, stop))
+        start = stop
+    return shares
+
+
 def _shape_of(state: Mapping[str, Any], key: str) -> tuple[int, ...]:
     """The stacked shape of one parameter's entry: moments as the ``m × n`` matrix."""
     if key in ("exp_avg", "exp_avg_sq"):
@@ -216,12 +228,15 @@ def compile_block_step() -> BlockMath:
     return torch.compile(block_math, dynamic=False)
 
 
+@torch.no_grad()
 def step_block(block: MatrixBlock, hyper: BlockHyper, math_fn: BlockMath = block_math) -> None:
     """One optimizer step of every matrix in ``block`` (``p.grad`` of each must be set).
 
     Weight decay is not part of it: the optimizer applies it to all of a group's parameters in
-    one call after their steps.
+    one call after their steps. An empty block (a rank's share of a small block) does nothing.
     """
+    if not block.params:
+        return
     block.step += 1
     math_fn(
         block.tensors,
