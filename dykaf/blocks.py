@@ -65,9 +65,11 @@ class BlockHyper:
 class MatrixBlock:
     """``b`` same-shape matrices' stacked state, their parameters and one work buffer.
 
-    ``buffer`` (``b × m × n``, state dtype) first receives the gradients and finally the update
-    direction; ``buffer_views`` are its per-parameter views in each parameter's own shape, so that
-    the gradients are gathered and the parameters updated with one ``_foreach`` call each.
+    ``tensors`` holds the stacked state under the ``STACKED_KEYS`` present and transposed views of
+    the bases (``left_basis_t``, ``right_basis_t``). ``buffer`` (``b × m × n``, state dtype) first
+    receives the gradients and finally the update direction; ``buffer_views`` are its
+    per-parameter views in each parameter's own shape, so that the gradients are gathered and the
+    parameters updated with one ``_foreach`` call each.
     """
 
     params: list[Tensor]
@@ -86,6 +88,10 @@ class MatrixBlock:
             for key in STACKED_KEYS
             if key in states[0]
         }
+        # Transposed views of the bases, made once: the bases are only ever updated in place.
+        for side in ("left_basis", "right_basis"):
+            if side in tensors:
+                tensors[f"{side}_t"] = tensors[side].mT
         buffer = torch.empty_like(tensors["exp_avg"])
         views = [buffer[i].view(p.shape) for i, p in enumerate(params)]
         return cls(list(params), (shape[0], shape[1]), int(states[0]["step"]), tensors, buffer, views)
@@ -93,7 +99,10 @@ class MatrixBlock:
     def bind(self, states: Sequence[dict[str, Any]]) -> None:
         """Point each parameter's state entries at its slice of the stacked tensors."""
         for index, (param, state) in enumerate(zip(self.params, states, strict=True)):
-            for key, stacked in self.tensors.items():
+            for key in STACKED_KEYS:
+                if key not in self.tensors:
+                    continue
+                stacked = self.tensors[key]
                 view = stacked[index]
                 state[key] = view.view(param.shape) if key == "exp_avg" else view
 
@@ -134,7 +143,7 @@ def _shape_of(state: Mapping[str, Any], key: str) -> tuple[int, ...]:
 def _rotate(matrix: Tensor, tensors: Mapping[str, Tensor]) -> Tensor:
     """``Q_Lᵀ X Q_R`` per matrix (identity on a side without a factor)."""
     if "left_basis" in tensors:
-        matrix = torch.bmm(tensors["left_basis"].mT, matrix)
+        matrix = torch.bmm(tensors["left_basis_t"], matrix)
     if "right_basis" in tensors:
         matrix = torch.bmm(matrix, tensors["right_basis"])
     return matrix
@@ -143,11 +152,11 @@ def _rotate(matrix: Tensor, tensors: Mapping[str, Tensor]) -> Tensor:
 def _rotate_back_into(matrix: Tensor, tensors: Mapping[str, Tensor], out: Tensor) -> None:
     """``out ← Q_L X Q_Rᵀ`` per matrix, the last product written straight into ``out``."""
     if "left_basis" in tensors and "right_basis" in tensors:
-        torch.bmm(torch.bmm(tensors["left_basis"], matrix), tensors["right_basis"].mT, out=out)
+        torch.bmm(torch.bmm(tensors["left_basis"], matrix), tensors["right_basis_t"], out=out)
     elif "left_basis" in tensors:
         torch.bmm(tensors["left_basis"], matrix, out=out)
     else:
-        torch.bmm(matrix, tensors["right_basis"].mT, out=out)
+        torch.bmm(matrix, tensors["right_basis_t"], out=out)
 
 
 def _update_factors(tensors: dict[str, Tensor], grad: Tensor, rule: str, beta: float) -> None:

@@ -189,6 +189,7 @@ class DyKAF(Optimizer):
         calls and the preconditioned ones block by block, then decay them all in one call."""
         adam: list[Tensor] = []
         members: dict[tuple[Any, ...], list[Tensor]] = {}
+        fresh: dict[tuple[Any, ...], list[Tensor]] = {}
         for param in group["params"]:
             if param.grad is None:
                 continue
@@ -199,10 +200,16 @@ class DyKAF(Optimizer):
                 self._initialise(param, group, state)
                 if state.get("matrix_shape", ()) is None:
                     adam.append(param)  # plain Adam takes its first step at once
+                elif state:
+                    fresh.setdefault(_block_key(state), []).append(param)
             elif state["matrix_shape"] is None:
                 adam.append(param)
             else:
                 members.setdefault(_block_key(state), []).append(param)
+        # Newly initialised matrices are stacked now, with the other one-off work, so that the
+        # steps after the first only ever reuse blocks.
+        for params in fresh.values():
+            used[tuple(id(p) for p in params)] = self._block_for(params)
         stepped = list(adam)
         if adam:
             self._adam_step(adam, group)
