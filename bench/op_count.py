@@ -3,6 +3,7 @@
     python bench/op_count.py                        # CPU; DyKAF, SOAP, AdamW (foreach) at 2 and 12 layers
     python bench/op_count.py --legacy 1abde54       # also the per-matrix engine of that commit (needs git)
     python bench/op_count.py --device cuda          # the same count on a GPU (bench/gpu_check.py runs it)
+    python bench/op_count.py --time 6 64            # also ms per step, 6 layers d=64 (eager, compiled)
 
 Each transformer layer holds the matrices ``3d×d`` (qkv), ``d×d`` (attention out), ``4d×d`` (MLP in),
 ``d×4d`` (MLP out) and two ``d`` vectors (norms). The count covers steps 2–11 with
@@ -15,8 +16,10 @@ out the ops that only relabel memory (views), which launch nothing.
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -90,14 +93,23 @@ def load_legacy_engine(commit: str) -> types.ModuleType:
     return module
 
 
-def build(name: str, params: list[torch.nn.Parameter], legacy: types.ModuleType | None = None) -> Any:
+def build(
+    name: str,
+    params: list[torch.nn.Parameter],
+    legacy: types.ModuleType | None = None,
+    compiled: bool = False,
+) -> Any:
     if name == "adamw":
         return torch.optim.AdamW(params, lr=1e-3, foreach=True)
-    engine = legacy.DyKAF if legacy is not None else DyKAF
+    extra = {"compile_step": True} if compiled else {}
     if name == "soap":
-        return (legacy.SOAP if legacy is not None else SOAP)(params, precondition_frequency=FREQUENCY)
+        return (legacy.SOAP if legacy is not None else SOAP)(
+            params, precondition_frequency=FREQUENCY, **extra
+        )
     if name == "dykaf":
-        return engine(params, precondition_frequency=FREQUENCY)
+        return (legacy.DyKAF if legacy is not None else DyKAF)(
+            params, precondition_frequency=FREQUENCY, **extra
+        )
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
@@ -153,6 +165,125 @@ def run(
     return {"device": device, "layers": list(layers), "d": d, "rows": rows}
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_stack(
+    name: str,
+    n_layer: int,
+    d: int,
+    device: str = "cpu",
+    legacy: types.ModuleType | None = None,
+    compiled: bool = False,
+    windows: int = 3,
+) -> float:
+    """Median seconds per step over ``windows`` refresh windows of ``FREQUENCY`` steps each, after
+    initialisation and one untimed window (which also absorbs a compiled step's compilation)."""
+    params = gpt_stack(n_layer, d, device)
+    opt = build(name, params, legacy, compiled)
+    gen = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(p.shape, generator=gen).to(device) for p in params] for _ in range(4)]
+
+    def steps(count: int, offset: int = 0) -> None:
+        for index in range(count):
+            for p, g in zip(params, grads[(index + offset) % len(grads)], strict=True):
+                p.grad = g
+            opt.step()
+
+    steps(1 + FREQUENCY)
+    times = []
+    for _ in range(windows):
+        _sync(device)
+        started = time.perf_counter()
+        steps(FREQUENCY, 1)
+        _sync(device)
+        times.append((time.perf_counter() - started) / FREQUENCY)
+    return statistics.median(times)
+
+
+def host_syncs(name: str, n_layer: int, d: int, device: str) -> str:
+    """Whether steps 2–11 wait for the device: on CUDA under ``set_sync_debug_mode("error")``,
+    elsewhere by watching for the aten ops that read a value on the host."""
+    params = gpt_stack(n_layer, d, device)
+    opt = build(name, params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    if device.startswith("cuda"):
+        _sync(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(FREQUENCY):
+                opt.step()
+        except RuntimeError as exc:
+            return f"synchronises: {str(exc).splitlines()[0]}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return "none (set_sync_debug_mode('error'))"
+    with HostReads() as watch:
+        for _ in range(FREQUENCY):
+            opt.step()
+    return f"synchronises: {sorted(set(watch.reads))}" if watch.reads else "none (no host-reading aten op)"
+
+
+class HostReads(TorchDispatchMode):
+    """Records the aten ops that read a tensor's value on the host (each waits for a GPU)."""
+
+    OPS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "allclose"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.overloadpacket.__name__ in self.OPS:
+            self.reads.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def engine_check(device: str, dry_run: bool) -> dict[str, Any]:
+    """``bench/gpu_check.py``'s engine section: ops per step at 2 and 12 layers, host syncs, and
+    ms per step of the 6-layer d=384 GPT stack, eager and with ``compile_step`` (tiny on --dry-run,
+    where compilation is left out: it takes minutes on a CPU)."""
+    layers, d, timed_layers = ((1, 2), 16, 1) if dry_run else ((2, 12), 384, 6)
+    counts = run(device, layers, d)
+    syncs = {name: host_syncs(name, timed_layers, d, device) for name in ("dykaf", "soap")}
+    timing = []
+    for name in OPTIMIZERS:
+        for compiled in (False, True) if (name != "adamw" and not dry_run) else (False,):
+            try:
+                ms = 1e3 * time_stack(name, timed_layers, d, device, compiled=compiled)
+            except Exception as exc:  # a compiler missing on the machine must not lose the rest
+                ms = None
+                print(f"  {name} compiled={compiled}: {exc!r}", file=sys.stderr)
+            timing.append({"optimizer": name, "compile_step": compiled, "step_ms": ms})
+            print(f"  stack step {timing[-1]}", file=sys.stderr, flush=True)
+    return {"counts": counts, "syncs": syncs, "stack": {"layers": timed_layers, "d": d}, "timing": timing}
+
+
+def engine_markdown(section: dict[str, Any], training: dict[str, Any] | None = None) -> str:
+    """The engine section as Markdown, with the issue's throughput ratios from the training runs."""
+    if "counts" not in section:
+        return section.get("skipped") or section.get("error", "")
+    stack = section["stack"]
+    lines = [markdown(section["counts"]), "", f"Host synchronisations in steps 2–11: {section['syncs']}", ""]
+    lines += [f"ms per optimizer step, {stack['layers']}-layer d={stack['d']} stack:", ""]
+    lines += ["| optimizer | compile_step | step ms |", "|---|---|---:|"]
+    for row in section["timing"]:
+        ms = "failed" if row["step_ms"] is None else f"{row['step_ms']:.2f}"
+        lines.append(f"| {row['optimizer']} | {row['compile_step']} | {ms} |")
+    runs = {r["optimizer"]: r.get("tokens_per_s") for r in (training or {}).get("runs", [])}
+    if all(runs.get(n) for n in OPTIMIZERS):
+        lines += [
+            "",
+            f"Training tokens/s: DyKAF/SOAP {runs['dykaf'] / runs['soap']:.2f} (target ≥ 0.8), "
+            f"SOAP/AdamW {runs['soap'] / runs['adamw']:.2f} (target ≥ 0.6)",
+        ]
+    return "\n".join(lines)
+
+
 def markdown(result: dict[str, Any]) -> str:
     small, large = result["layers"]
     lines = [
@@ -179,11 +310,33 @@ def main() -> int:
     parser.add_argument("--d", type=int, default=16, help="model width (the count does not depend on it)")
     parser.add_argument("--layers", type=int, nargs=2, default=[2, 12])
     parser.add_argument("--legacy", help="also count the engine of this git commit (e.g. 1abde54)")
+    parser.add_argument("--time", type=int, nargs=2, metavar=("LAYERS", "D"), help="also time steps")
+    parser.add_argument("--no-compile", action="store_true", help="with --time: eager only")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"Command: `python bench/op_count.py {' '.join(sys.argv[1:])}`  ")
-    print(f"torch {torch.__version__}\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads\n")
     result = run(args.device, tuple(args.layers), args.d, OPTIMIZERS, args.legacy)
     print(markdown(result))
+    if args.time:
+        n_layer, d = args.time
+        legacy = load_legacy_engine(args.legacy) if args.legacy else None
+        print(f"\nms per step, {n_layer}-layer d={d} stack (median of 3 windows of {FREQUENCY} steps)\n")
+        print("| optimizer | ms/step | × SOAP same engine |\n|---|---:|---:|")
+        variants = [(n, None, False) for n in OPTIMIZERS]
+        if not args.no_compile:
+            variants += [(n, None, True) for n in ("dykaf", "soap")]
+        if legacy is not None:
+            variants += [(n, legacy, False) for n in ("dykaf", "soap")]
+        times = {}
+        for name, module, compiled in variants:
+            label = name + (" compile_step" if compiled else "") + (f"@{args.legacy}" if module else "")
+            times[label] = time_stack(name, n_layer, d, args.device, module, compiled)
+            soap = label.replace("dykaf", "soap")
+            ratio = f"{times[label] / times[soap]:.2f}" if soap in times else ""
+            print(f"| {label} | {1e3 * times[label]:.2f} | {ratio} |", flush=True)
     return 0
 
 
