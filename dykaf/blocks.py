@@ -197,7 +197,7 @@ def block_math(
     eps: float,
     factor_beta: float,
     factor_rule: str,
-    step_size: float,
+    step_size: float | Tensor,
     refresh: bool,
 ) -> None:
     """The tensor work of one block step, all in place (the part ``compile_block_step`` compiles).
@@ -205,6 +205,8 @@ def block_math(
     Rotate the gradients into the eigenbases, update Adam's second moment there, take the Adam
     step with the rotated first moment, fold the gradients into the factors and, when ``refresh``,
     refresh the eigenbases. The order is SOAP's: the step uses the bases of the previous refresh.
+    ``step_size`` is a float, or a 0-d tensor when compiled (a float would be baked into the graph
+    and recompile it at every step, as Adam's bias correction changes it).
     """
     torch._foreach_copy_(buffer_views, grads)  # gather (and cast) the gradients: one call
     grad = buffer
@@ -223,7 +225,11 @@ def block_math(
     # The factors read this step's gradients, so they are updated before the buffer is reused.
     _update_factors(tensors, grad, factor_rule, factor_beta)
     _rotate_back_into(scaled, tensors, out=buffer)
-    torch._foreach_add_(params, buffer_views, alpha=-step_size)
+    if isinstance(step_size, Tensor):
+        buffer.mul_(step_size.neg())
+        torch._foreach_add_(params, buffer_views)
+    else:
+        torch._foreach_add_(params, buffer_views, alpha=-step_size)
     if refresh:
         _refresh_bases(tensors)
 
@@ -231,10 +237,21 @@ def block_math(
 BlockMath = Callable[..., None]
 
 
-def compile_block_step() -> BlockMath:
-    """``block_math`` under ``torch.compile`` (one graph per block layout and refresh flag; the
-    float hyperparameters are graph inputs, so a learning-rate schedule does not recompile)."""
-    return torch.compile(block_math, dynamic=False)
+# Graphs a compiled step may hold: one per block layout (shape, sides, second moment) and refresh
+# flag. Dynamo's default of 8 per function would drop a model with more than 4 layouts to eager.
+COMPILED_GRAPHS = 64
+
+
+def compile_block_step(backend: Any = "inductor", fullgraph: bool = False) -> BlockMath:
+    """``block_math`` under ``torch.compile``: one graph per block layout and refresh flag, the
+    step size a tensor input (a learning-rate schedule does not recompile)."""
+    compiled = torch.compile(block_math, backend=backend, fullgraph=fullgraph, dynamic=False)
+
+    def run(*args: Any) -> None:
+        with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS):
+            compiled(*args)
+
+    return run
 
 
 @torch.no_grad()
@@ -247,6 +264,9 @@ def step_block(block: MatrixBlock, hyper: BlockHyper, math_fn: BlockMath = block
     if not block.params:
         return
     block.step += 1
+    step_size: float | Tensor = hyper.step_size(block.step)
+    if math_fn is not block_math:
+        step_size = torch.tensor(step_size, dtype=block.buffer.dtype)  # a CPU scalar: no copy to a GPU
     math_fn(
         block.tensors,
         block.buffer,
@@ -258,6 +278,6 @@ def step_block(block: MatrixBlock, hyper: BlockHyper, math_fn: BlockMath = block
         hyper.eps,
         hyper.factor_beta,
         hyper.factor_rule,
-        hyper.step_size(block.step),
+        step_size,
         block.step % hyper.precondition_frequency == 0,
     )
