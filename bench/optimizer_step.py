@@ -7,7 +7,8 @@
 
 Every optimizer runs in the same process on the same shapes; the step time is the mean over a
 window of ``precondition_frequency`` steps taken after initialisation, so each window contains
-exactly one eigenbasis refresh (the amortised cost a training run pays). State memory is counted
+exactly one eigenbasis refresh (the amortised cost a training run pays), and the median over
+windows that alternate between the optimizers (a busy machine slows them alike). State memory is counted
 exactly from the tensors each optimizer keeps. The "floor" column is DyKAF's extra factor-update
 FLOPs over SOAP's at the matmul rate measured on this device in this run. With ``--legacy`` each
 DyKAF-engine optimizer also runs as the engine of that commit (same hyperparameters, same process),
@@ -103,9 +104,12 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def measure(name: str, shape: tuple[int, int], device: str, legacy: Any = None) -> dict[str, float]:
-    """Step time and state size of ``name`` on one ``shape`` matrix; ``legacy``: a module with an
-    older ``DyKAF`` class to run instead, with the hyperparameters the registry gives ``name``."""
+def prepare(
+    name: str, shape: tuple[int, int], device: str, legacy: Any = None
+) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+    """``name`` on one ``shape`` matrix, initialised and through one refresh window; returns its
+    step function and the optimizer. ``legacy``: a module with an older ``DyKAF`` class to run
+    instead, with the hyperparameters the registry gives ``name``."""
     gen = torch.Generator(device=device).manual_seed(0)
     param = torch.nn.Parameter(torch.randn(shape, device=device, generator=gen) * 0.02)
     grads = [torch.randn(shape, device=device, generator=gen) for _ in range(4)]
@@ -124,9 +128,27 @@ def measure(name: str, shape: tuple[int, int], device: str, legacy: Any = None) 
     for _ in range(FREQUENCY + 1):  # initialisation step plus one full refresh window
         one_step()
     synchronize(device)
-    # Median over several refresh windows: robust to a busy machine without hiding the refresh cost.
-    windows = [sum(timed(one_step, device, FREQUENCY)) / FREQUENCY for _ in range(WINDOWS)]
-    return {"step_s": statistics.median(windows), "state_mb": state_bytes(opt) / 2**20}
+    return one_step, opt
+
+
+def measure_together(
+    engines: dict[str, Any], shape: tuple[int, int], device: str
+) -> dict[str, dict[str, float]]:
+    """Step time (median over refresh windows) and state size of every engine at ``shape``.
+
+    The engines' windows are interleaved (A B C A B C …), so that a busy machine slows them alike
+    and their ratios stay meaningful."""
+    prepared = {
+        label: prepare(label.split("@")[0], shape, device, module) for label, module in engines.items()
+    }
+    windows: dict[str, list[float]] = {label: [] for label in prepared}
+    for _ in range(WINDOWS):
+        for label, (one_step, _) in prepared.items():
+            windows[label].append(sum(timed(one_step, device, FREQUENCY)) / FREQUENCY)
+    return {
+        label: {"step_s": statistics.median(windows[label]), "state_mb": state_bytes(opt) / 2**20}
+        for label, (_, opt) in prepared.items()
+    }
 
 
 def run(
@@ -139,13 +161,10 @@ def run(
 
         module = load_legacy_engine(legacy_commit)
         engines.update({f"{n}@{legacy_commit}": module for n in optimizers if n in ENGINE_OPTIMIZERS})
-    for label, module in engines.items():  # warm-up: first-call allocations and lazy imports
-        measure(label.split("@")[0], (64, 64), device, module)
+    measure_together(engines, (64, 64), device)  # warm-up: first-call allocations and lazy imports
     rows = []
     for shape in layer_shapes(device, widths):
-        results = {
-            label: measure(label.split("@")[0], shape, device, module) for label, module in engines.items()
-        }
+        results = measure_together(engines, shape, device)
         m, n = shape
         floor = dykaf_extra_flops(m, n) / rate
         for name, res in results.items():

@@ -253,3 +253,22 @@ def test_block_step_compiles_to_one_graph_per_layout_and_matches_eager() -> None
     assert len(graphs) == 2, f"{len(graphs)} graphs: expected one without and one with a refresh"
     for a, b in zip(params, twins, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["ema", "parallel", "sequential"])
+def test_a_shadow_fed_a_block_tracks_each_layer_like_its_own_shadow(rule: str) -> None:
+    """The diagnostics' shadows run the optimizer's batched rules: a block of three layers'
+    gradients gives the three factor pairs that three single-layer shadows hold."""
+    from dykaf.fisher.shadow import ShadowFactors
+
+    gen = torch.Generator().manual_seed(11)
+    stream = [torch.randn(3, 7, 5, generator=gen, dtype=torch.float64) for _ in range(6)]
+    block, singles = ShadowFactors(rule), [ShadowFactors(rule) for _ in range(3)]
+    for grads in stream:
+        block.update(grads, 0.9)
+        for i, single in enumerate(singles):
+            single.update(grads[i], 0.9)
+    assert block.steps == singles[0].steps and block.left.shape == (3, 7, 7)
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(block.left[i], single.left, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(block.right[i], single.right, rtol=1e-10, atol=1e-12)
