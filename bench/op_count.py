@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,37 +171,61 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_stack(
+def stack_stepper(
     name: str,
     n_layer: int,
     d: int,
     device: str = "cpu",
     legacy: types.ModuleType | None = None,
     compiled: bool = False,
-    windows: int = 3,
-) -> float:
-    """Median seconds per step over ``windows`` refresh windows of ``FREQUENCY`` steps each, after
-    initialisation and one untimed window (which also absorbs a compiled step's compilation)."""
+) -> Callable[[], float]:
+    """``name`` on an ``n_layer`` stack, initialised and through one untimed window (which also
+    absorbs a compiled step's compilation); returns a function that times one window of
+    ``FREQUENCY`` steps (one refresh) and gives seconds per step."""
     params = gpt_stack(n_layer, d, device)
     opt = build(name, params, legacy, compiled)
     gen = torch.Generator().manual_seed(1)
     grads = [[torch.randn(p.shape, generator=gen).to(device) for p in params] for _ in range(4)]
 
-    def steps(count: int, offset: int = 0) -> None:
+    def steps(count: int) -> None:
         for index in range(count):
-            for p, g in zip(params, grads[(index + offset) % len(grads)], strict=True):
+            for p, g in zip(params, grads[index % len(grads)], strict=True):
                 p.grad = g
             opt.step()
 
     steps(1 + FREQUENCY)
-    times = []
-    for _ in range(windows):
+
+    def window() -> float:
         _sync(device)
         started = time.perf_counter()
-        steps(FREQUENCY, 1)
+        steps(FREQUENCY)
         _sync(device)
-        times.append((time.perf_counter() - started) / FREQUENCY)
-    return statistics.median(times)
+        return (time.perf_counter() - started) / FREQUENCY
+
+    return window
+
+
+def time_stacks(
+    variants: dict[str, tuple[str, types.ModuleType | None, bool]],
+    n_layer: int,
+    d: int,
+    device: str = "cpu",
+    windows: int = 5,
+) -> dict[str, float | None]:
+    """Median seconds per step of each ``label: (name, legacy module, compiled)`` variant, with
+    the variants' windows interleaved so that a busy machine slows them alike. A variant that
+    fails to build or compile (e.g. no C++ compiler for inductor) gets None."""
+    windows_of: dict[str, Callable[[], float]] = {}
+    for label, (name, module, compiled) in variants.items():
+        try:
+            windows_of[label] = stack_stepper(name, n_layer, d, device, module, compiled)
+        except Exception as exc:  # the other variants' figures are still worth having
+            print(f"  {label}: {exc!r}", file=sys.stderr)
+    times: dict[str, list[float]] = {label: [] for label in windows_of}
+    for _ in range(windows):
+        for label, window in windows_of.items():
+            times[label].append(window())
+    return {label: statistics.median(times[label]) if label in times else None for label in variants}
 
 
 def host_syncs(name: str, n_layer: int, d: int, device: str) -> str:
@@ -250,16 +275,16 @@ def engine_check(device: str, dry_run: bool) -> dict[str, Any]:
     layers, d, timed_layers = ((1, 2), 16, 1) if dry_run else ((2, 12), 384, 6)
     counts = run(device, layers, d)
     syncs = {name: host_syncs(name, timed_layers, d, device) for name in ("dykaf", "soap")}
-    timing = []
-    for name in OPTIMIZERS:
-        for compiled in (False, True) if (name != "adamw" and not dry_run) else (False,):
-            try:
-                ms = 1e3 * time_stack(name, timed_layers, d, device, compiled=compiled)
-            except Exception as exc:  # a compiler missing on the machine must not lose the rest
-                ms = None
-                print(f"  {name} compiled={compiled}: {exc!r}", file=sys.stderr)
-            timing.append({"optimizer": name, "compile_step": compiled, "step_ms": ms})
-            print(f"  stack step {timing[-1]}", file=sys.stderr, flush=True)
+    variants = {
+        f"{name}{' compiled' if compiled else ''}": (name, None, compiled)
+        for name in OPTIMIZERS
+        for compiled in ((False, True) if name != "adamw" and not dry_run else (False,))
+    }
+    seconds = time_stacks(variants, timed_layers, d, device, windows=2 if dry_run else 5)
+    timing = [
+        {"optimizer": name, "compile_step": compiled, "step_ms": None if s is None else 1e3 * s}
+        for (name, _, compiled), s in zip(variants.values(), seconds.values(), strict=True)
+    ]
     return {"counts": counts, "syncs": syncs, "stack": {"layers": timed_layers, "d": d}, "timing": timing}
 
 
@@ -323,20 +348,20 @@ def main() -> int:
     if args.time:
         n_layer, d = args.time
         legacy = load_legacy_engine(args.legacy) if args.legacy else None
-        print(f"\nms per step, {n_layer}-layer d={d} stack (median of 3 windows of {FREQUENCY} steps)\n")
-        print("| optimizer | ms/step | × SOAP same engine |\n|---|---:|---:|")
-        variants = [(n, None, False) for n in OPTIMIZERS]
+        print(
+            f"\nms per step, {n_layer}-layer d={d} stack (median of 5 interleaved windows of {FREQUENCY})\n"
+        )
+        variants = {name: (name, None, False) for name in OPTIMIZERS}
         if not args.no_compile:
-            variants += [(n, None, True) for n in ("dykaf", "soap")]
+            variants.update({f"{n} compile_step": (n, None, True) for n in ("dykaf", "soap")})
         if legacy is not None:
-            variants += [(n, legacy, False) for n in ("dykaf", "soap")]
-        times = {}
-        for name, module, compiled in variants:
-            label = name + (" compile_step" if compiled else "") + (f"@{args.legacy}" if module else "")
-            times[label] = time_stack(name, n_layer, d, args.device, module, compiled)
-            soap = label.replace("dykaf", "soap")
-            ratio = f"{times[label] / times[soap]:.2f}" if soap in times else ""
-            print(f"| {label} | {1e3 * times[label]:.2f} | {ratio} |", flush=True)
+            variants.update({f"{n}@{args.legacy}": (n, legacy, False) for n in ("dykaf", "soap")})
+        seconds = time_stacks(variants, n_layer, d, args.device)
+        print("| optimizer | ms/step | × today's eager |\n|---|---:|---:|")
+        for label, value in seconds.items():
+            eager = seconds[label.split(" ")[0].split("@")[0]]
+            ratio = f"{value / eager:.2f}" if value and eager else ""
+            print(f"| {label} | {'failed' if value is None else f'{1e3 * value:.2f}'} | {ratio} |")
     return 0
 
 
