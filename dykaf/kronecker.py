@@ -23,8 +23,9 @@ tensors so that they broadcast over their own matrix; one matrix's are 0-d.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -53,6 +54,21 @@ def _norm(mat: Tensor) -> Tensor:
     is safe."""
     norm = torch.linalg.vector_norm(mat, dim=(-2, -1), keepdim=mat.ndim > 2)
     return norm.clamp_min(torch.finfo(mat.dtype).tiny)
+
+
+def _as_block(rule):  # type: ignore[no-untyped-def]
+    """Run a rule on one matrix as a block of one: the single-matrix path is then the optimizer's
+    batched path to the bit (a shadow's factors equal the optimizer's when they are linked), and
+    each rule has one implementation."""
+
+    @functools.wraps(rule)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if args[0].ndim != 2:
+            return rule(*args, **kwargs)
+        out = rule(*(a.unsqueeze(0) if isinstance(a, Tensor) else a for a in args), **kwargs)
+        return out.squeeze(0) if isinstance(out, Tensor) else tuple(t.squeeze(0) for t in out)
+
+    return run
 
 
 def _mm(a: Tensor, b: Tensor) -> Tensor:
@@ -115,6 +131,7 @@ def init_eps(m: int, n: int, *, dtype: torch.dtype, device: torch.device) -> tup
     return left, right
 
 
+@_as_block
 def update_ema(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     """Shampoo/SOAP rule: ``L ← βL + (1-β)GGᵀ``, ``R ← βR + (1-β)GᵀG`` (one fused GEMM per side)."""
     return (
@@ -123,6 +140,7 @@ def update_ema(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tuple[
     )
 
 
+@_as_block
 def update_one_sided(factor: Tensor, grad: Tensor, beta: float, side: Literal["left", "right"]) -> Tensor:
     """Decayed one-sided factor for a layer whose other side exceeds ``max_precond_dim``.
 
@@ -184,6 +202,7 @@ def _parallel_tall(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tu
     return k_hat * (root / k_norm), m_hat * (root / m_norm)
 
 
+@_as_block
 def update_parallel(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     """DyKAF's parallel (basis-update & Galerkin) step; returns the new ``(L, R)``.
 
@@ -200,6 +219,7 @@ def update_parallel(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> t
     return new_left, new_right
 
 
+@_as_block
 def update_sequential(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     """Projector-splitting (KSL) step; returns the new ``(L, R)``.
 
