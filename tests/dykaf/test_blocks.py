@@ -272,3 +272,11 @@ def test_a_shadow_fed_a_block_tracks_each_layer_like_its_own_shadow(rule: str) -
     for i, single in enumerate(singles):
         torch.testing.assert_close(block.left[i], single.left, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(block.right[i], single.right, rtol=1e-10, atol=1e-12)
+
+
+def test_compile_step_is_off_by_default_and_validated() -> None:
+    from dykaf import blocks
+
+    assert DyKAF(_params([(4, 3)]))._math is blocks.block_math
+    with pytest.raises(ValueError, match="compile_step must be true or false"):
+        DyKAF(_params([(4, 3)]), compile_step="yes")  # type: ignore[arg-type]
