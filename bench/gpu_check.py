@@ -11,7 +11,9 @@ and dykaf through the real worker code path; runs the default task's AdamW run f
 processes, with and without the runner's device warm-up; runs ``bench/default_task.yaml`` (the
 worker's defaults) the same way for the product's own ``fisher_overhead``; measures the Fisher
 diagnostics' overhead on the default task as the worker schedules them; times one update of each
-Kronecker-factor rule; and writes one JSON and one Markdown report to --out.
+Kronecker-factor rule; counts the batched engine's ops per step, checks that its steps never
+synchronise and times them eager and compiled (``bench/op_count.py``); and writes one JSON and one
+Markdown report to --out.
 
 It needs only what a CUDA machine with PyTorch has: sections whose packages are missing are skipped
 with a line saying so (``bench/gpu_check.sh`` installs carried wheels first when there are any).
@@ -130,6 +132,17 @@ def factor_rules(device: str, dry_run: bool) -> dict[str, Any]:
 
     result = rule_kernels.run(device, [(48, 32)] if dry_run else list(RULE_SHAPES))
     print(rule_kernels.markdown(result))
+    return result
+
+
+def engine(device: str, dry_run: bool) -> dict[str, Any]:
+    """The batched DyKAF engine (``bench/op_count.py``): aten ops per step of DyKAF, SOAP and AdamW
+    on 2- and 12-layer GPT stacks, host synchronisations in steps 2–11, and ms per step of the
+    6-layer d=384 stack eager and with ``compile_step``."""
+    from bench import op_count
+
+    result = op_count.engine_check(device, dry_run)
+    print(op_count.engine_markdown(result))
     return result
 
 
@@ -337,7 +350,7 @@ def _table(keys: list[str], rows: list[dict[str, Any]]) -> list[str]:
 
 def pretrain_throughput(device: str, dry_run: bool) -> dict[str, Any]:
     """gpt2-124m and llama-130m, bf16, compiled, 0.26 M-token batches: see bench/pretrain_throughput.py."""
-    import pretrain_throughput
+    from bench import pretrain_throughput
 
     return pretrain_throughput.run(device, dry_run)
 
@@ -420,6 +433,14 @@ def markdown(report: dict[str, Any]) -> str:
     fisher = report.get("fisher", {})
     lines += ["", "## Fisher diagnostics overhead", ""]
     lines.append(fisher.get("markdown") or fisher.get("skipped") or fisher.get("error", ""))
+    batched = report.get("engine", {})
+    lines += ["", "## Batched engine: ops per step, host syncs, step time", ""]
+    if "counts" in batched:
+        from bench import op_count
+
+        lines.append(op_count.engine_markdown(batched, report.get("training")))
+    else:
+        lines.append(batched.get("skipped") or batched.get("error", ""))
     rules = report.get("factor_rules", {})
     lines += ["", "## Factor-rule updates (µs each)", ""]
     if "rows" in rules:
@@ -431,7 +452,7 @@ def markdown(report: dict[str, Any]) -> str:
     pretrain = report.get("pretrain", {})
     lines += ["", "## Pre-training throughput (presets, compiled, bf16): tokens/s, MFU, optimizer share", ""]
     if "rows" in pretrain:
-        import pretrain_throughput
+        from bench import pretrain_throughput
 
         lines.append(pretrain_throughput.markdown(pretrain))
     else:
@@ -449,7 +470,7 @@ def main() -> int:
         "--skip",
         nargs="*",
         default=[],
-        choices=["tests", "cold", "default", "fisher", "rules", "training", "steps", "pretrain"],
+        choices=["tests", "cold", "default", "fisher", "rules", "engine", "training", "steps", "pretrain"],
     )
     args = parser.parse_args()
     device = "cpu" if args.dry_run else "cuda"
@@ -469,6 +490,7 @@ def main() -> int:
         "default": ("default_task", default_task),
         "fisher": ("fisher", fisher_overhead),
         "rules": ("factor_rules", factor_rules),
+        "engine": ("engine", engine),
         "training": ("training", training),
         "steps": ("optimizer_step", optimizer_steps),
         "pretrain": ("pretrain", pretrain_throughput),

@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 
 OPTIMIZERS = ("adamw", "soap", "dykaf", "muon")
 PRESETS = ("gpt2-124m", "llama-130m")

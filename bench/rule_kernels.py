@@ -27,7 +27,25 @@ if not __package__:  # run as `python bench/NAME.py`: import as under `python -m
 from dykaf.kronecker import FACTOR_RULES, init_kron, update_factors
 
 # Ops that only relabel memory: no kernel runs for them.
-LAYOUT_OPS = frozenset({"permute", "view", "reshape", "t", "transpose", "_reshape_alias", "expand", "detach"})
+LAYOUT_OPS = frozenset(
+    {
+        "permute",
+        "view",
+        "reshape",
+        "t",
+        "transpose",
+        "_reshape_alias",
+        "expand",
+        "detach",
+        "unsqueeze",
+        "squeeze",
+        "select",
+        "slice",
+        "alias",
+        "as_strided",
+        "_unsafe_view",
+    }
+)
 
 
 class KernelCount(TorchDispatchMode):

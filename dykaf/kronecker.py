@@ -13,12 +13,19 @@ These functions are shared by the optimizer and by the Fisher diagnostics' shado
 that a diagnostic "DyKAF factor" is exactly what the optimizer would hold. They never modify their
 inputs (in particular never the gradient) and never form an ``mn × mn`` matrix. See
 ``dykaf/docs/math.md`` for the derivation; names below follow it.
+
+Every rule takes either one matrix (``G`` is ``m × n``, ``L`` is ``m × m``) or a block of ``b``
+same-shape matrices stacked along a leading dimension (``b × m × n``, ``b × m × m``, ``b × n × n``):
+the optimizer updates all of a transformer's equal-shape layers with one kernel per operation instead
+of one per layer (``dykaf/blocks.py``). A block's scalars (norms, inner products) are ``b × 1 × 1``
+tensors so that they broadcast over their own matrix; one matrix's are 0-d.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -35,34 +42,73 @@ EPS_INIT_SCALE = 1e-3
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Frobenius inner product ``⟨a, b⟩`` as a 0-d tensor: one BLAS pass, no temporary, no host sync."""
-    return torch.dot(a.reshape(-1), b.reshape(-1))
+    """Frobenius inner product ``⟨a, b⟩`` per matrix (0-d, or ``b × 1 × 1`` for a block): one BLAS
+    pass, no temporary, no host sync."""
+    if a.ndim == 2:
+        return torch.dot(a.reshape(-1), b.reshape(-1))
+    return torch.bmm(a.reshape(a.shape[0], 1, -1), b.reshape(b.shape[0], -1, 1))
 
 
 def _norm(mat: Tensor) -> Tensor:
-    """Frobenius norm as a 0-d tensor, clamped away from 0 so that dividing by it is safe."""
-    return torch.linalg.vector_norm(mat).clamp_min(torch.finfo(mat.dtype).tiny)
+    """Frobenius norm per matrix (0-d, or ``b × 1 × 1``), clamped away from 0 so that dividing by it
+    is safe."""
+    norm = torch.linalg.vector_norm(mat, dim=(-2, -1), keepdim=mat.ndim > 2)
+    return norm.clamp_min(torch.finfo(mat.dtype).tiny)
+
+
+def _as_block(rule):  # type: ignore[no-untyped-def]
+    """Run a rule on one matrix as a block of one: the single-matrix path is then the optimizer's
+    batched path to the bit (a shadow's factors equal the optimizer's when they are linked), and
+    each rule has one implementation."""
+
+    @functools.wraps(rule)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if args[0].ndim != 2:
+            return rule(*args, **kwargs)
+        out = rule(*(a.unsqueeze(0) if isinstance(a, Tensor) else a for a in args), **kwargs)
+        return out.squeeze(0) if isinstance(out, Tensor) else tuple(t.squeeze(0) for t in out)
+
+    return run
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for one matrix or a block (``mm``/``bmm`` directly: ``@`` adds view ops per call)."""
+    return torch.mm(a, b) if a.ndim == 2 else torch.bmm(a, b)
+
+
+def _addmm(base: Tensor, a: Tensor, b: Tensor, *, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
+    """``beta·base + alpha·a @ b`` in one GEMM, for one matrix or a block."""
+    if a.ndim == 2:
+        return torch.addmm(base, a, b, beta=beta, alpha=alpha)
+    return torch.baddbmm(base, a, b, beta=beta, alpha=alpha)
+
+
+def _outer(a: Tensor, b: Tensor) -> Tensor:
+    """``a bᵀ`` for vectors (``m``) or stacked vectors (``b × m``)."""
+    return a.unsqueeze(-1) * b.unsqueeze(-2)
 
 
 def top_singular_triple(grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Top singular triple ``(σ1, u, v)`` of ``grad`` via ``eigh`` of the smaller Gram matrix.
 
     Deterministic (no random start, unlike ``svd_lowrank``) and ``O(mn·min(m,n))``: the same order
-    as one factor update, and it runs once per parameter.
+    as one factor update, and it runs once per parameter. A block (``b × m × n``) gives ``b`` triples
+    (``σ1`` of shape ``b``, ``u`` of ``b × m``, ``v`` of ``b × n``).
     """
-    m, n = grad.shape
+    m, n = grad.shape[-2:]
+    tiny = torch.finfo(grad.dtype).tiny
     if m <= n:
-        evals, evecs = eigh(grad @ grad.T)
-        u = evecs[:, -1]
-        sigma = evals[-1].clamp_min(0).sqrt()
-        v = grad.T @ u
-        v = v / v.norm().clamp_min(torch.finfo(grad.dtype).tiny)
+        evals, evecs = eigh(_mm(grad, grad.mT))
+        u = evecs[..., -1]
+        sigma = evals[..., -1].clamp_min(0).sqrt()
+        v = (grad.mT @ u.unsqueeze(-1)).squeeze(-1)
+        v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(tiny)
     else:
-        evals, evecs = eigh(grad.T @ grad)
-        v = evecs[:, -1]
-        sigma = evals[-1].clamp_min(0).sqrt()
-        u = grad @ v
-        u = u / u.norm().clamp_min(torch.finfo(grad.dtype).tiny)
+        evals, evecs = eigh(_mm(grad.mT, grad))
+        v = evecs[..., -1]
+        sigma = evals[..., -1].clamp_min(0).sqrt()
+        u = (grad @ v.unsqueeze(-1)).squeeze(-1)
+        u = u / torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp_min(tiny)
     return sigma, u, v
 
 
@@ -74,8 +120,8 @@ def init_kron(grad: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     pins the factors to the first gradient for ~1/(1-β) steps; see the math page).
     """
     sigma, u, v = top_singular_triple(grad)
-    scale = math.sqrt(1.0 - beta) * sigma
-    return scale * torch.outer(u, u), scale * torch.outer(v, v)
+    scale = (math.sqrt(1.0 - beta) * sigma)[..., None, None]
+    return scale * _outer(u, u), scale * _outer(v, v)
 
 
 def init_eps(m: int, n: int, *, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -85,22 +131,24 @@ def init_eps(m: int, n: int, *, dtype: torch.dtype, device: torch.device) -> tup
     return left, right
 
 
+@_as_block
 def update_ema(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     """Shampoo/SOAP rule: ``L ← βL + (1-β)GGᵀ``, ``R ← βR + (1-β)GᵀG`` (one fused GEMM per side)."""
     return (
-        torch.addmm(left, grad, grad.T, beta=beta, alpha=1.0 - beta),
-        torch.addmm(right, grad.T, grad, beta=beta, alpha=1.0 - beta),
+        _addmm(left, grad, grad.mT, beta=beta, alpha=1.0 - beta),
+        _addmm(right, grad.mT, grad, beta=beta, alpha=1.0 - beta),
     )
 
 
+@_as_block
 def update_one_sided(factor: Tensor, grad: Tensor, beta: float, side: Literal["left", "right"]) -> Tensor:
     """Decayed one-sided factor for a layer whose other side exceeds ``max_precond_dim``.
 
     The other side is held at identity, so the best single factor is the EMA of ``GGᵀ`` (left) or
     ``GᵀG`` (right) with the same decay β (the public code keeps an undecayed sum here).
     """
-    first, second = (grad, grad.T) if side == "left" else (grad.T, grad)
-    return torch.addmm(factor, first, second, beta=beta, alpha=1.0 - beta)
+    first, second = (grad, grad.mT) if side == "left" else (grad.mT, grad)
+    return _addmm(factor, first, second, beta=beta, alpha=1.0 - beta)
 
 
 # How the rules below are evaluated. The math page writes them with unit factors ``U0 = L/‖L‖``,
@@ -122,7 +170,7 @@ def _k_hat(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tuple[Tens
     """
     norm = _norm(right)
     scaled_v0 = right / (norm * norm / (1.0 - beta))
-    return torch.addmm(left, grad @ scaled_v0, grad.T, beta=beta), scaled_v0
+    return _addmm(left, _mm(grad, scaled_v0), grad.mT, beta=beta), scaled_v0
 
 
 def _parallel_tall(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tuple[Tensor, Tensor]:
@@ -135,18 +183,18 @@ def _parallel_tall(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tu
     ``GM̂`` costs fewer flops than ``D`` and ``DRD``.
     """
     weight = 1.0 - beta
-    rows, cols = grad.shape
+    rows, cols = grad.shape[-2:]
     k_hat, scaled_v0 = _k_hat(left, right, grad, beta)
     left_norm = _norm(left)
-    x = grad.T @ ((left @ grad) / (left_norm / weight))  # X = ĜᵀU0Ĝ
+    x = _mm(grad.mT, _mm(left, grad) / (left_norm / weight))  # X = ĜᵀU0Ĝ
     m_hat = torch.add(x / left_norm, right, alpha=beta)
     k_norm, m_norm = _norm(k_hat), _norm(m_hat)
     if 2 * cols * cols < rows * rows:
-        d = grad.T @ grad
-        gkg = torch.addcmul(d @ scaled_v0 @ d, x, left_norm * (beta / weight))
+        d = _mm(grad.mT, grad)
+        gkg = torch.addcmul(_mm(_mm(d, scaled_v0), d), x, left_norm * (beta / weight))
         galerkin = _dot(gkg, m_hat)
     else:
-        galerkin = _dot(k_hat @ grad, grad @ m_hat)
+        galerkin = _dot(_mm(k_hat, grad), _mm(grad, m_hat))
     # Each product formed from ratios of order ‖L‖ ≈ ‖R‖, so tiny factors do not underflow it.
     cross = weight * galerkin / (k_norm * m_norm)
     s1 = torch.addcmul(cross, _dot(left, k_hat) / k_norm, _dot(right, m_hat) / m_norm, value=beta)
@@ -154,6 +202,7 @@ def _parallel_tall(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tu
     return k_hat * (root / k_norm), m_hat * (root / m_norm)
 
 
+@_as_block
 def update_parallel(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     """DyKAF's parallel (basis-update & Galerkin) step; returns the new ``(L, R)``.
 
@@ -161,14 +210,16 @@ def update_parallel(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> t
     ``V1 = M/‖M‖``; ``S1 = s⟨U0,U1⟩⟨V0,V1⟩ + ⟨U1, ĜV1Ĝᵀ⟩``; ``L = sqrt(S1)U1``, ``R = sqrt(S1)V1``.
 
     The rule is symmetric under ``G → Gᵀ`` with the factors swapped, so it is evaluated with the
-    larger side as ``L`` (``_parallel_tall``), where the cheap form of the Galerkin term lives.
+    larger side as ``L`` (``_parallel_tall``), where the cheap form of the Galerkin term lives. A
+    block holds one shape, hence one orientation.
     """
-    if grad.shape[0] >= grad.shape[1]:
+    if grad.shape[-2] >= grad.shape[-1]:
         return _parallel_tall(left, right, grad, beta)
-    new_right, new_left = _parallel_tall(right, left, grad.T, beta)
+    new_right, new_left = _parallel_tall(right, left, grad.mT, beta)
     return new_left, new_right
 
 
+@_as_block
 def update_sequential(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     """Projector-splitting (KSL) step; returns the new ``(L, R)``.
 
@@ -184,7 +235,7 @@ def update_sequential(left: Tensor, right: Tensor, grad: Tensor, beta: float) ->
     k_hat, _ = _k_hat(left, right, grad, beta)
     k_norm = _norm(k_hat)
     s_tilde_v0 = right * (beta * _dot(left, k_hat) / k_norm)
-    m_mat = torch.addmm(s_tilde_v0, grad.T, (k_hat @ grad) / (k_norm / weight))
+    m_mat = _addmm(s_tilde_v0, grad.mT, _mm(k_hat, grad) / (k_norm / weight))
     root = _norm(m_mat).sqrt()
     return k_hat * (root / k_norm), m_mat / root
 

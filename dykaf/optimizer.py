@@ -11,8 +11,15 @@ moment (kept in the original basis) rotated the same way, decoupled weight decay
 step's gradient into the factors and, every ``precondition_frequency`` steps, refresh the eigenbases.
 1-D parameters (and matrices too large on both sides) run plain Adam.
 
+The work is done once per *block* of same-shape matrices, not once per matrix (``dykaf/blocks.py``):
+a 12-layer transformer's step costs about as many kernel launches as a 2-layer one's. Plain-Adam
+parameters and weight decay use ``torch._foreach_*``. After a parameter's initialising step no
+operation waits for the device.
+
 Design choices worth knowing:
 
+* ``optimizer.state[p]`` keeps the per-parameter format (views into the block's stacked tensors),
+  so checkpoints and ``preconditioner_state`` are unchanged.
 * Hyperparameters are read from the param group on every step (schedulers, resumed checkpoints).
   Structural ones — ``max_precond_dim``, ``precondition_1d``, ``second_moment`` and ``init`` — take
   effect when a parameter is initialised.
@@ -34,9 +41,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from dykaf import eigenbasis, kronecker
+from dykaf import blocks, eigenbasis, kronecker
+from dykaf.blocks import BlockHyper, MatrixBlock
 from dykaf.options import DEFAULTS, DyKAFConfig, factor_beta
-from dykaf.second_moment import rank1_denominator, update_rank1
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,21 @@ def state_dtype(param: Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
+def _block_key(state: dict[str, Any]) -> tuple[Any, ...]:
+    """Matrices with equal keys (within one param group) are stepped as one block: same matrix
+    shape, state dtype and device, factor sides, second-moment kind and step count."""
+    exp_avg = state["exp_avg"]
+    return (
+        tuple(state["matrix_shape"]),
+        exp_avg.dtype,
+        exp_avg.device,
+        "left" in state,
+        "right" in state,
+        "v_row" in state,
+        state["step"],
+    )
+
+
 def matrix_shape(param: Tensor, precondition_1d: bool) -> tuple[int, int] | None:
     """The matrix a parameter is preconditioned as, or None when it runs plain Adam.
 
@@ -97,6 +119,8 @@ class DyKAF(Optimizer):
         second_moment: ``"full"`` | ``"rank1"``.
         init: ``"kron"`` | ``"eps"`` for the projector-splitting rules (``ema`` starts from zero).
         precondition_1d: precondition 1-D parameters as ``1 × n`` matrices instead of plain Adam.
+        compile_step: run each block's step through ``torch.compile`` (off by default: it pays only
+            where launches dominate, see ``docs/notes/engine.md``; the first steps compile).
     """
 
     def __init__(
@@ -113,6 +137,7 @@ class DyKAF(Optimizer):
         second_moment: str = DEFAULTS["second_moment"],
         init: str = DEFAULTS["init"],
         precondition_1d: bool = DEFAULTS["precondition_1d"],
+        compile_step: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -129,10 +154,21 @@ class DyKAF(Optimizer):
         }
         DyKAFConfig.from_group(defaults)
         super().__init__(params, defaults)
+        if not isinstance(compile_step, bool):
+            raise ValueError(f"compile_step must be true or false, got {compile_step!r}")
+        self.compile_step = compile_step
+        self._blocks: dict[tuple[int, ...], MatrixBlock] = {}
+        self._math: blocks.BlockMath = blocks.compile_block_step() if compile_step else blocks.block_math
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         DyKAFConfig.from_group(self.param_groups[-1])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("compile_step", False)
+        self.__dict__.setdefault("_blocks", {})
+        self.__dict__.setdefault("_math", blocks.block_math)
 
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()
@@ -141,34 +177,78 @@ class DyKAF(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        used: dict[tuple[int, ...], MatrixBlock] = {}
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise RuntimeError("DyKAF does not support sparse gradients")
-                self._step_param(param, group)
+            self._step_group(group, used)
+        # Blocks not used this step are dropped: their members now live in other blocks (or wait).
+        self._blocks = used
         return loss
 
-    def _step_param(self, param: Tensor, group: dict[str, Any]) -> None:
-        state = self.state[param]
-        if not state:
-            self._initialise(param, group, state)
-            return
-        grad = param.grad.to(state_dtype(param))
-        if "exp_avg_sq" in state and state.get("matrix_shape") is None:
-            self._adam_step(param, grad, group, state)
-            return
-        self._rotated_adam_step(param, grad, group, state)
-        self._update_factors(grad.reshape(state["matrix_shape"]), group, state)
-        if state["step"] % group["precondition_frequency"] == 0:
-            self._refresh_bases(state)
+    def _step_group(self, group: dict[str, Any], used: dict[tuple[int, ...], MatrixBlock]) -> None:
+        """Initialise new parameters one by one, then step the Adam-routed ones with ``_foreach``
+        calls and the preconditioned ones block by block, then decay them all in one call."""
+        adam: list[Tensor] = []
+        members: dict[tuple[Any, ...], list[Tensor]] = {}
+        fresh: dict[tuple[Any, ...], list[Tensor]] = {}
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise RuntimeError("DyKAF does not support sparse gradients")
+            state = self.state[param]
+            if not state:
+                self._initialise(param, group, state)
+                if state.get("matrix_shape", ()) is None:
+                    adam.append(param)  # plain Adam takes its first step at once
+                elif state:
+                    fresh.setdefault(_block_key(state), []).append(param)
+            elif state["matrix_shape"] is None:
+                adam.append(param)
+            else:
+                members.setdefault(_block_key(state), []).append(param)
+        # Newly initialised matrices are stacked now, with the other one-off work, so that the
+        # steps after the first only ever reuse blocks.
+        for params in fresh.values():
+            used[tuple(id(p) for p in params)] = self._block_for(params)
+        stepped = list(adam)
+        if adam:
+            self._adam_step(adam, group)
+        hyper = BlockHyper(
+            lr=group["lr"],
+            beta1=group["betas"][0],
+            beta2=group["betas"][1],
+            eps=group["eps"],
+            factor_beta=factor_beta(group),
+            factor_rule=group["factor_rule"],
+            precondition_frequency=group["precondition_frequency"],
+        )
+        for params in members.values():
+            block = self._block_for(params)
+            used[tuple(id(p) for p in params)] = block
+            blocks.step_block(block, hyper, self._math)
+            for param in params:
+                self.state[param]["step"] = block.step
+            stepped += params
+        if stepped and group["weight_decay"] > 0:
+            # p ← p − lr·wd·p after the step (SOAP's order), for every stepped parameter at once.
+            torch._foreach_add_(stepped, stepped, alpha=-group["lr"] * group["weight_decay"])
+
+    def _block_for(self, params: list[Tensor]) -> MatrixBlock:
+        """The cached block of exactly these parameters, or a new one stacked from their state."""
+        block = self._blocks.get(tuple(id(p) for p in params))
+        states = [self.state[p] for p in params]
+        if block is None or block.step != states[0]["step"]:
+            block = MatrixBlock.stack(params, states)
+            block.bind(states)
+        return block
 
     def _initialise(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        """Create the state; for preconditioned params also fold in the first gradient and stop.
+        """Create the state; for preconditioned params also fold in the first gradient.
 
         A gradient that is exactly zero (e.g. LoRA ``A`` at step 1) leaves the state empty so the
-        parameter simply waits for its first informative gradient.
+        parameter simply waits for its first informative gradient. This runs once per parameter
+        and may wait for the device (the zero test, ``eigh``'s finiteness checks); steps after it
+        never do.
         """
         dtype = state_dtype(param)
         grad = param.grad.to(dtype)
@@ -181,7 +261,6 @@ class DyKAF(Optimizer):
             state["matrix_shape"] = None
             state["exp_avg"] = torch.zeros_like(param, dtype=dtype)
             state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype)
-            self._adam_step(param, grad, group, state)
             return
         if not bool(torch.any(grad != 0)):
             return
@@ -220,89 +299,41 @@ class DyKAF(Optimizer):
         else:
             state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=param.device)
 
+    def _adam_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        """Plain Adam for the parameters without factors: one ``_foreach`` call per operation.
+
+        Parameters whose step counts differ (one joined late) get their own bias correction
+        through a per-tensor scalar list; gradients are cast to the state dtype only where it
+        differs (bf16 parameters).
+        """
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in params]
+        sizes = []
+        for state in states:
+            state["step"] += 1
+            sizes.append(self._step_size(group, state["step"]))
+        grads = [
+            p.grad if p.grad.dtype == s["exp_avg"].dtype else p.grad.to(s["exp_avg"].dtype)
+            for p, s in zip(params, states, strict=True)
+        ]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denominators, group["eps"])
+        directions = torch._foreach_div(exp_avgs, denominators)
+        if all(size == sizes[0] for size in sizes):
+            torch._foreach_add_(params, directions, alpha=-sizes[0])
+        else:
+            torch._foreach_mul_(directions, [-size for size in sizes])
+            torch._foreach_add_(params, directions)
+
     @staticmethod
     def _step_size(group: dict[str, Any], step: int) -> float:
         beta1, beta2 = group["betas"]
         return group["lr"] * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-
-    @staticmethod
-    def _apply(param: Tensor, direction: Tensor, group: dict[str, Any], step_size: float) -> None:
-        """``p ← p − step_size·Δ`` then decoupled weight decay ``p ← p − lr·wd·p`` (SOAP's order)."""
-        param.add_(direction.view_as(param).to(param.dtype), alpha=-step_size)
-        if group["weight_decay"] > 0:
-            param.add_(param, alpha=-group["lr"] * group["weight_decay"])
-
-    def _adam_step(self, param: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        beta1, beta2 = group["betas"]
-        state["step"] += 1
-        state["exp_avg"].lerp_(grad, 1.0 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        direction = state["exp_avg"] / state["exp_avg_sq"].sqrt().add_(group["eps"])
-        self._apply(param, direction, group, self._step_size(group, state["step"]))
-
-    @staticmethod
-    def _rotate(matrix: Tensor, state: dict[str, Any]) -> Tensor:
-        """``Q_Lᵀ X Q_R`` (identity on a side without a factor)."""
-        if "left_basis" in state:
-            matrix = state["left_basis"].T @ matrix
-        if "right_basis" in state:
-            matrix = matrix @ state["right_basis"]
-        return matrix
-
-    @staticmethod
-    def _rotate_back(matrix: Tensor, state: dict[str, Any]) -> Tensor:
-        """``Q_L X Q_Rᵀ``."""
-        if "left_basis" in state:
-            matrix = state["left_basis"] @ matrix
-        if "right_basis" in state:
-            matrix = matrix @ state["right_basis"].T
-        return matrix
-
-    def _rotated_adam_step(
-        self, param: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]
-    ) -> None:
-        beta1, beta2 = group["betas"]
-        shape = state["matrix_shape"]
-        state["step"] += 1
-        state["exp_avg"].lerp_(grad, 1.0 - beta1)
-        rotated_grad = self._rotate(grad.reshape(shape), state)
-        if "v_row" in state:
-            state["v_row"], state["v_col"] = update_rank1(
-                state["v_row"], state["v_col"], rotated_grad.square(), beta2
-            )
-            denominator = rank1_denominator(state["v_row"], state["v_col"], group["eps"])
-        else:
-            second = state["exp_avg_sq"]
-            second.mul_(beta2).addcmul_(rotated_grad, rotated_grad, value=1.0 - beta2)
-            denominator = second.sqrt().add_(group["eps"])
-        rotated_momentum = self._rotate(state["exp_avg"].reshape(shape), state)
-        direction = self._rotate_back(rotated_momentum / denominator, state)
-        self._apply(param, direction, group, self._step_size(group, state["step"]))
-
-    @staticmethod
-    def _update_factors(matrix: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        beta = factor_beta(group)
-        if "left" in state and "right" in state:
-            state["left"], state["right"] = kronecker.update_factors(
-                group["factor_rule"], state["left"], state["right"], matrix, beta
-            )
-        elif "left" in state:
-            state["left"] = kronecker.update_one_sided(state["left"], matrix, beta, "left")
-        else:
-            state["right"] = kronecker.update_one_sided(state["right"], matrix, beta, "right")
-
-    @staticmethod
-    def _refresh_bases(state: dict[str, Any]) -> None:
-        """Refresh each eigenbasis and permute the second moment with the same column order."""
-        for dim, side in enumerate(("left", "right")):
-            if side not in state:
-                continue
-            state[f"{side}_basis"], order = eigenbasis.refresh(state[side], state[f"{side}_basis"])
-            if "exp_avg_sq" in state:
-                state["exp_avg_sq"] = state["exp_avg_sq"].index_select(dim, order)
-            else:
-                key = "v_row" if dim == 0 else "v_col"
-                state[key] = state[key][order]
 
     # ------------------------------------------------------------------ introspection
     def preconditioner_state(self, param: Tensor) -> PreconditionerState | None:
@@ -341,6 +372,8 @@ class DyKAF(Optimizer):
             for key, value in saved.items():
                 if isinstance(value, Tensor):
                     self.state[param][key] = value.to(device=param.device, copy=True)
+        # The loaded tensors are the state now; blocks are stacked from them at the next step.
+        self._blocks = {}
 
 
 class SOAP(DyKAF):

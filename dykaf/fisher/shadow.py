@@ -35,12 +35,14 @@ class ShadowFactors:
     steps: int = field(default=0)
 
     def update(self, grad: Tensor, beta: float) -> None:
-        """Feed one ``m × n`` gradient (never modified)."""
+        """Feed one ``m × n`` gradient, or a stacked ``b × m × n`` block of same-shape layers'
+        (tracked as ``b`` independent factor pairs, exactly as the optimizer's blocks do). The
+        gradient is never modified."""
         if self.left is None or self.right is None:
             if self.rule == "ema":
-                rows, cols = grad.shape
-                self.left = grad.new_zeros(rows, rows)
-                self.right = grad.new_zeros(cols, cols)
+                rows, cols = grad.shape[-2:]
+                self.left = grad.new_zeros(*grad.shape[:-2], rows, rows)
+                self.right = grad.new_zeros(*grad.shape[:-2], cols, cols)
             else:
                 # Host sync, but only until the first non-zero gradient arrives.
                 if not bool(torch.any(grad != 0)):

@@ -48,7 +48,18 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path: Path) -> None:
     rules = report["factor_rules"]["rows"]
     assert [r["rule"] for r in rules] == ["parallel", "sequential", "ema"]
     assert all(r["48x32_us"] > 0 and r["kernels"] > 0 for r in rules)
+    engine = report["engine"]  # the batched engine: ops per step, host syncs, step time
+    counts = {row["optimizer"]: row for row in engine["counts"]["rows"]}
+    assert set(counts) == {"dykaf", "soap", "adamw"} and all(row["ops_1"] > 0 for row in counts.values())
+    assert all(verdict.startswith("none") for verdict in engine["syncs"].values()), engine["syncs"]
+    assert [(t["optimizer"], t["compile_step"]) for t in engine["timing"]] == [
+        ("dykaf", False),
+        ("soap", False),
+        ("adamw", False),
+    ]
+    assert all(t["step_ms"] > 0 for t in engine["timing"])
     markdown = (tmp_path / "gpu_check.md").read_text()
+    assert "## Batched engine" in markdown and "| dykaf | False |" in markdown
     assert "## Factor-rule updates" in markdown and "| parallel |" in markdown
     assert "## A fresh process's first run" in markdown and "| on | 1 | succeeded |" in markdown
     assert "## Fisher diagnostics overhead" in markdown and "overhead @ every 250" in markdown

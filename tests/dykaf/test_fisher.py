@@ -380,7 +380,12 @@ def test_reusing_own_factors_reports_the_same_rows(kind: str, shadow: str) -> No
     _, reused = _train(kind, with_monitor=True)
     assert [r[:4] for r in reused] == [r[:4] for r in forced]
     for a, b in zip(reused, forced, strict=True):
-        assert math.isclose(a.value, b.value, rel_tol=1e-4, abs_tol=1e-6), (a, b)
+        # The optimizer steps same-shape layers as one block: its factors equal a lone shadow's to
+        # float32 rounding, not to the bit. diag_mass of a rank-deficient factor (the kron start)
+        # depends on the eigenvectors picked inside its null space, which that rounding moves (up
+        # to 2 % here); every other metric agrees to 1e-4.
+        rel_tol = 2e-2 if a.metric == "diag_mass" else 1e-4
+        assert math.isclose(a.value, b.value, rel_tol=rel_tol, abs_tol=1e-6), (a, b)
     # ...and the shadow really was linked (not updated) in the reusing monitor.
     g = _gen(5)
     for _ in range(2):

@@ -148,3 +148,54 @@ def test_factors_stay_symmetric_psd(rule: str) -> None:
 def test_unknown_rule_is_rejected() -> None:
     with pytest.raises(ValueError, match="factor_rule must be one of"):
         kronecker.update_factors("lbfgs", torch.eye(2), torch.eye(2), torch.ones(2, 2), 0.9)
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (5, 3), (3, 7), (20, 3), (12, 12)])
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_a_block_of_matrices_matches_the_oracle_matrix_by_matrix(rule: str, shape: tuple[int, int]) -> None:
+    """Stacked inputs (``b × m × n``, ``b × m × m``, ``b × n × n``): each matrix of the result is the
+    oracle's step of that matrix, for every evaluation order of the parallel rule's cross term."""
+    gen = torch.Generator().manual_seed(9)
+    m, n = shape
+    lefts = torch.stack([_spd(m, gen) for _ in range(3)])
+    rights = torch.stack([_spd(n, gen) for _ in range(3)])
+    grads = torch.randn(3, m, n, generator=gen, dtype=torch.float64)
+    got_left, got_right = kronecker.update_factors(rule, lefts, rights, grads, 0.9)
+    assert got_left.shape == (3, m, m) and got_right.shape == (3, n, n)
+    for i in range(3):
+        want = RULES[rule](lefts[i], rights[i], grads[i], 0.9)
+        torch.testing.assert_close(
+            torch.kron(got_left[i], got_right[i]), torch.kron(*want), rtol=1e-10, atol=1e-12
+        )
+        if rule != "ema":
+            torch.testing.assert_close(got_left[i], want[0], rtol=1e-10, atol=1e-12)
+
+
+def test_block_init_one_sided_rank1_and_refresh_match_their_single_matrix_forms() -> None:
+    from dykaf import eigenbasis
+    from dykaf.second_moment import rank1_denominator, update_rank1
+
+    gen = torch.Generator().manual_seed(10)
+    grads = torch.randn(3, 6, 4, generator=gen, dtype=torch.float64)
+    lefts = torch.stack([_spd(6, gen) for _ in range(3)])
+    bases = torch.linalg.qr(torch.randn(3, 6, 6, generator=gen, dtype=torch.float64)).Q
+    rows, cols = (
+        torch.rand(3, 6, generator=gen, dtype=torch.float64),
+        torch.rand(3, 4, generator=gen, dtype=torch.float64),
+    )
+    init_l, init_r = kronecker.init_kron(grads, 0.9)
+    one_sided = kronecker.update_one_sided(lefts, grads, 0.9, "left")
+    new_bases, orders = eigenbasis.refresh(lefts, bases)
+    new_rows, new_cols = update_rank1(rows, cols, grads.square(), 0.95)
+    denominators = rank1_denominator(new_rows, new_cols, 1e-8)
+    for i in range(3):
+        left, right = kronecker.init_kron(grads[i], 0.9)
+        torch.testing.assert_close(torch.kron(init_l[i], init_r[i]), torch.kron(left, right))
+        torch.testing.assert_close(one_sided[i], kronecker.update_one_sided(lefts[i], grads[i], 0.9, "left"))
+        basis, order = eigenbasis.refresh(lefts[i], bases[i])
+        assert torch.equal(orders[i], order)
+        torch.testing.assert_close(new_bases[i].abs(), basis.abs())  # QR fixes columns up to sign
+        row, col = update_rank1(rows[i], cols[i], grads[i].square(), 0.95)
+        torch.testing.assert_close(new_rows[i], row)
+        torch.testing.assert_close(new_cols[i], col)
+        torch.testing.assert_close(denominators[i], rank1_denominator(row, col, 1e-8))

@@ -55,7 +55,8 @@ def test_identity_eigenbasis_equals_adam_after_init_step(monkeypatch: pytest.Mon
     monkeypatch.setattr(
         eigenbasis,
         "refresh",
-        lambda factor, basis: (basis, torch.arange(basis.shape[0])),
+        # Bases arrive stacked (b × k × k): the identity order has one row per matrix.
+        lambda factor, basis: (basis, torch.arange(basis.shape[-1]).expand(basis.shape[:-1])),
     )
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
