@@ -452,7 +452,7 @@ def test_csv_exports_are_full_fidelity(api: Any) -> None:
     runs = list(csv.DictReader(io.StringIO(api.get(f"/jobs/{job['id']}/runs.csv").text)))
     assert [int(s["run_id"]) for s in runs] == [run["id"] for run in job["runs"]]
     assert {s["status"] for s in runs} == {"queued"} and {s["partial"] for s in runs} == {"false"}
-    summary = list(csv.DictReader(io.StringIO(api.get(f"/jobs/{job['id']}/runs.csv").text)))
+    summary = list(csv.DictReader(io.StringIO(api.get(f"/jobs/{job['id']}/summary.csv").text)))
     assert [(s["label"], s["seeds"], s["pending"]) for s in summary] == [
         ("adamw", "2", "2"),
         ("dykaf", "2", "2"),

@@ -45,6 +45,6 @@ def test_rest_job_on_shards_succeeds(
         summary = run["summary"]
         assert summary["final_step"] == 6 and summary["final_val_loss"] > 0
         assert summary["flops_per_token"] > 0 and 0 < summary["optimizer_share"] < 1
-    rows = list(csv.DictReader(io.StringIO(api.get(f"/jobs/{done['id']}/summary.csv").text)))
+    rows = list(csv.DictReader(io.StringIO(api.get(f"/jobs/{done['id']}/runs.csv").text)))
     shares = sorted(run["summary"]["optimizer_share"] for run in done["runs"])
     assert sorted(float(row["optimizer_share"]) for row in rows) == shares
