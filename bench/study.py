@@ -36,7 +36,7 @@ from server.studies.spec import StudySpec, budget_run_specs, parse_study
 
 # Four points per optimizer (equal budget). A first run with three points per grid had every
 # contender's winner on an edge of its grid (SOAP and DyKAF at the largest lr, Muon at the smallest);
-# these grids extend them by one point in that direction (docs/notes/studies.md).
+# these grids extend them by one point in that direction (BENCHMARKS.md, "Scale study").
 SWEEPS: dict[str, list[float]] = {
     "adamw": [1e-3, 3e-3, 1e-2, 3e-2],
     "soap": [1e-3, 3e-3, 1e-2, 3e-2],

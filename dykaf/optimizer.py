@@ -120,7 +120,7 @@ class DyKAF(Optimizer):
         init: ``"kron"`` | ``"eps"`` for the projector-splitting rules (``ema`` starts from zero).
         precondition_1d: precondition 1-D parameters as ``1 × n`` matrices instead of plain Adam.
         compile_step: run each block's step through ``torch.compile`` (off by default: it pays only
-            where launches dominate, see ``docs/notes/engine.md``; the first steps compile).
+            where launches dominate, see BENCHMARKS.md "Batched engine"; the first steps compile).
     """
 
     def __init__(

@@ -25,7 +25,8 @@ Only on CUDA (``WARMED_DEVICE_TYPES``): a CPU links BLAS/LAPACK at import and lo
 lazily (a fresh process's first ``eigh`` and QR cost about what later ones do), while the warm-up
 would cost the default task far more than that, mostly in the probes'
 reports. Identical runs in one fresh CPU
-process spend the same CPU time in their diagnostics (docs/notes/truth-b.md): there is nothing to move.
+process spend the same CPU time in their diagnostics (BENCHMARKS.md, "Diagnostics overhead"): there
+is nothing to move.
 
 A warm-up that fails (out of memory on a small card, a solver error) is logged and cut short: it is
 an optimisation, and whatever broke it will show in the run itself if it matters there.
