@@ -58,8 +58,8 @@ RUN if python -c "import torch" 2>/dev/null; then \
 
 RUN groupadd --gid "${GID}" lab \
  && useradd --uid "${UID}" --gid "${GID}" --create-home --shell /bin/sh lab \
- && mkdir -p /data/checkpoints /cache \
- && chown -R lab:lab /data /cache
+ && mkdir -p /data/checkpoints /cache /corpora \
+ && chown -R lab:lab /data /cache /corpora
 
 # Dependencies in their own layer (re-used while only the code changes): install the project's
 # [lab] extra from pyproject.toml with empty packages, then drop the placeholder.

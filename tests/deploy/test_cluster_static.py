@@ -307,8 +307,11 @@ def test_settings_seen_by_the_containers(compose: dict[str, Any], clean_env: pyt
             assert getattr(settings, field) == getattr(defaults, field), (name, field)
         from server.jobs import paths
 
-        assert [str(p) for p in paths.data_roots()] == ["/data/corpora", "/cache/dykaf-lab"]
+        assert [str(p) for p in paths.data_roots()] == ["/corpora"]
         assert paths.cache_root() == Path("/cache/dykaf-lab")
+        # A job may read the corpora volume, never the lab's state or caches.
+        assert not paths._is_state(Path("/corpora/shards/train-00000.bin"))
+        assert paths._is_state(Path("/data/lab.db")) and paths._is_state(Path("/cache/dykaf-lab/x"))
         for var in environment(services[name]):
             clean_env.delenv(var)
     # Flower talks to the same broker.
