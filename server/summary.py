@@ -20,11 +20,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.jobs.status import RunStatus
 from server.summary_fields import INTEGER_FIELDS, integer_cell
 
-FINISHED = "succeeded"
-ENDED_EARLY = ("diverged", "failed", "cancelled")
-PENDING = ("queued", "running")
+FINISHED = RunStatus.SUCCEEDED
+ENDED_EARLY = (RunStatus.DIVERGED, RunStatus.FAILED, RunStatus.CANCELLED)
+PENDING = (RunStatus.QUEUED, RunStatus.RUNNING)
 
 # The number a job is judged by (lower is better): the same key picks sweep winners.
 PRIMARY_METRIC = "final_val_loss"
@@ -113,9 +114,9 @@ def summarize_outcomes(
             "seeds": len(group),
             "succeeded": len(done),
             "partial": sum(r.partial for r in group),
-            "diverged": sum(r.status == "diverged" for r in group),
-            "failed": sum(r.status == "failed" for r in group),
-            "cancelled": sum(r.status == "cancelled" for r in group),
+            "diverged": sum(r.status == RunStatus.DIVERGED for r in group),
+            "failed": sum(r.status == RunStatus.FAILED for r in group),
+            "cancelled": sum(r.status == RunStatus.CANCELLED for r in group),
             "pending": sum(r.status in PENDING for r in group),
         }
         row["complete"] = row["succeeded"] == row["seeds"]

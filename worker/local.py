@@ -37,7 +37,8 @@ from rich.markup import escape
 
 from server import palette
 from server.csv_export import FISHER_HEADER, METRICS_HEADER, RUNS_FIXED
-from server.jobs.spec import JobSpec, RunSpec
+from server.jobs.spec import JobSpec, RunSpec, selection_score
+from server.jobs.status import RunStatus
 from server.summary import (
     ENDED_EARLY,
     RunOutcome,
@@ -89,9 +90,8 @@ def safe_name(name: str) -> str:
 
 
 def _score(record: RunRecord) -> float:
-    """Selection score: final validation loss of a run that finished, +inf otherwise."""
-    value = record.result.summary.get("final_val_loss", math.nan)
-    return value if record.result.status == "succeeded" and math.isfinite(value) else math.inf
+    """The contract's sweep-selection score of a run of this process (lower wins)."""
+    return selection_score(record.result.status, record.result.summary)
 
 
 def outcome_of(record: RunRecord) -> RunOutcome:
@@ -369,6 +369,6 @@ def _run_one(
         )
     finally:
         csv_sink.close()
-    status = result.status if result.status == "succeeded" else f"{result.status}: {result.reason}"
+    status = result.status if result.status == RunStatus.SUCCEEDED else f"{result.status}: {result.reason}"
     progress.update(task_id, info=escape(status[:80]))
     return RunRecord(spec=spec, result=result, curves=memory, run_id=run_id)
