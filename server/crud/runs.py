@@ -218,16 +218,11 @@ def run_queue(session: Session, run_id: int) -> str | None:
     return session.scalar(select(Run.queue).where(Run.id == run_id))
 
 
-# Summary key that picks a sweep winner (lower is better), as in ``worker.local``'s selection.
-SELECTION_KEYS = ("final_val_loss",)
+def _score(summary: Mapping[str, Any] | None, primary: str = "val_loss") -> float:
+    """Lower-is-better score of a run by the job's primary metric (``server.summary.score_of``)."""
+    from server.summary import score_of
 
-
-def _score(summary: Mapping[str, Any] | None) -> float:
-    for key in SELECTION_KEYS:
-        value = (summary or {}).get(key)
-        if isinstance(value, int | float) and value == value:  # not NaN
-            return float(value)
-    return float("inf")
+    return score_of(summary, primary)
 
 
 def expand_next_stage(session: Session, job_id: int) -> list[tuple[int, str]]:
@@ -255,11 +250,14 @@ def expand_next_stage(session: Session, job_id: int) -> list[tuple[int, str]]:
     runs = list(session.scalars(select(Run).where(Run.job_id == job_id).order_by(Run.index)).all())
     if len(runs) != stage_one or any(run.status in ACTIVE for run in runs):
         return []
+    from server.summary import primary_of
+
+    primary = primary_of(spec_json)
     chosen: dict[str, dict[str, Any]] = {}
     best: dict[str, float] = {}
     for run in runs:
         group = (run.spec or {}).get("group", run.label)
-        score = _score(run.summary) if run.status == SUCCEEDED else float("inf")
+        score = _score(run.summary, primary) if run.status == SUCCEEDED else float("inf")
         if group not in chosen or score < best[group]:
             chosen[group] = dict((run.spec or {}).get("sweep_point") or {})
             best[group] = score
