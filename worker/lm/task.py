@@ -35,6 +35,13 @@ class LMTask:
     roles: dict[str, str]
     logits: Callable[[nn.Module, torch.Tensor], torch.Tensor] = logits_of
     info: dict[str, Any] = field(default_factory=dict)
+    # Example-based tasks (classify, instruct) bring their own batches (``.batch(index)`` →
+    # (inputs, targets), inputs a dict of tensors), loss and per-evaluation quality metrics; token
+    # tasks leave them None and the runner cuts windows from the token streams.
+    train_batches: Any = None
+    val_batches: list[Any] | None = None
+    loss_fn: Callable[[nn.Module, Any, torch.Tensor], torch.Tensor] | None = None
+    eval_metrics: Callable[[nn.Module, torch.device], dict[str, float]] | None = None
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
@@ -75,8 +82,39 @@ def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
+def _build_supervised(spec: TaskSpec, seed: int) -> LMTask:
+    """A classify or instruct task (``worker.lm.classify``, ``worker.lm.instruct``)."""
+    if spec.kind == "classify":
+        from worker.lm.classify import build_classify as build
+    else:
+        from worker.lm.instruct import build_instruct as build
+    parts = build(spec, seed, _seeded)
+    empty = torch.zeros(0, dtype=torch.long)
+    info = {
+        "origin": parts.info.get("origin", "hf"),
+        "parameters": sum(p.numel() for p in parts.model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in parts.model.parameters() if p.requires_grad),
+        **{k: v for k, v in parts.info.items() if k != "origin"},
+    }
+    return LMTask(
+        kind=spec.kind,
+        model=parts.model,
+        tokenizer=parts.codec,  # type: ignore[arg-type]
+        train_tokens=empty,
+        val_tokens=empty,
+        roles=parts.roles,
+        info=info,
+        train_batches=parts.train_batches,
+        val_batches=parts.val_batches,
+        loss_fn=parts.loss_fn,
+        eval_metrics=parts.eval_metrics,
+    )
+
+
 def build_task(spec: TaskSpec, seed: int) -> LMTask:
     """Construct the task on the CPU (the runner moves the model to its device)."""
+    if spec.kind in ("classify", "instruct"):
+        return _build_supervised(spec, seed)
     if spec.kind == "pretrain":
         tokenizer, train, val = _pretrain_data(
             spec.corpus.model_dump_json(), spec.tokenizer.model_dump_json()
