@@ -42,6 +42,7 @@ from server.summary import (
     csv_cell,
     job_summary,
     row_score,
+    score_of,
     summarize_outcomes,
     summary_csv_rows,
 )
@@ -88,9 +89,11 @@ def safe_name(name: str) -> str:
 
 
 def _score(record: RunRecord) -> float:
-    """Selection score: final validation loss of a run that finished, +inf otherwise."""
-    value = record.result.summary.get("final_val_loss", math.nan)
-    return value if record.result.status == "succeeded" and math.isfinite(value) else math.inf
+    """Selection score (lower is better) by the task's primary metric of a run that finished
+    (``server.summary.score_of``), +inf otherwise."""
+    if record.result.status != "succeeded":
+        return math.inf
+    return score_of(record.result.summary, record.spec.task.primary_metric)
 
 
 def outcome_of(record: RunRecord) -> RunOutcome:
@@ -109,7 +112,7 @@ def outcome_of(record: RunRecord) -> RunOutcome:
 
 def summarize(records: Sequence[RunRecord], selected: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """``server.summary.summarize_outcomes`` of this process's runs."""
-    has_target = bool(records) and records[0].spec.target_loss is not None
+    has_target = bool(records) and records[0].spec.target_metric is not None
     return summarize_outcomes([outcome_of(r) for r in records], selected, has_target=has_target)
 
 
@@ -269,10 +272,13 @@ def run_job(
             rows = summarize(records)
             for group in selected:
                 pool = [row for row in rows if row["group"] == group]
-                best = min(pool, key=row_score)
+                best = min(pool, key=lambda row: row_score(row, job.task.primary_metric))
                 selected[group] = best["label"]
 
-    result = job_summary([outcome_of(r) for r in records], selected=selected, target_loss=job.target_loss)
+    target = job.target.model_dump() if job.target is not None else None
+    result = job_summary(
+        [outcome_of(r) for r in records], selected=selected, primary=job.task.primary_metric, target=target
+    )
     _write_csv(out / "runs.csv", *_run_rows(records))
     _write_csv(out / "summary.csv", *summary_csv_rows(result["rows"]))
     plot_curves(records, selected, out / "curves.png", f"{job.name}: {job.task.kind}")
