@@ -167,6 +167,12 @@ def test_bad_data_fails_the_run_with_the_reason(
     assert reason in (result.reason or "")
 
 
+def test_instruct_context_too_short_for_any_answer_fails_with_reason() -> None:
+    task = _task("instruct", "builtin:tiny-gpt2", context=16, instruct={"demo_examples": 30})
+    result, _ = _run(task)
+    assert result.status == "failed" and "raise task.context" in (result.reason or "")
+
+
 def test_float_labels_fail_the_run(data_roots: Path) -> None:
     path = data_roots / "d.jsonl"
     path.write_text("\n".join(json.dumps({"text": f"t{i}", "label": i / 3}) for i in range(10)))

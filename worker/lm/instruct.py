@@ -127,6 +127,12 @@ def build_instruct(
 
     train_items = [pair(r) for r in train]
     val_items = [pair(r) for r in val]
+    for name, items in (("training", train_items), ("validation", val_items)):
+        if not any(t != IGNORE for _, targets in items for t in targets):
+            raise ValueError(
+                f"no {name} answer fits in task.context ({spec.context} tokens) after its prompt; "
+                "raise task.context"
+            )
     collate = _collate(codec.pad_id)
     probes = val[: ins.eval_examples]
 
