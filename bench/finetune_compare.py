@@ -71,8 +71,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="bench/results/finetune_compare")
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--examples", type=int, default=1000, help="demo examples (80 %% train)")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--examples", type=int, default=600, help="demo examples (80 %% train)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     args = parser.parse_args()
