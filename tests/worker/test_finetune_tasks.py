@@ -236,3 +236,36 @@ def test_classify_lora_same_seed_same_start() -> None:
     a, b = build_task(spec, 3), build_task(spec, 3)
     for (na, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters(), strict=True):
         assert torch.equal(pa, pb), na
+
+
+class _CrashAt(MemorySink):
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step = step
+
+    def log_metrics(self, step: int, metrics: Any, wall_time: float) -> None:
+        if step == self.step:
+            raise RuntimeError("simulated worker crash")
+        super().log_metrics(step, metrics, wall_time)
+
+
+def test_resumed_classify_run_matches_an_uninterrupted_one(tmp_path: Path) -> None:
+    """Example batches are a function of (seed, index) and the task metrics' running best is part
+    of the checkpoint: a crash and resume changes no number."""
+    task = _task("classify", "builtin:tiny-bert", classify={"demo_examples": 60}, steps=6, eval_every=2)
+    task["checkpoint_every"] = 2
+    spec = JobSpec.model_validate(
+        {
+            "name": "t",
+            "device": "cpu",
+            "task": task,
+            "optimizers": [{"name": "adamw", "hyperparameters": {"lr": 3e-3}}],
+        }
+    ).expand()[0]
+    full = execute_run(spec, MemorySink(), checkpoint_dir=tmp_path / "full")
+    crashed = execute_run(spec, _CrashAt(3), checkpoint_dir=tmp_path / "resumed")
+    assert crashed.status == "failed"
+    resumed = execute_run(spec, MemorySink(), checkpoint_dir=tmp_path / "resumed")
+    assert full.status == resumed.status == "succeeded"
+    for key in ("final_val_loss", "final_val_accuracy", "best_val_accuracy", "best_val_mcc", "final_val_f1"):
+        assert resumed.summary[key] == full.summary[key], key
