@@ -54,6 +54,9 @@ def check_job(api: Any, worker: Any, body: dict[str, Any], metrics: tuple[str, .
                 int(p["step"]) for p in points if p["name"] == name and int(p["run_id"]) == run["id"]
             )
             assert steps == [0, 2, 4], (name, steps)
+    # the dashboard's curve request for the quality chart
+    curves = api.get(f"/jobs/{job_id}/metrics", params={"name": primary, "view": "aggregate"}).json()
+    assert {a["name"] for a in curves["aggregates"]} == {primary} and len(curves["aggregates"]) == 2
     runs = rows(api.get(f"/jobs/{job_id}/runs.csv").text)
     assert len(runs) == 2
     for run in runs:
