@@ -870,7 +870,9 @@ def test_classify_job_shows_its_task_metric_column_and_chart(page: Any, stack: S
     page.goto(f"/jobs/{job_id}")
     page.wait_for_selector("body[data-charts='ready']")
     assert page.locator("#chart-quality-box").is_visible()
-    page.wait_for_selector("#chart-quality .scatterlayer .trace", timeout=15_000)
+    page.wait_for_function("() => (document.querySelector('#chart-quality').data || []).length > 0")
+    names = page.evaluate("document.querySelector('#chart-quality').data.map((t) => t.meta && t.meta.label)")
+    assert {"adamw", "dykaf"} <= set(names)
     dykaf = page.locator('#summary-table tr[data-label="dykaf"] td[data-col="final_val_accuracy"]')
     assert dykaf.inner_text() == "0.800"
     assert "best" in (dykaf.get_attribute("class") or "")
