@@ -24,8 +24,11 @@ const QUALITY_TITLES = {
   val_accuracy: 'Val accuracy', val_f1: 'Val macro-F1', val_mcc: 'Val Matthews corr.', val_exact_match: 'Val exact match',
 };
 
-/** The metric a classify/instruct job is judged by (null for loss-only tasks). */
+/** The metric a classify/instruct job is judged by (null for loss-only tasks). On the first load the
+ * curves are fetched before the job itself, but after the summary, which names it. */
 function qualityMetric(job) {
+  const primary = state.summary && state.summary.primary;
+  if (primary && QUALITY_TITLES[primary.name]) return primary.name;
   const task = (job && job.spec && job.spec.task) || {};
   if (task.kind === 'classify') return (task.classify && task.classify.primary_metric) || 'val_accuracy';
   if (task.kind === 'instruct') return 'val_exact_match';
