@@ -20,14 +20,16 @@ class Progress(BaseModel):
 
 
 class WinnerOut(BaseModel):
-    label: str = Field(..., description="the best configuration by the primary metric (lower is better)")
+    label: str = Field(..., description="the best configuration by the task's primary metric")
     optimizer: str
     metric: str
+    title: str | None = None
+    higher_is_better: bool = False
     mean: float
     std: float | None
     seeds: int
     runner_up: str | None
-    margin: float | None = Field(None, description="runner-up's mean minus the winner's")
+    margin: float | None = Field(None, description="how far the runner-up's mean is behind (>= 0)")
 
 
 class FisherVerdictOut(BaseModel):
@@ -42,8 +44,10 @@ class FisherVerdictOut(BaseModel):
 class JobResultsOut(BaseModel):
     job_id: int
     status: str
-    primary_metric: str
+    primary_metric: str = Field(..., description="the summary key judging the job, e.g. final_val_accuracy")
+    primary: dict[str, str] | None = Field(None, description="name, title and better (min/max) of it")
     target_loss: float | None
+    target_metric: dict[str, Any] | None = Field(None, description="{name, op, value} or null")
     runs: dict[str, int] = Field(..., description="total, succeeded, partial (stopped early), pending")
     rows: list[dict[str, Any]] = Field(
         ...,

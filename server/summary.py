@@ -21,14 +21,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.jobs.status import RunStatus
+from server.metrics_registry import METRICS, PRIMARY_BY_KIND, summary_key
+from server.metrics_registry import metric as metric_info
 from server.summary_fields import INTEGER_FIELDS, integer_cell
 
 FINISHED = RunStatus.SUCCEEDED
 ENDED_EARLY = (RunStatus.DIVERGED, RunStatus.FAILED, RunStatus.CANCELLED)
 PENDING = (RunStatus.QUEUED, RunStatus.RUNNING)
 
-# The number a job is judged by (lower is better): the same key picks sweep winners.
-PRIMARY_METRIC = "final_val_loss"
+# The number a job is judged by unless its task names another (``primary_of``): the same key picks
+# sweep winners, with the direction the metric registry gives.
+DEFAULT_PRIMARY = "val_loss"
+PRIMARY_METRIC = summary_key(DEFAULT_PRIMARY)
 PRIMARY_TITLE = "final val loss"
 BASELINE_OPTIMIZER = "adamw"  # speed-ups to target are relative to its fastest configuration
 
@@ -48,6 +52,32 @@ SUMMARY_METRICS = (
     "fisher_overhead",
 )
 TARGET_METRICS = ("steps_to_target", "time_to_target_s")
+# Task-quality metrics (classify, instruct): final and best value, in the rows only when some run has them.
+TASK_METRICS = tuple(
+    f"{when}_{name}"
+    for name in METRICS
+    if name not in ("val_loss", "val_ppl", "train_loss")
+    for when in ("final", "best")
+)
+
+
+def primary_of(spec: Mapping[str, Any] | None) -> str:
+    """The metric name a job (its spec as stored/submitted) is judged by: ``task.classify.primary_metric``
+    for a classification task, else the default of its task kind."""
+    task = (spec or {}).get("task") or {}
+    kind = task.get("kind", "pretrain")
+    chosen = (task.get(kind) or {}).get("primary_metric") if kind in ("classify", "instruct") else None
+    return chosen or PRIMARY_BY_KIND.get(kind, DEFAULT_PRIMARY)
+
+
+def target_of(spec: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A job's target as ``{name, op, value}``: ``target_metric``, or ``target_loss`` as ``val_loss <= x``."""
+    spec = spec or {}
+    if spec.get("target_metric"):
+        return dict(spec["target_metric"])
+    if spec.get("target_loss") is not None:
+        return {"name": "val_loss", "op": "<=", "value": spec["target_loss"]}
+    return None
 
 
 @dataclass(frozen=True)
@@ -101,6 +131,7 @@ def summarize_outcomes(
     for outcome in outcomes:
         by_label[outcome.label].append(outcome)
     selected = selected or {}
+    present = {key for o in outcomes for key in (o.summary or {})}
     rows = []
     for label, group in by_label.items():
         first = group[0]
@@ -122,9 +153,9 @@ def summarize_outcomes(
         row["complete"] = row["succeeded"] == row["seeds"]
         if has_target:
             row["reached_target"] = sum(r.value("reached_target") == 1.0 for r in done)
-        for metric in SUMMARY_METRICS:
-            mean, std, n = _mean_std(r.value(metric) for r in done)
-            row[f"{metric}_mean"], row[f"{metric}_std"], row[f"{metric}_n"] = mean, std, n
+        for key in SUMMARY_METRICS + tuple(k for k in TASK_METRICS if k in present):
+            mean, std, n = _mean_std(r.value(key) for r in done)
+            row[f"{key}_mean"], row[f"{key}_std"], row[f"{key}_n"] = mean, std, n
         share, _, _ = _mean_std(r.value("optimizer_ms") / r.value("step_time_ms") for r in done)
         row["optimizer_share_mean"] = share
         rows.append(row)
@@ -171,6 +202,16 @@ COLUMNS: tuple[tuple[str, str | None, bool], ...] = (
 )
 
 
+def columns_for(rows: Sequence[Mapping[str, Any]]) -> tuple[tuple[str, str | None, bool], ...]:
+    """``COLUMNS`` preceded by the task-quality metrics the rows carry (final value, higher better)."""
+    extra = tuple(
+        (key, metric_info(key.removeprefix("final_")).better, False)
+        for key in TASK_METRICS
+        if key.startswith("final_") and any(f"{key}_mean" in r for r in rows)
+    )
+    return extra + COLUMNS
+
+
 def column_value(row: Mapping[str, Any], key: str) -> float:
     """The number compared for "best in column": a mean, a ratio, or a count of ended runs."""
     if key == "diverged":
@@ -183,7 +224,7 @@ def best_by_column(rows: Sequence[Mapping[str, Any]], has_target: bool) -> dict[
     """Per column, the labels holding the best value (ties all marked); empty with fewer than two
     rows having a value, or when they all agree (nothing to distinguish)."""
     out: dict[str, list[str]] = {}
-    for key, better, target in COLUMNS:
+    for key, better, target in columns_for(rows):
         if target and not has_target:
             continue
         values = [(r["label"], column_value(r, key)) for r in rows]
@@ -198,7 +239,7 @@ def best_by_column(rows: Sequence[Mapping[str, Any]], has_target: bool) -> dict[
     return out
 
 
-def select_points(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+def select_points(rows: Sequence[Mapping[str, Any]], primary: str = DEFAULT_PRIMARY) -> dict[str, str]:
     """Each group's selected sweep point, when the caller did not record one (a server's job): among
     the group's labels that ran on the most seeds (a ``first_seed`` job's second stage runs only the
     chosen point), the best ``row_score``; the first such label while none has a score."""
@@ -206,17 +247,32 @@ def select_points(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     for group in dict.fromkeys(r["group"] for r in rows):
         pool = [r for r in rows if r["group"] == group]
         most = max(r["seeds"] for r in pool)
-        selected[group] = min((r for r in pool if r["seeds"] == most), key=row_score)["label"]
+        pool = [r for r in pool if r["seeds"] == most]
+        selected[group] = min(pool, key=lambda r: row_score(r, primary))["label"]
     return selected
 
 
-def row_score(row: Mapping[str, Any]) -> float:
-    """Primary metric of a row whose every seed finished; +inf otherwise (a diverged seed loses)."""
-    value = row[f"{PRIMARY_METRIC}_mean"]
-    return value if row["complete"] and math.isfinite(value) else math.inf
+def signed(value: float, primary: str) -> float:
+    """``value`` turned into a lower-is-better score for ``primary``'s direction."""
+    return -value if metric_info(primary).higher_is_better else value
 
 
-def pick_winner(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+def score_of(summary: Mapping[str, Any] | None, primary: str = DEFAULT_PRIMARY) -> float:
+    """One run's lower-is-better score by the primary metric; +inf without a finite value."""
+    value = (summary or {}).get(summary_key(primary))
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return signed(float(value), primary)
+    return math.inf
+
+
+def row_score(row: Mapping[str, Any], primary: str = DEFAULT_PRIMARY) -> float:
+    """Primary metric of a row whose every seed finished, as a lower-is-better score; +inf otherwise
+    (a diverged seed loses)."""
+    value = row.get(f"{summary_key(primary)}_mean", math.nan)
+    return signed(value, primary) if row["complete"] and math.isfinite(value) else math.inf
+
+
+def pick_winner(rows: Sequence[Mapping[str, Any]], primary: str = DEFAULT_PRIMARY) -> dict[str, Any] | None:
     """The best selected configuration by the primary metric, once the comparison is whole.
 
     None while any run is pending, when a run failed or was cancelled (the comparison is missing a
@@ -225,20 +281,28 @@ def pick_winner(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """
     if not rows or any(r["pending"] or r["failed"] or r["cancelled"] for r in rows):
         return None
-    pool = sorted((r for r in rows if r["selected"]), key=row_score)
-    if not pool or not math.isfinite(row_score(pool[0])):
+
+    def score(row: Mapping[str, Any]) -> float:
+        return row_score(row, primary)
+
+    pool = sorted((r for r in rows if r["selected"]), key=score)
+    if not pool or not math.isfinite(score(pool[0])):
         return None
     best = pool[0]
-    runner_up = pool[1] if len(pool) > 1 and math.isfinite(row_score(pool[1])) else None
+    runner_up = pool[1] if len(pool) > 1 and math.isfinite(score(pool[1])) else None
+    key = summary_key(primary)
     return {
         "label": best["label"],
         "optimizer": best["optimizer"],
-        "metric": PRIMARY_METRIC,
-        "mean": best[f"{PRIMARY_METRIC}_mean"],
-        "std": best[f"{PRIMARY_METRIC}_std"],
+        "metric": key,
+        "title": f"final {metric_info(primary).title}",
+        "higher_is_better": metric_info(primary).higher_is_better,
+        "mean": best[f"{key}_mean"],
+        "std": best[f"{key}_std"],
         "seeds": best["seeds"],
         "runner_up": runner_up["label"] if runner_up else None,
-        "margin": row_score(runner_up) - row_score(best) if runner_up else None,
+        # how far the runner-up is behind, always >= 0 (its mean minus the winner's when lower is better)
+        "margin": score(runner_up) - score(best) if runner_up else None,
     }
 
 
@@ -248,9 +312,11 @@ def winner_text(winner: Mapping[str, Any] | None) -> str | None:
         return None
     spread = f" ± {winner['std']:.4f}" if winner["seeds"] > 1 else ""
     seeds = f"{winner['seeds']} seed{'s' * (winner['seeds'] != 1)}"
-    text = f"{winner['label']}: {PRIMARY_TITLE} {winner['mean']:.4f}{spread} ({seeds})"
+    title = winner.get("title", PRIMARY_TITLE)
+    text = f"{winner['label']}: {title} {winner['mean']:.4f}{spread} ({seeds})"
     if winner["runner_up"] is not None:
-        text += f", {winner['margin']:.4f} below {winner['runner_up']}"
+        side = "above" if winner.get("higher_is_better") else "below"
+        text += f", {winner['margin']:.4f} {side} {winner['runner_up']}"
     return text
 
 
@@ -380,20 +446,32 @@ def job_summary(
     selected: Mapping[str, str] | None = None,
     target_loss: float | None = None,
     fisher_rows: Mapping[str, Iterable[Sequence[Any]]] | None = None,
+    primary: str = DEFAULT_PRIMARY,
+    target: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything a reader of a job's results is shown, as one dict (NaN kept as float; ``jsonable``
-    turns it into null). Without ``selected`` each group's point is chosen by ``select_points``."""
-    has_target = target_loss is not None
+    turns it into null). Without ``selected`` each group's point is chosen by ``select_points``.
+    ``primary`` names the metric the job is judged by (``primary_of``); ``target`` is its
+    ``{name, op, value}`` target (``target_of``), ``target_loss`` the older spelling of a val-loss one."""
+    if target is None and target_loss is not None:
+        target = {"name": "val_loss", "op": "<=", "value": target_loss}
+    has_target = target is not None
     rows = summarize_outcomes(outcomes, selected, has_target=has_target)
     if selected is None:
-        rows = summarize_outcomes(outcomes, select_points(rows), has_target=has_target)
-    winner = pick_winner(rows)
+        rows = summarize_outcomes(outcomes, select_points(rows, primary), has_target=has_target)
+    winner = pick_winner(rows, primary)
     labels = list(dict.fromkeys(o.label for o in outcomes))
     optimizers = {o.label: o.optimizer for o in outcomes}
     fisher = fisher_summary(fisher_rows, labels, optimizers) if fisher_rows else None
     return {
-        "primary_metric": PRIMARY_METRIC,
-        "target_loss": target_loss,
+        "primary_metric": summary_key(primary),
+        "primary": {
+            "name": primary,
+            "title": metric_info(primary).title,
+            "better": metric_info(primary).better,
+        },
+        "target_loss": target["value"] if target and target["name"] == "val_loss" else None,
+        "target_metric": dict(target) if target else None,
         "runs": {
             "total": len(outcomes),
             "succeeded": sum(o.finished for o in outcomes),

@@ -23,6 +23,7 @@ from worker.lm import cli_data
 
 __all__ = ["app", "load_job_file", "summary_table"]
 
+
 app = typer.Typer(
     name="dykaf-lab",
     help="Compare DyKAF with AdamW, SOAP, Shampoo, Muon and others on language-model tasks.",
@@ -68,7 +69,7 @@ def run(
     outcome = run_job(
         job, out_dir, device=device.value if device else None, show_progress=not quiet, console=console
     )
-    Console().print(summary_table(outcome.summary, job.target_loss is not None))
+    Console().print(summary_table(outcome.summary, job.target is not None))
     if outcome.fisher_verdict:
         Console().print(f"Fisher fidelity: {outcome.fisher_verdict}", markup=False)
     if outcome.winner_text:

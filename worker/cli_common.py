@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from server.jobs.spec import JobSpec, format_validation_error, parse_job
+from server.summary import TASK_METRICS
 
 
 def load_job_file(path: Path) -> JobSpec:
@@ -45,7 +46,9 @@ def _fmt(mean: float, std: float, digits: int = 3) -> str:
 def summary_table(rows: list[dict[str, Any]], has_target: bool) -> Table:
     table = Table(title="summary (mean ± std over seeds)")
     columns = ("optimizer", "ok/seeds", "final val loss", "best val loss", "step ms", "peak MB", "diag %")
-    for column in columns:
+    # Task-quality metrics (classify: accuracy, F1, MCC; instruct: exact match) when the rows have them.
+    quality = [k for k in TASK_METRICS if k.startswith("final_") and any(f"{k}_mean" in r for r in rows)]
+    for column in columns + tuple(k.removeprefix("final_").replace("_", " ") for k in quality):
         table.add_column(column)
     if has_target:
         table.add_column("steps to target")
@@ -69,6 +72,7 @@ def summary_table(rows: list[dict[str, Any]], has_target: bool) -> Table:
             # Fisher diagnostics' time as a share of training time (not included in the times).
             f"{100 * row['fisher_overhead_mean']:.1f}" if math.isfinite(row["fisher_overhead_mean"]) else "-",
         ]
+        cells.extend(_fmt(row[f"{k}_mean"], row[f"{k}_std"]) for k in quality)
         if has_target:
             cells.append(
                 f"{_fmt(row['steps_to_target_mean'], row['steps_to_target_std'], 0)} "

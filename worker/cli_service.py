@@ -234,7 +234,9 @@ def _print_results(client: Any, job: dict[str, Any]) -> None:
     rows = [row for row in result["rows"] if row["seeds"] > row["pending"]]
     if not rows:
         return
-    out.print(summary_table(rows, result["target_loss"] is not None))
+    out.print(
+        summary_table(rows, result.get("target_metric") is not None or result["target_loss"] is not None)
+    )
     verdict = (result.get("fisher") or {}).get("verdict")
     if verdict:
         out.print(f"Fisher fidelity: {verdict}", markup=False)

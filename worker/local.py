@@ -90,8 +90,9 @@ def safe_name(name: str) -> str:
 
 
 def _score(record: RunRecord) -> float:
-    """The contract's sweep-selection score of a run of this process (lower wins)."""
-    return selection_score(record.result.status, record.result.summary)
+    """The contract's sweep-selection score of a run of this process (lower wins), by the task's
+    primary metric."""
+    return selection_score(record.result.status, record.result.summary, record.spec.task.primary_metric)
 
 
 def outcome_of(record: RunRecord) -> RunOutcome:
@@ -110,7 +111,7 @@ def outcome_of(record: RunRecord) -> RunOutcome:
 
 def summarize(records: Sequence[RunRecord], selected: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """``server.summary.summarize_outcomes`` of this process's runs."""
-    has_target = bool(records) and records[0].spec.target_loss is not None
+    has_target = bool(records) and records[0].spec.target_metric is not None
     return summarize_outcomes([outcome_of(r) for r in records], selected, has_target=has_target)
 
 
@@ -279,10 +280,13 @@ def run_job(
             rows = summarize(records)
             for group in selected:
                 pool = [row for row in rows if row["group"] == group]
-                best = min(pool, key=row_score)
+                best = min(pool, key=lambda row: row_score(row, job.task.primary_metric))
                 selected[group] = best["label"]
 
-    result = job_summary([outcome_of(r) for r in records], selected=selected, target_loss=job.target_loss)
+    target = job.target.model_dump() if job.target is not None else None
+    result = job_summary(
+        [outcome_of(r) for r in records], selected=selected, primary=job.task.primary_metric, target=target
+    )
     _write_csv(out / "runs.csv", *_run_rows(records))
     _write_csv(out / "summary.csv", *summary_csv_rows(result["rows"]))
     plot_curves(records, selected, out / "curves.png", f"{job.name}: {job.task.kind}")

@@ -259,7 +259,7 @@ def expand_next_stage(session: Session, job_id: int) -> list[tuple[int, str]]:
     runs = list(session.scalars(select(Run).where(Run.job_id == job_id).order_by(Run.index)).all())
     if len(runs) != stage_one or any(run.status in ACTIVE for run in runs):
         return []
-    chosen = sweep_winners(
+    results = [
         SweepResult(
             group=(run.spec or {}).get("group", run.label),
             sweep_point=(run.spec or {}).get("sweep_point") or {},
@@ -267,7 +267,8 @@ def expand_next_stage(session: Session, job_id: int) -> list[tuple[int, str]]:
             summary=run.summary,
         )
         for run in runs
-    )
+    ]
+    chosen = sweep_winners(results, spec.task.primary_metric)
     run_specs = spec.expand_selected(chosen)
     if job.study_id is not None:  # a study's baseline also runs at its larger budgets
         run_specs += budget_run_specs_for(session, job, chosen)

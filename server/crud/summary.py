@@ -9,7 +9,7 @@ from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
 from server.db.models import FisherValue, Job, Run
-from server.summary import RunOutcome, job_summary
+from server.summary import RunOutcome, job_summary, primary_of, target_of
 
 VERDICT_METRIC = "kron_rel_err"  # the Fisher verdict compares Kronecker estimates with the floor
 
@@ -61,7 +61,8 @@ def load_job_summary(session: Session, job_id: int, *, with_fisher: bool = True)
     runs = list(session.scalars(select(Run).where(Run.job_id == job_id).order_by(Run.index)).all())
     result = job_summary(
         run_outcomes(runs),
-        target_loss=(job.spec or {}).get("target_loss"),
+        primary=primary_of(job.spec),
+        target=target_of(job.spec),
         fisher_rows=verdict_rows(session, job_id) if with_fisher else None,
     )
     return {"job_id": job_id, "status": job.status, **result}
@@ -85,4 +86,5 @@ def winners(session: Session, job_ids: list[int]) -> dict[int, dict[str, Any]]:
 
 def winner_of(runs: list[Run]) -> dict[str, Any] | None:
     """The winner among loaded runs (None while any is pending or when one failed)."""
-    return job_summary(run_outcomes(runs))["winner"]
+    spec = runs[0].job.spec if runs else None
+    return job_summary(run_outcomes(runs), primary=primary_of(spec))["winner"]

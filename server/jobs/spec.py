@@ -34,6 +34,7 @@ from pydantic import (
 
 from server.jobs.paths import confine_path
 from server.jobs.status import RunStatus
+from server.metrics_registry import metric, summary_key
 
 MAX_STEPS = 200_000
 MAX_RUNS_PER_JOB = 256
@@ -160,14 +161,19 @@ class FinetuneSpec(StrictModel):
 
     model: str = Field(
         ...,
-        description="a local Hugging Face model directory, a hub id, or a model.pt exported by an earlier "
-        "pre-training run (or the directory holding it)",
+        description="a local Hugging Face model directory, a hub id, a model.pt exported by an earlier "
+        "pre-training run (or the directory holding it), or builtin:tiny-bert / builtin:tiny-gpt2 "
+        "(randomly initialised from a config on a byte vocabulary: offline demos and tests)",
     )
     lora: LoraSpec | None = Field(None, description="null = full fine-tuning")
 
     @field_validator("model")
     @classmethod
     def _model(cls, value: str) -> str:
+        if value.startswith(BUILTIN_PREFIX):
+            if value not in BUILTIN_MODELS:
+                raise ValueError(f"unknown built-in model {value!r}; accepted: {', '.join(BUILTIN_MODELS)}")
+            return value
         return _check_local_or_hub(value, "model")
 
 
@@ -266,10 +272,122 @@ _PRESET_FIELDS = (
 )
 
 
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("builtin:tiny-bert", "builtin:tiny-gpt2")
+DEMO_CLASSIFY = ("stdlib_module", "pydoc_topic")
+DEMO_INSTRUCT = ("arithmetic",)
+
+
+class DatasetSpec(StrictModel):
+    """Where labelled examples come from: a demo task built in code, a Hugging Face dataset (hub id
+    or local dataset directory), or a local CSV/TSV/JSONL/Parquet file or folder of such files."""
+
+    source: Literal["demo", "hf", "file"] = Field("demo", description="demo: built offline from code")
+    demo: str | None = Field(None, description="demo task name (source='demo'); null = the kind's first")
+    demo_examples: int = Field(600, ge=20, le=100_000, description="examples a demo task builds")
+    hf_name: str | None = Field(None, description="dataset id or local dataset directory (source='hf')")
+    hf_config: str | None = Field(None, description="dataset configuration, e.g. 'sst2' of 'nyu-mll/glue'")
+    path: str | None = Field(
+        None,
+        description="local file (source='file': .csv .tsv .jsonl .json .parquet) or a folder holding "
+        "one file per split named after it (train.csv, validation.csv, ...)",
+    )
+    train_split: str = Field("train", description="split to train on (slicing allowed, 'train[:90%]')")
+    validation_split: str = Field("validation", description="split to evaluate on")
+    max_train_examples: int | None = Field(None, gt=0, le=10_000_000)
+    max_val_examples: int | None = Field(512, gt=0, le=1_000_000)
+
+    @field_validator("path")
+    @classmethod
+    def _confine(cls, value: str | None) -> str | None:
+        if value is not None:
+            confine_path(value)
+        return value
+
+    @field_validator("hf_name")
+    @classmethod
+    def _hf_name(cls, value: str | None) -> str | None:
+        return None if value is None else _check_local_or_hub(value, "dataset")
+
+    @model_validator(mode="after")
+    def _required_per_source(self) -> DatasetSpec:
+        if self.source == "file" and not self.path:
+            raise ValueError("path is required when source is 'file'")
+        if self.source == "hf" and not self.hf_name:
+            raise ValueError("hf_name is required when source is 'hf'")
+        return self
+
+
+class ClassifySpec(DatasetSpec):
+    """Sequence classification (``task.kind == 'classify'``): single texts or pairs with a label."""
+
+    text_field: str = Field("text", description="column of the (first) text; GLUE: sentence, premise...")
+    text_pair_field: str | None = Field(None, description="column of the second text of a pair, if any")
+    label_field: str = Field("label", description="column of the label: integers 0..K-1 or strings")
+    num_labels: int | None = Field(None, ge=2, le=10_000, description="null = inferred from the data")
+    primary_metric: Literal["val_accuracy", "val_f1", "val_mcc"] = Field(
+        "val_accuracy", description="what judges the job: accuracy, macro-F1, or Matthews (GLUE CoLA)"
+    )
+
+    @model_validator(mode="after")
+    def _demo_name(self) -> ClassifySpec:
+        if self.source == "demo" and self.demo not in (None, *DEMO_CLASSIFY):
+            raise ValueError(f"unknown demo {self.demo!r}; accepted: {', '.join(DEMO_CLASSIFY)}")
+        return self
+
+
+class InstructSpec(DatasetSpec):
+    """Supervised fine-tuning of a causal LM on prompt/answer pairs (``task.kind == 'instruct'``)."""
+
+    prompt_field: str = Field("prompt", description="column of the prompt (GSM8K: 'question')")
+    answer_field: str = Field("answer", description="column of the reference answer")
+    prompt_template: str = Field(
+        "{prompt}\n", max_length=2000, description="how a prompt is shown; must contain '{prompt}'"
+    )
+    extraction: Literal["last_number", "marker", "full"] = Field(
+        "last_number", description="how the final answer is read from a generation and a reference"
+    )
+    marker: str = Field("####", min_length=1, max_length=50, description="extraction='marker'")
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="greedy generation length limit")
+    eval_examples: int = Field(64, ge=1, le=10_000, description="validation examples generated per eval")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if "{prompt}" not in value:
+            raise ValueError("prompt_template must contain '{prompt}'")
+        return value
+
+    @model_validator(mode="after")
+    def _demo_name(self) -> InstructSpec:
+        if self.source == "demo" and self.demo not in (None, *DEMO_INSTRUCT):
+            raise ValueError(f"unknown demo {self.demo!r}; accepted: {', '.join(DEMO_INSTRUCT)}")
+        return self
+
+
+class TargetMetric(StrictModel):
+    """A quality to reach, e.g. ``{name: val_accuracy, op: ">=", value: 0.85}``."""
+
+    name: str = Field(..., description="a metric of the run: val_loss, val_accuracy, val_f1, val_mcc, ...")
+    op: Literal[">=", ">", "<=", "<"] = Field(..., description="comparison with value")
+    value: float
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        metric(value)
+        return value
+
+
 class TaskSpec(StrictModel):
     """What is trained and how: model size, data, batch, schedule, measurement cadence."""
 
-    kind: Literal["pretrain", "finetune"] = "pretrain"
+    kind: Literal["pretrain", "finetune", "classify", "instruct"] = Field(
+        "pretrain",
+        description="pretrain: a GPT from scratch; finetune: causal-LM loss on text from a pretrained "
+        "model; classify: sequence classification (accuracy, macro-F1, MCC); instruct: SFT on "
+        "prompt/answer pairs (exact match of greedy generations)",
+    )
     # model (pretrain)
     preset: str | None = Field(
         None,
@@ -330,7 +448,20 @@ class TaskSpec(StrictModel):
     # data
     corpus: CorpusSpec = Field(default_factory=CorpusSpec)
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
-    finetune: FinetuneSpec | None = None
+    finetune: FinetuneSpec | None = Field(
+        None, description="the pretrained model (and LoRA) for kinds finetune, classify and instruct"
+    )
+    classify: ClassifySpec | None = Field(None, description="data and labels (kind='classify')")
+    instruct: InstructSpec | None = Field(None, description="data and evaluation (kind='instruct')")
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric this task is judged by (``server.metrics_registry``)."""
+        if self.kind == "classify":
+            return (self.classify or ClassifySpec()).primary_metric
+        if self.kind == "instruct":
+            return "val_exact_match"
+        return "val_loss"
 
     @model_validator(mode="before")
     @classmethod
@@ -364,10 +495,29 @@ class TaskSpec(StrictModel):
             if self.finetune is not None:
                 raise ValueError("finetune must be null when kind is 'pretrain'")
         elif self.finetune is None:
-            raise ValueError("finetune (with at least 'model') is required when kind is 'finetune'")
+            raise ValueError(f"finetune (with at least 'model') is required when kind is '{self.kind}'")
+        if self.kind == "classify" and self.classify is None:
+            self.classify = ClassifySpec()
+        if self.kind == "instruct" and self.instruct is None:
+            self.instruct = InstructSpec()
+        if self.kind != "classify" and self.classify is not None:
+            raise ValueError("classify must be null unless kind is 'classify'")
+        if self.kind != "instruct" and self.instruct is not None:
+            raise ValueError("instruct must be null unless kind is 'instruct'")
+        builtin = self.finetune.model if self.finetune is not None else ""
+        if builtin.startswith(BUILTIN_PREFIX):
+            fits = {"classify": BUILTIN_MODELS, "instruct": ("builtin:tiny-gpt2",)}.get(self.kind, ())
+            if builtin not in fits:
+                raise ValueError(f"finetune.model {builtin!r} cannot serve kind '{self.kind}'")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
         return self
+
+
+_TASK_METRICS = {
+    "classify": {"val_accuracy", "val_f1", "val_mcc"},
+    "instruct": {"val_exact_match"},
+}
 
 
 def _scalar(value: Any) -> Any:
@@ -487,6 +637,7 @@ class RunSpec(StrictModel):
     seed: int
     device: Literal["auto", "cpu", "cuda"] = "auto"
     target_loss: float | None = None
+    target_metric: TargetMetric | None = None
     task: TaskSpec
 
 
@@ -498,7 +649,14 @@ class JobSpec(StrictModel):
     optimizers: list[OptimizerSpec] = Field(..., min_length=1, max_length=64)
     seeds: list[int] = Field([0], min_length=1, max_length=MAX_SEEDS)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    target_loss: float | None = Field(None, gt=0, description="report steps/seconds to reach this val loss")
+    target_loss: float | None = Field(
+        None, gt=0, description="report steps/seconds to reach this val loss (= target_metric val_loss <= x)"
+    )
+    target_metric: TargetMetric | None = Field(
+        None,
+        description="report steps/seconds to reach a quality, e.g. "
+        "{name: val_accuracy, op: '>=', value: 0.85}",
+    )
     sweep_selection: Literal["all_seeds", "first_seed"] = Field(
         "all_seeds",
         description="all_seeds: every sweep point runs on every seed; first_seed: sweep on the first seed, "
@@ -520,6 +678,29 @@ class JobSpec(StrictModel):
         if any(seed < 0 or seed >= 2**31 for seed in value):
             raise ValueError("seeds must be in [0, 2**31)")
         return value
+
+    @model_validator(mode="after")
+    def _target(self) -> JobSpec:
+        if self.target_loss is not None and self.target_metric is not None:
+            raise ValueError("give target_loss or target_metric, not both")
+        if self.target_metric is not None:
+            name = self.target_metric.name
+            available = {"val_loss", "val_ppl", "train_loss"} | _TASK_METRICS.get(self.task.kind, set())
+            if name not in available:
+                raise ValueError(
+                    f"target_metric.name {name!r} is not reported by kind '{self.task.kind}'; "
+                    f"accepted: {', '.join(sorted(available))}"
+                )
+        return self
+
+    @property
+    def target(self) -> TargetMetric | None:
+        """The target as a metric comparison (``target_loss`` x is ``val_loss <= x``)."""
+        if self.target_metric is not None:
+            return self.target_metric
+        if self.target_loss is not None:
+            return TargetMetric(name="val_loss", op="<=", value=self.target_loss)
+        return None
 
     @model_validator(mode="after")
     def _limits(self) -> JobSpec:
@@ -562,6 +743,7 @@ class JobSpec(StrictModel):
             seed=seed,
             device=self.device,
             target_loss=self.target_loss,
+            target_metric=self.target,
             task=self.task,
         )
 
@@ -589,7 +771,7 @@ class JobSpec(StrictModel):
 
 
 # Summary key that picks a sweep winner (lower is better).
-SELECTION_KEY = "final_val_loss"
+DEFAULT_SELECTION_METRIC = "val_loss"
 
 
 @dataclass(frozen=True)
@@ -602,22 +784,28 @@ class SweepResult:
     summary: Mapping[str, Any] | None
 
 
-def selection_score(status: str, summary: Mapping[str, Any] | None) -> float:
-    """A run's score for sweep selection (lower wins): its final validation loss if it succeeded
-    with a finite one, +inf otherwise (a diverged or failed point never wins)."""
-    value = (summary or {}).get(SELECTION_KEY)
-    if status != RunStatus.SUCCEEDED or not isinstance(value, int | float) or not math.isfinite(value):
+def selection_score(
+    status: str, summary: Mapping[str, Any] | None, primary: str = DEFAULT_SELECTION_METRIC
+) -> float:
+    """A run's score for sweep selection (lower wins): the final value of the job's primary metric
+    (``TaskSpec.primary_metric``), negated where higher is better, if the run succeeded with a finite
+    one; +inf otherwise (a diverged or failed point never wins)."""
+    value = (summary or {}).get(summary_key(primary))
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if status != RunStatus.SUCCEEDED or not ok:
         return math.inf
-    return float(value)
+    return -float(value) if metric(primary).higher_is_better else float(value)
 
 
-def sweep_winners(results: Iterable[SweepResult]) -> dict[str, dict[str, Any]]:
-    """Each group's winning sweep point (the first seen among equal scores, so runs in index order
-    give a deterministic answer; a group whose points all failed keeps its first point)."""
+def sweep_winners(
+    results: Iterable[SweepResult], primary: str = DEFAULT_SELECTION_METRIC
+) -> dict[str, dict[str, Any]]:
+    """Each group's winning sweep point by ``primary`` (the first seen among equal scores, so runs in
+    index order give a deterministic answer; a group whose points all failed keeps its first point)."""
     chosen: dict[str, dict[str, Any]] = {}
     best: dict[str, float] = {}
     for result in results:
-        score = selection_score(result.status, result.summary)
+        score = selection_score(result.status, result.summary, primary)
         if result.group not in chosen or score < best[result.group]:
             chosen[result.group] = dict(result.sweep_point)
             best[result.group] = score

@@ -835,3 +835,45 @@ def test_reads_behind_a_key(browser: Any, stack: Stack) -> None:
     finally:
         context.close()
         server.stop()
+
+
+def test_classify_job_shows_its_task_metric_column_and_chart(page: Any, stack: Stack) -> None:
+    """A classification job: the summary table leads with the accuracy column (best = highest) and a
+    third chart draws the validation accuracy."""
+    from server.crud import jobs as jobs_crud
+    from server.jobs.spec import JobSpec
+
+    body = {
+        **tiny_job(name="classify demo", seeds=(0,)),
+        "device": "cpu",
+        "task": {
+            "kind": "classify",
+            "steps": 4,
+            "warmup_steps": 1,
+            "finetune": {"model": "builtin:tiny-bert"},
+        },
+    }
+    with session_scope(stack.settings.database_url) as session:
+        job = jobs_crud.create_job(session, JobSpec.model_validate(body), auto_queue="cpu")
+        job_id = job.id
+        jobs_crud.lock_job(session, job_id)
+        for run, acc in zip(job.runs, (0.6, 0.8), strict=True):
+            run.status, run.step = "succeeded", 4
+            run.summary = {"final_val_loss": 1.0, "final_val_accuracy": acc}
+        session.flush()
+        jobs_crud.recompute_job(session, job_id)
+        run_ids = [run.id for run in job.runs]
+    with get_engine(stack.settings.database_url).begin() as conn:
+        for run_id, acc in zip(run_ids, (0.6, 0.8), strict=True):
+            insert_metrics(conn, [(run_id, "train_loss", s, 1.0, float(s)) for s in range(1, 5)])
+            insert_metrics(conn, [(run_id, "val_accuracy", s, acc * s / 4, float(s)) for s in (0, 2, 4)])
+    page.goto(f"/jobs/{job_id}")
+    page.wait_for_selector("body[data-charts='ready']")
+    assert page.locator("#chart-quality-box").is_visible()
+    page.wait_for_function("() => (document.querySelector('#chart-quality').data || []).length > 0")
+    names = page.evaluate("document.querySelector('#chart-quality').data.map((t) => t.meta && t.meta.label)")
+    assert {"adamw", "dykaf"} <= set(names)
+    dykaf = page.locator('#summary-table tr[data-label="dykaf"] td[data-col="final_val_accuracy"]')
+    assert dykaf.inner_text() == "0.800"
+    assert "best" in (dykaf.get_attribute("class") or "")
+    expect_text(page.locator("#summary-winner"), "val accuracy 0.8000")

@@ -60,7 +60,10 @@ def test_first_seed_selection_counts_both_stages() -> None:
         ({"task": {"steps": 0}}, "task.steps: Input should be greater than 0"),
         ({"task": {"steps": MAX_STEPS + 1}}, "task.steps: Input should be less than or equal to"),
         ({"task": {"schedule": "cos"}}, "task.schedule: Input should be 'cosine', 'linear' or 'constant'"),
-        ({"task": {"kind": "train"}}, "task.kind: Input should be 'pretrain' or 'finetune'"),
+        (
+            {"task": {"kind": "train"}},
+            "task.kind: Input should be 'pretrain', 'finetune', 'classify' or 'instruct'",
+        ),
         ({"task": {"corpus": {"name": "wiki"}}}, "task.corpus.name: Input should be 'pydoc', 'stdlib_code'"),
         ({"task": {"tokenizer": {"kind": "bpe", "vocab_size": 10}}}, "task.tokenizer.vocab_size"),
         ({"task": {"d_model": 30, "n_head": 4}}, "d_model (30) must be divisible by n_head (4)"),
@@ -150,7 +153,7 @@ def test_task_schema_has_defaults_and_enums() -> None:
     schema = task_schema()
     props = schema["properties"]
     assert props["steps"]["default"] == 500 and props["steps"]["exclusiveMinimum"] == 0
-    assert props["kind"]["enum"] == ["pretrain", "finetune"]
+    assert props["kind"]["enum"] == ["pretrain", "finetune", "classify", "instruct"]
     assert set(schema["$defs"]) >= {"CorpusSpec", "TokenizerSpec", "FinetuneSpec", "LoraSpec"}
 
 

@@ -26,8 +26,10 @@ from torch import nn
 
 from server.jobs.paths import cache_root, confine_path
 from server.jobs.spec import CorpusSpec, TaskSpec, TokenizerSpec
+from worker.lm.classify import build_classify
 from worker.lm.corpora import load_documents, split_documents
 from worker.lm.hf import apply_lora, load_pretrained, logits_of, max_context, param_roles
+from worker.lm.instruct import build_instruct
 from worker.lm.llama import Llama, LlamaConfig
 from worker.lm.model import GPT, GPTConfig
 from worker.lm.prepare import load_hf_tokenizer, write_document_shards
@@ -56,6 +58,13 @@ class LMTask:
     logits: Callable[[nn.Module, torch.Tensor], torch.Tensor] = logits_of
     info: dict[str, Any] = field(default_factory=dict)
     shards: ShardSet | None = None
+    # Example-based tasks (classify, instruct) bring their own batches (``.batch(index)`` →
+    # (inputs, targets), inputs a dict of tensors), loss and per-evaluation quality metrics; token
+    # tasks leave them None and the runner cuts windows from the token streams.
+    train_batches: Any = None
+    val_batches: list[Any] | None = None
+    loss_fn: Callable[[nn.Module, Any, torch.Tensor], torch.Tensor] | None = None
+    eval_metrics: Callable[[nn.Module, torch.device], dict[str, float]] | None = None
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
@@ -167,6 +176,32 @@ def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
+def _build_supervised(spec: TaskSpec, seed: int) -> LMTask:
+    """A classify or instruct task (``worker.lm.classify``, ``worker.lm.instruct``)."""
+    build = build_classify if spec.kind == "classify" else build_instruct
+    parts = build(spec, seed, _seeded)
+    empty = torch.zeros(0, dtype=torch.long)
+    info = {
+        "origin": parts.info.get("origin", "hf"),
+        "parameters": sum(p.numel() for p in parts.model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in parts.model.parameters() if p.requires_grad),
+        **{k: v for k, v in parts.info.items() if k != "origin"},
+    }
+    return LMTask(
+        kind=spec.kind,
+        model=parts.model,
+        tokenizer=parts.codec,  # type: ignore[arg-type]
+        train_tokens=empty,
+        val_tokens=empty,
+        roles=parts.roles,
+        info=info,
+        train_batches=parts.train_batches,
+        val_batches=parts.val_batches,
+        loss_fn=parts.loss_fn,
+        eval_metrics=parts.eval_metrics,
+    )
+
+
 def build_model(spec: TaskSpec, vocab_size: int) -> nn.Module:
     """The pre-training model named by ``task.arch`` (on whatever device is current: meta works)."""
     if spec.arch == "llama":
@@ -212,6 +247,8 @@ def build_task(spec: TaskSpec, seed: int) -> LMTask:
     Data problems (a damaged shard folder, a vocabulary the model cannot embed, a context longer than
     a split) raise here, before any training.
     """
+    if spec.kind in ("classify", "instruct"):
+        return _build_supervised(spec, seed)
     if spec.kind == "pretrain":
         tokenizer, shards = _pretrain_data(spec.corpus.model_dump_json(), spec.tokenizer.model_dump_json())
         vocab = spec.vocab_size or shards.vocab_size

@@ -36,6 +36,7 @@ from dykaf.baselines.registry import build_optimizer
 from dykaf.fisher import FisherMonitor
 from server.jobs.spec import RunSpec
 from server.jobs.status import RunStatus
+from server.metrics_registry import OPERATORS, metric
 from worker.lm.data import WindowBatches, validation_batches
 from worker.lm.task import LMTask, build_task
 from worker.lm.throughput import device_peak_flops, mfu
@@ -85,6 +86,8 @@ class _Tracker:
     """Running aggregates for the summary; part of the checkpoint so they survive a resume."""
 
     target_loss: float | None
+    # A ``{name, op, value}`` target on any evaluated metric (``target_loss`` x is val_loss <= x).
+    target: Mapping[str, Any] | None = None
     train_time: float = 0.0
     wall_offset: float = 0.0
     fwd_bwd_total: float = 0.0
@@ -104,20 +107,36 @@ class _Tracker:
     steps_to_target: int = -1
     time_to_target: float = math.nan
     peak_memory_mb: float = 0.0
+    # Task-quality metrics (val_accuracy, ...): last value and best value in the metric's direction.
+    task_final: dict[str, float] = field(default_factory=dict)
+    task_best: dict[str, float] = field(default_factory=dict)
 
-    def observe_val(self, step: int, loss: float) -> None:
+    def __post_init__(self) -> None:
+        if self.target is None and self.target_loss is not None:
+            self.target = {"name": "val_loss", "op": "<=", "value": self.target_loss}
+
+    def observe_val(self, step: int, loss: float, metrics: Mapping[str, float] | None = None) -> None:
         self.final_val = loss
         if loss < self.best_val:
             self.best_val, self.best_val_step = loss, step
-        if self.target_loss is not None and self.steps_to_target < 0 and loss <= self.target_loss:
-            self.steps_to_target, self.time_to_target = step, self.train_time
+        for name, value in (metrics or {}).items():
+            self.task_final[name] = value
+            best = self.task_best.get(name)
+            higher = metric(name).higher_is_better
+            if math.isfinite(value) and (best is None or (value > best if higher else value < best)):
+                self.task_best[name] = value
+        if self.target is not None and self.steps_to_target < 0:
+            seen = {"val_loss": loss, **(metrics or {})}
+            value = seen.get(self.target["name"])
+            if value is not None and OPERATORS[self.target["op"]](value, self.target["value"]):
+                self.steps_to_target, self.time_to_target = step, self.train_time
 
     def state(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
     def load(self, state: Mapping[str, Any]) -> None:
         for key, value in state.items():
-            if key != "target_loss":
+            if key not in ("target_loss", "target"):
                 setattr(self, key, value)
 
     def summary(self, final_step: int, wall_time: float, info: Mapping[str, Any]) -> dict[str, float]:
@@ -146,7 +165,11 @@ class _Tracker:
         if self.fwd_bwd_total + self.optimizer_total > 0:
             # The optimizer's share of a step (forward/backward + optimizer; diagnostics excluded).
             out["optimizer_share"] = self.optimizer_total / (self.fwd_bwd_total + self.optimizer_total)
-        if self.target_loss is not None:
+        for name, value in self.task_final.items():
+            out[f"final_{name}"] = value
+        for name, value in self.task_best.items():
+            out[f"best_{name}"] = value
+        if self.target is not None:
             out["reached_target"] = float(self.steps_to_target >= 0)
             if self.steps_to_target >= 0:
                 out["steps_to_target"] = float(self.steps_to_target)
@@ -169,6 +192,13 @@ def _throughput(tokens_per_s: float, info: Mapping[str, Any]) -> dict[str, float
     if utilisation is not None:
         out["mfu"] = utilisation
     return out
+
+
+def _to_device(inputs: Any, device: torch.device) -> Any:
+    """A tensor, or a dict of tensors (example-based tasks: input ids and attention mask)."""
+    if isinstance(inputs, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    return inputs.to(device, non_blocking=True)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -200,7 +230,8 @@ class _Run:
         self.spec, self.sink, self.device = spec, sink, device
         self.checkpoint_dir, self.should_cancel, self.progress = checkpoint_dir, should_cancel, progress
         self.task_spec = spec.task
-        self.tracker = _Tracker(target_loss=spec.target_loss)
+        target = spec.target_metric.model_dump() if spec.target_metric is not None else None
+        self.tracker = _Tracker(target_loss=spec.target_loss, target=target)
         self.step = 0
         self.started = time.perf_counter()
         self.task: LMTask | None = None
@@ -228,8 +259,11 @@ class _Run:
             schedule=t.schedule,
             min_lr_ratio=t.min_lr_ratio,
         )
-        self.batches = WindowBatches(task.train_tokens, t.context, t.batch_size, self.spec.seed)
-        self.val_batches = validation_batches(task.val_tokens, t.context, t.batch_size, t.eval_batches)
+        if task.train_batches is not None and task.val_batches is not None:
+            self.batches, self.val_batches = task.train_batches, task.val_batches
+        else:
+            self.batches = WindowBatches(task.train_tokens, t.context, t.batch_size, self.spec.seed)
+            self.val_batches = validation_batches(task.val_tokens, t.context, t.batch_size, t.eval_batches)
         self.tokens_per_step = t.batch_size * t.grad_accum * t.context
         if t.compile:
             task.info["compile_s"] = self.compile_now()
@@ -349,8 +383,11 @@ class _Run:
         self.tracker.fisher_total += spent
         return result, spent
 
-    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
         assert self.task is not None
+        if self.task.loss_fn is not None:
+            with self.autocast():
+                return self.task.loss_fn(self.model, inputs, targets)
         with self.autocast():
             logits = self.task.logits(self.forward_model, inputs)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -360,20 +397,36 @@ class _Run:
         self.model.eval()
         total, count = 0.0, 0
         for inputs, targets in self.val_batches:
-            loss = self.loss(inputs.to(self.device), targets.to(self.device))
-            total += float(loss) * targets.numel()
-            count += targets.numel()
+            loss = self.loss(_to_device(inputs, self.device), targets.to(self.device))
+            counted = int((targets != -100).sum())  # instruct: prompt positions carry no loss
+            total += float(loss) * counted
+            count += counted
         self.model.train()
         return total / count
+
+    def task_metrics(self) -> dict[str, float]:
+        """The task's quality metrics (accuracy, exact match, ...) on its validation data."""
+        assert self.task is not None
+        if self.task.eval_metrics is None:
+            return {}
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.autocast():
+                return self.task.eval_metrics(self.model, self.device)
+        finally:
+            self.model.train()
 
     def log_eval(self, metrics: dict[str, float]) -> None:
         val = self.evaluate()
         metrics["val_loss"] = val
-        metrics["val_ppl"] = math.exp(val) if val < 700 else math.inf
+        if self.task_spec.kind != "classify":  # a perplexity of labels means nothing
+            metrics["val_ppl"] = math.exp(val) if val < 700 else math.inf
         if not math.isfinite(val):
             self.sink.log_metrics(self.step, metrics, self.wall_time())
             raise Diverged(f"non-finite validation loss ({val}) at step {self.step}")
-        self.tracker.observe_val(self.step, val)
+        quality = self.task_metrics()
+        metrics.update(quality)
+        self.tracker.observe_val(self.step, val, quality)
 
     def train_step(self, log_this: bool) -> dict[str, float]:
         t = self.task_spec
@@ -383,9 +436,7 @@ class _Run:
         losses = []
         for micro in range(t.grad_accum):
             inputs, targets = self.batches.batch((self.step - 1) * t.grad_accum + micro)
-            loss = self.loss(
-                inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            )
+            loss = self.loss(_to_device(inputs, self.device), targets.to(self.device, non_blocking=True))
             (loss / t.grad_accum).backward()
             losses.append(loss.detach())
         train_loss = float(torch.stack(losses).mean())

@@ -19,6 +19,21 @@ const root = $('#job-root');
 const jobId = Number(root.dataset.jobId);
 const VIEW_KEY = 'dykaf.jobView';
 const LOSS_NAMES = ['train_loss', 'val_loss'];
+// Task-quality metrics (higher is better) of classify / instruct jobs, with their display titles.
+const QUALITY_TITLES = {
+  val_accuracy: 'Val accuracy', val_f1: 'Val macro-F1', val_mcc: 'Val Matthews corr.', val_exact_match: 'Val exact match',
+};
+
+/** The metric a classify/instruct job is judged by (null for loss-only tasks). On the first load the
+ * curves are fetched before the job itself, but after the summary, which names it. */
+function qualityMetric(job) {
+  const primary = state.summary && state.summary.primary;
+  if (primary && QUALITY_TITLES[primary.name]) return primary.name;
+  const task = (job && job.spec && job.spec.task) || {};
+  if (task.kind === 'classify') return (task.classify && task.classify.primary_metric) || 'val_accuracy';
+  if (task.kind === 'instruct') return 'val_exact_match';
+  return null;
+}
 const FISHER_METRICS = ['kron_rel_err', 'precond_rel_err', 'diag_mass'];
 const CHART_REFRESH_MS = 2500;
 
@@ -84,6 +99,8 @@ async function fetchSnapshot() {
 async function fetchCurves() {
   const v = state.view;
   const names = [...LOSS_NAMES];
+  const quality = qualityMetric(state.job);
+  if (quality) names.push(quality);
   const points = maxPoints();
   const requests = [get(`/jobs/${jobId}/metrics`, { name: names, view: 'aggregate', max_points: points })];
   requests.push(v.seeds ? get(`/jobs/${jobId}/metrics`, { name: names, view: 'runs', max_points: points }) : null);
@@ -233,12 +250,15 @@ function renderSummary(job) {
     fill($('#summary-wrap'), stateBlock('empty', 'No runs yet.'));
     return;
   }
-  const target = summary.target_loss;
+  const target = summary.target_metric !== undefined ? summary.target_metric : summary.target_loss;
   const charted = chartedLabels();
   const live = ACTIVE.has(job.status);
   const rows = summary.rows.filter((row) => !live || charted.has(row.label));
   const waiting = summary.rows.length - rows.length;
-  const columns = SUMMARY_COLUMNS.filter((c) => !c.target || (target !== null && target !== undefined));
+  const quality = Object.keys(QUALITY_TITLES)
+    .filter((n) => summary.rows.some((r) => r[`final_${n}_mean`] !== undefined))
+    .map((n) => ({ key: `final_${n}`, title: `Final ${QUALITY_TITLES[n].toLowerCase()}`, better: 'max', kind: 'stat' }));
+  const columns = quality.concat(SUMMARY_COLUMNS.filter((c) => !c.target || (target !== null && target !== undefined)));
   const best = summary.best || {};
   const isBest = (c, row) => (best[c.key] || []).includes(row.label);
   const table = rows.length ? h('table', { id: 'summary-table' },
@@ -284,6 +304,21 @@ function xMapper() {
     };
   }
   return { title: 'step', of: (_label, steps) => steps };
+}
+
+function qualityChart(x) {
+  const name = qualityMetric(state.job);
+  const box = $('#chart-quality-box');
+  if (!box) return null;
+  box.hidden = !name;
+  if (!name) return null;
+  const v = state.view;
+  const opts = { name, colors: state.colors, xOf: x.of, smoothing: v.smoothing, band: v.band };
+  let traces = aggregateTraces((state.agg && state.agg.aggregates) || [], opts);
+  if (v.seeds && state.seeds) traces = traces.concat(seedTraces(state.seeds.series || [], opts));
+  const empty = traces.length ? null : (ACTIVE.has(state.job.status) ? 'Waiting for the first evaluation…' : 'No data recorded.');
+  const title = `${QUALITY_TITLES[name]} (higher is better)`;
+  return draw($('#chart-quality'), traces, baseLayout({ title, xTitle: x.title, yTitle: name, logY: false, empty, uirevision: v.x }));
 }
 
 function lossChart(el, name, title, x) {
@@ -413,6 +448,7 @@ async function renderCharts() {
   await Promise.all([
     lossChart($('#chart-train'), 'train_loss', 'Training loss', x),
     lossChart($('#chart-val'), 'val_loss', 'Validation loss', x),
+    qualityChart(x),
     renderFisher(),
   ]);
   const width = state.agg ? state.agg.bucket_width : 1;
