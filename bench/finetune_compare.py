@@ -1,5 +1,6 @@
-"""Fine-tuning comparison by task quality: AdamW vs SOAP vs DyKAF on the offline demo classification
-task (which standard-library module a 6-line source snippet comes from, 5 classes).
+"""Judged by task scores (accuracy, macro-F1, MCC) rather than loss, how do AdamW, SOAP and DyKAF compare
+when fine-tuning on the offline demo classification task (which standard-library module a 6-line source
+snippet comes from, 5 classes)?
 
 Protocol (fixed before looking at any result, the same for every optimizer):
 - task: ``builtin:tiny-bert`` (2-layer BERT, width 64, byte vocabulary, random init, full fine-tuning)
@@ -12,7 +13,7 @@ Protocol (fixed before looking at any result, the same for every optimizer):
   final validation loss, step time.
 
 Run (writes job.json, metrics.csv, runs.csv, summary.csv and curves.png into --out):
-    nice .venv/bin/python bench/finetune_compare.py --out bench/results/finetune_compare
+    nice python -m bench.finetune_compare --out bench/results/finetune_compare
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as `python bench/NAME.py`: import as under `python -m bench.NAME`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from server.jobs.spec import JobSpec  # noqa: E402
-from worker.local import run_job  # noqa: E402
+from server.jobs.spec import JobSpec
+from worker.local import run_job
 
 SWEEP = [3e-4, 1e-3, 3e-3]
 OPTIMIZERS = ("adamw", "soap", "dykaf")
