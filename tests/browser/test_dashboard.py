@@ -264,7 +264,7 @@ def test_validation_messages(page: Any) -> None:
     # Browser-side: a range check next to the field, and the submit is refused.
     lr = field(page, "optimizers.0.hyperparameters.lr")
     lr.fill("-1")
-    expect_text(error_of(page, "optimizers.0.hyperparameters.lr"), "> 0")
+    expect_text(error_of(page, "optimizers.0.hyperparameters.lr"), "≥ 0")
     assert lr.get_attribute("aria-invalid") == "true"
     field(page, "task.steps").fill("abc")
     expect_text(error_of(page, "task.steps"), "not a number")

@@ -5,7 +5,7 @@
 // while the study runs and stops once it has ended.
 
 import { API, Poller, errorText, get } from './api.js';
-import { PALETTE, baseLayout, draw, plotlyText } from './charts.js';
+import { baseLayout, colorMap, draw, plotlyText } from './charts.js';
 import { ACTIVE, connectionStatus, initKeyBox, statusBadge } from './common.js';
 import { $, banner, fill, h } from './dom.js';
 import { fixed } from './format.js';
@@ -16,9 +16,10 @@ const BOUND_SYMBOL = { '=': 'circle', '>': 'triangle-up', '<': 'triangle-down' }
 
 const finite = (v) => typeof v === 'number' && Number.isFinite(v);
 
+/** One colour per optimizer, the same as on the job pages and in the PNGs (server/palette.py). */
 function colors(report) {
   const names = report.scales.length ? report.scales[0].optimizers.map((r) => r.optimizer) : [];
-  return new Map(names.map((name, i) => [name, PALETTE[i % PALETTE.length]]));
+  return colorMap(names.map((name) => [name, name]));
 }
 
 function pointText(point) {
