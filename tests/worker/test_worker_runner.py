@@ -343,10 +343,14 @@ def test_fisher_rows_reach_the_sink() -> None:
 
 
 def test_diagnostics_time_is_kept_out_of_training_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Slow probes (here: 0.4 s per observe and report) show up in ``fisher_time`` and never in
-    train_time, step_time, tokens/s or time-to-target, which compare optimizers."""
+    """Slow probes (here: 1 s per observe and report) show up in ``fisher_time`` and never in
+    train_time, step_time, tokens/s or time-to-target, which compare optimizers.
+
+    The checks are accounting identities, not speed limits, so a busy machine cannot fail them: a
+    sleep counted in training time as well as in Fisher time would make the two add up to more than
+    the run's wall time."""
     fisher = pytest.importorskip("dykaf.fisher")
-    delay = 0.4
+    delay = 1.0
 
     class SlowMonitor(fisher.FisherMonitor):  # type: ignore[misc,name-defined]
         calls = 0
@@ -371,17 +375,20 @@ def test_diagnostics_time_is_kept_out_of_training_time(monkeypatch: pytest.Monke
     slept = SlowMonitor.calls * delay
     assert SlowMonitor.calls == 6 + 2  # every step observes, reports at 3 and 6
     assert s["fisher_time_s"] >= slept
-    # The tiny model trains a step in a few ms: had a single sleep leaked in, these would fail.
-    assert s["train_time_s"] < delay
+    # Had a single sleep leaked into training time, training + diagnostics would exceed the wall.
+    assert s["train_time_s"] + s["fisher_time_s"] <= s["wall_time_s"] + 0.05
     assert s["fisher_overhead"] == pytest.approx(s["fisher_time_s"] / s["train_time_s"])
     by_step = {step: m for step, m, _ in sink.records}
-    assert all(by_step[step]["step_time"] < delay for step in range(1, 7))
+    step_times = [by_step[step]["step_time"] for step in range(1, 7)]
+    assert sum(step_times) + s["fisher_time_s"] <= s["wall_time_s"] + 0.05
+    assert all(t < delay for t in step_times)  # a tiny step, even on a loaded machine
     assert all(by_step[step]["tokens_per_s"] > 0 for step in range(1, 7))
     cumulative = [by_step[step]["fisher_time"] for step in range(1, 7)]
     # The summary adds the end-of-run wait for a background report (none here: ~0).
     assert cumulative == sorted(cumulative) and cumulative[-1] == pytest.approx(s["fisher_time_s"], abs=0.05)
     assert cumulative[2] >= 4 * delay  # three observes and the step-3 report, logged at step 3
-    assert by_step[6]["train_time"] == s["train_time_s"] < delay
+    assert by_step[6]["train_time"] == s["train_time_s"]
+    assert s["time_to_target_s"] <= s["train_time_s"]
 
 
 def test_csv_sink_writes_wide_rows(tmp_path: Path) -> None:
