@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import typer
 import yaml
@@ -15,9 +16,19 @@ from rich.table import Table
 from server.jobs.spec import JobSpec, format_validation_error, parse_job
 from server.summary import TASK_METRICS
 
+T = TypeVar("T")
 
-def load_job_file(path: Path) -> JobSpec:
-    """Parse a YAML (or JSON) job file into a validated ``JobSpec``; exits 2 with a readable error."""
+
+def read_spec_file(
+    path: Path,
+    parse: Callable[[Any], T],
+    format_error: Callable[[ValidationError], str],
+    *,
+    what: str,
+    needs: str,
+) -> T:
+    """Parse a YAML (or JSON) spec file with ``parse``; exits 2 with a readable error. ``what`` names
+    the kind of file in messages, ``needs`` the keys a mapping must at least have."""
     # Plain echo, not rich: error lines must not be re-wrapped, users grep and copy them.
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -25,13 +36,18 @@ def load_job_file(path: Path) -> JobSpec:
         typer.echo(f"{path}: not valid YAML\n{exc}", err=True)
         raise typer.Exit(2) from None
     if not isinstance(data, dict):
-        typer.echo(f"{path}: expected a mapping with at least 'optimizers'", err=True)
+        typer.echo(f"{path}: expected a mapping with at least {needs}", err=True)
         raise typer.Exit(2)
     try:
-        return parse_job(data)
+        return parse(data)
     except ValidationError as exc:
-        typer.echo(f"{path}: invalid job file\n{format_validation_error(exc)}", err=True)
+        typer.echo(f"{path}: invalid {what} file\n{format_error(exc)}", err=True)
         raise typer.Exit(2) from None
+
+
+def load_job_file(path: Path) -> JobSpec:
+    """Parse a job file into a validated ``JobSpec``; exits 2 with a readable error."""
+    return read_spec_file(path, parse_job, format_validation_error, what="job", needs="'optimizers'")
 
 
 def _fmt(mean: float, std: float, digits: int = 3) -> str:

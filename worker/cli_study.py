@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from server.studies.spec import format_study_error, parse_study
+from worker.cli_common import read_spec_file
 from worker.cli_service import _client, _request, _server
 
 study_app = typer.Typer(help="Studies: several scales, equal-budget tuning, speed-up over AdamW.")
@@ -34,22 +34,10 @@ KeyOpt = Annotated[
 
 
 def load_study_file(path: Path) -> Any:
-    """Parse a YAML/JSON study file into a validated ``StudySpec``; exits 2 with a readable error."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        typer.echo(f"{path}: not valid YAML\n{exc}", err=True)
-        raise typer.Exit(2) from None
-    if not isinstance(data, dict):
-        typer.echo(f"{path}: expected a mapping with at least 'scales' and 'optimizers'", err=True)
-        raise typer.Exit(2)
-    try:
-        return parse_study(data)
-    except ValidationError as exc:
-        typer.echo(f"{path}: invalid study file\n{format_study_error(exc)}", err=True)
-        raise typer.Exit(2) from None
+    """Parse a study file into a validated ``StudySpec``; exits 2 with a readable error."""
+    return read_spec_file(
+        path, parse_study, format_study_error, what="study", needs="'scales' and 'optimizers'"
+    )
 
 
 def _num(value: Any, digits: int = 3) -> str:
