@@ -615,6 +615,9 @@ def up(
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_signal)
+    # SIGINT too, explicitly: a process started in the background by a non-interactive shell inherits
+    # SIGINT as ignored, and Python then installs no handler, so Ctrl-C (or `kill -INT`) would do nothing.
+    previous_int = signal.signal(signal.SIGINT, on_signal)
     reporter: ExampleReporter | None = None
     try:
         procs.append(
@@ -667,6 +670,7 @@ def up(
         for handle in handles:
             handle.close()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     console.print("stopped")
 
 

@@ -355,6 +355,10 @@ def test_diagnostics_time_is_kept_out_of_training_time(monkeypatch: pytest.Monke
     class SlowMonitor(fisher.FisherMonitor):  # type: ignore[misc,name-defined]
         calls = 0
 
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # Reports in the loop, whatever cores are free: each goes through ``report`` and is counted.
+            super().__init__(*args, **{**kwargs, "background": "off"})
+
         def observe(self, step: int | None = None) -> None:
             SlowMonitor.calls += 1
             time.sleep(delay)
