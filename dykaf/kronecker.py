@@ -156,10 +156,9 @@ def update_one_sided(factor: Tensor, grad: Tensor, beta: float, side: Literal["l
 # ``K = sU0 + ĜV0Ĝᵀ = ‖R‖·K̂`` with ``K̂ = βL + (1-β)/‖R‖ · G V0 Gᵀ``, so ``U1 = K̂/‖K̂‖`` and every
 # scalar the rules need (``⟨U0, U1⟩ = ⟨L, K̂⟩/(‖L‖‖K̂‖)``, ...) follow from ``K̂`` without ever
 # normalising ``L``: one GEMM that accumulates into ``L`` (``addmm``) replaces a division, a scaled
-# add and a temporary. On the large side only reductions and one final scaling remain. On two CPU
-# threads this took 9–19 % off an update at 384×128 to 768×768 and half at 1024×256, whose 4 MiB
-# ``m × m`` passes are memory-bound (BENCHMARKS.md §1), and float32 updates stay accurate over a
-# wider range of gradient scales (tests/dykaf/test_kronecker.py).
+# add and a temporary. On the large side only reductions and one final scaling remain, which matters
+# most where the ``m × m`` passes are memory-bound (BENCHMARKS.md, "Factor-rule kernels"), and float32
+# updates stay accurate over a wider range of gradient scales (tests/dykaf/test_kronecker.py).
 
 
 def _k_hat(left: Tensor, right: Tensor, grad: Tensor, beta: float) -> tuple[Tensor, Tensor]:

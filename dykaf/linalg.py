@@ -4,21 +4,19 @@ Every eigenbasis in the library (the optimizer's rotations, the ``kron`` initial
 diagnostics' factor spectra) goes through :func:`eigh`. Kronecker factors are often highly
 degenerate: an embedding's left factor has an exactly-zero row for every token absent from the
 recent batches, so most of its eigenvalues are exactly 0. On such matrices float32 LAPACK (MKL's
-``ssyevd``, single-threaded, torch 2.13) fails often: on random 257×257 factors with 195 zero rows
-it raised for 60 % of them and — worse — returned NaN eigenvectors without raising for 9 %, which
-silently turned a SOAP run's embedding, then every parameter, into NaN one step later. Float64
-solved every such case.
+``ssyevd``, single-threaded) fails often: it raises, or — worse — returns NaN eigenvectors without
+raising, which silently turned a SOAP run's embedding, then every parameter, into NaN one step
+later (tests/dykaf/test_linalg.py builds such factors). Float64 solved every such case.
 
 On a GPU, matrices up to ``FLOAT64_ON_GPU_UP_TO`` wide are solved in float64 from the start.
-cuSOLVER's float32 path is not the fast one for the factor sizes that matter here: on an H200
-(torch 2.11, cu130) a 384×384 float32 ``eigh`` took 9.3 ms and a float64 one 3.5 ms, 512×512 14.2
-against 4.7 ms, 128×128 1.9 against 1.6 ms, and from 1152 on the two cost the same
-(``bench/fisher_breakdown.py``, part ``eigh``). Up to ``FLOAT64_ON_GPU_UP_TO``
-float64 is therefore both the faster and the robust choice on a GPU, and
+cuSOLVER's float32 path is not the fast one for the factor sizes that matter here: float64 was
+faster on an H200 up to about that width, and the two cost the same beyond it
+(``bench/fisher_breakdown.py``, part ``eigh``; figures in BENCHMARKS.md). Up to
+``FLOAT64_ON_GPU_UP_TO`` float64 is therefore both the faster and the robust choice on a GPU, and
 the retry is never needed. Beyond it the solver becomes compute-bound, and many GPUs that users own
-(consumer and inference cards) run float64 at 1/32–1/64 of their float32 rate, so larger matrices
-keep the float32-first path. On the CPU float32 stays first: LAPACK's float32 was 1.3–1.6× faster
-than its float64 at every size measured (128 to 1536).
+(consumer and inference cards) run float64 at a small fraction of their float32 rate, so larger
+matrices keep the float32-first path. On the CPU float32 stays first: LAPACK's float32 was the
+faster one at every size measured.
 """
 
 from __future__ import annotations
