@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 out=${1:?usage: bench/gpu_check.sh OUT_DIR [--dry-run]}
 shift
 py=${PYTHON:-python3}
-if ! "$py" -c 'import pydantic, yaml, pytorch_optimizer' 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+if ! "$py" -c 'import pydantic, pydantic_settings, yaml, numpy, pytorch_optimizer' 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
   if "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/dykaf-site .whl/*.whl; then
     export PYTHONPATH="/tmp/dykaf-site${PYTHONPATH:+:$PYTHONPATH}"
