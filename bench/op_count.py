@@ -89,6 +89,12 @@ def load_legacy_engine(commit: str) -> types.ModuleType:
     source = subprocess.run(
         ["git", "show", f"{commit}:dykaf/optimizer.py"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
+    # The options module has since become a validated config: give the old engine its old validator.
+    source = source.replace(
+        "from dykaf.options import DEFAULTS, factor_beta, validate_hyperparameters",
+        "from dykaf.options import DEFAULTS, DyKAFConfig, factor_beta\n"
+        "validate_hyperparameters = DyKAFConfig.from_group",
+    )
     module = types.ModuleType(f"dykaf_optimizer_{commit}")
     sys.modules[module.__name__] = module  # dataclasses look their module up there
     exec(compile(source, f"{commit}:dykaf/optimizer.py", "exec"), module.__dict__)
