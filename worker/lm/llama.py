@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.lm.model import EMBEDDING, HEAD, HIDDEN, VECTOR
+from worker.lm.model import roles_by_name, set_dropout_rate
 
 
 def swiglu_hidden(d_model: int, multiple_of: int = 256) -> int:
@@ -168,24 +168,10 @@ class Llama(nn.Module):
 
     def param_roles(self) -> dict[str, str]:
         """Parameter name → role; with tied weights the shared matrix is the embedding."""
-        roles = {}
-        for name, param in self.named_parameters():
-            if name.startswith("embed."):
-                roles[name] = EMBEDDING
-            elif name.startswith("lm_head."):
-                roles[name] = HEAD
-            elif param.ndim >= 2:
-                roles[name] = HIDDEN
-            else:
-                roles[name] = VECTOR
-        return roles
+        return roles_by_name(self, ("embed.",))
 
     def set_dropout(self, p: float) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = p
-            elif isinstance(module, Attention):
-                module.dropout = p
+        set_dropout_rate(self, p)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

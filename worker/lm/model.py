@@ -22,6 +22,33 @@ from torch import nn
 EMBEDDING, HEAD, HIDDEN, VECTOR = "embedding", "head", "hidden", "vector"
 
 
+def roles_by_name(model: nn.Module, embeddings: tuple[str, ...]) -> dict[str, str]:
+    """Parameter name → role for our own models: names under ``embeddings`` are embeddings,
+    ``lm_head.`` the head, other matrices hidden, the rest vectors. With tied weights the shared
+    matrix appears once, under its embedding name."""
+    roles = {}
+    for name, param in model.named_parameters():
+        if name.startswith(embeddings):
+            roles[name] = EMBEDDING
+        elif name.startswith("lm_head."):
+            roles[name] = HEAD
+        elif param.ndim >= 2:
+            roles[name] = HIDDEN
+        else:
+            roles[name] = VECTOR
+    return roles
+
+
+def set_dropout_rate(model: nn.Module, p: float) -> None:
+    """Change the dropout rate everywhere, the attention's own (its ``dropout`` attribute, passed to
+    ``scaled_dot_product_attention``) included."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        elif module is not model and type(getattr(module, "dropout", None)) in (int, float):
+            module.dropout = p
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     """Shape of the model; stored in checkpoints so a run can be fine-tuned later."""
@@ -131,29 +158,12 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
     def param_roles(self) -> dict[str, str]:
-        """Parameter name → role (embedding / head / hidden / vector) for optimizer routing.
-
-        With tied weights the shared matrix appears once (as ``wte.weight``) and is an embedding.
-        """
-        roles = {}
-        for name, param in self.named_parameters():
-            if name.startswith(("wte.", "wpe.")):
-                roles[name] = EMBEDDING
-            elif name.startswith("lm_head."):
-                roles[name] = HEAD
-            elif param.ndim >= 2:
-                roles[name] = HIDDEN
-            else:
-                roles[name] = VECTOR
-        return roles
+        """Parameter name → role (embedding / head / hidden / vector) for optimizer routing."""
+        return roles_by_name(self, ("wte.", "wpe."))
 
     def set_dropout(self, p: float) -> None:
         """Change the dropout rate everywhere (fine-tuning may use a different rate than pre-training)."""
-        for module in self.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = p
-            elif isinstance(module, CausalSelfAttention):
-                module.dropout = p
+        set_dropout_rate(self, p)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
