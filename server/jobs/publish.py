@@ -119,12 +119,12 @@ class Published:
     def run_ids(self) -> list[int]:
         return sorted(self.task_ids)
 
-    def warning(self) -> str | None:
-        """One line for the submitter when some runs wait for the reconciler, else None."""
+    def warnings(self) -> list[str]:
+        """What the submitter is told: one line when some runs wait for the reconciler, else nothing."""
         if not self.errors:
-            return None
+            return []
         kind = type(next(iter(self.errors.values()))).__name__
-        return f"broker unavailable ({kind}); runs will be queued when it is back"
+        return [f"broker unavailable ({kind}); runs will be queued when it is back"]
 
 
 def publish_runs(

@@ -53,6 +53,22 @@ NAME_PUNCTUATION = " ._+-"
 NAME_RULE = f"1-{NAME_MAX} letters (of any script), digits, spaces or ._+- and start with a letter/digit"
 
 
+def check_name(value: str) -> str:
+    """``value`` if it follows the name rule (jobs and studies alike), else a ValueError saying it."""
+    if not valid_name(value):
+        raise ValueError(f"name must be {NAME_RULE}")
+    return value
+
+
+def check_seeds(value: list[int]) -> list[int]:
+    """Distinct seeds that fit a 32-bit generator seed (jobs and studies alike)."""
+    if len(set(value)) != len(value):
+        raise ValueError("seeds must be distinct")
+    if any(seed < 0 or seed >= 2**31 for seed in value):
+        raise ValueError("seeds must be in [0, 2**31)")
+    return value
+
+
 def valid_name(value: str) -> bool:
     """Whether ``value`` follows the name rule above (letters and digits of any script)."""
     if not 1 <= len(value) <= NAME_MAX or unicodedata.category(value[0])[0] not in "LN":
@@ -666,18 +682,12 @@ class JobSpec(StrictModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not valid_name(value):
-            raise ValueError(f"name must be {NAME_RULE}")
-        return value
+        return check_name(value)
 
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, value: list[int]) -> list[int]:
-        if len(set(value)) != len(value):
-            raise ValueError("seeds must be distinct")
-        if any(seed < 0 or seed >= 2**31 for seed in value):
-            raise ValueError("seeds must be in [0, 2**31)")
-        return value
+        return check_seeds(value)
 
     @model_validator(mode="after")
     def _target(self) -> JobSpec:

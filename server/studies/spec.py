@@ -29,11 +29,14 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from server.jobs.spec import (
     MAX_RUNS_PER_JOB,
     MAX_SEEDS,
+    NAME_RULE,
     JobSpec,
     OptimizerSpec,
     RunSpec,
     StrictModel,
     TaskSpec,
+    check_name,
+    check_seeds,
     format_validation_error,
 )
 
@@ -41,7 +44,6 @@ __all__ = ["JobSpec", "RunSpec", "ScaleSpec", "StudySpec", "format_study_error",
 
 MAX_SCALES = 8
 MAX_BUDGETS = 4
-_NAME_CHARS = "letters, digits, spaces or ._+-"
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +71,7 @@ class ScaleSpec(StrictModel):
 class StudySpec(StrictModel):
     """A study: one job per scale, equal-budget tuning, confirmation on all seeds, baseline budgets."""
 
-    name: str = Field("study", min_length=1, max_length=60, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._+-]*$")
+    name: str = Field("study", min_length=1, max_length=60, description=f"must be {NAME_RULE}")
     task: dict[str, Any] = Field(
         default_factory=dict, description="task fields shared by every scale (each scale may override)"
     )
@@ -105,14 +107,15 @@ class StudySpec(StrictModel):
             merged.append(scale)
         return {**data, "scales": merged}
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name(value)
+
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, value: list[int]) -> list[int]:
-        if len(set(value)) != len(value):
-            raise ValueError("seeds must be distinct")
-        if any(seed < 0 or seed >= 2**31 for seed in value):
-            raise ValueError("seeds must be in [0, 2**31)")
-        return value
+        return check_seeds(value)
 
     @field_validator("budgets")
     @classmethod

@@ -139,9 +139,9 @@ def submit(
         session, spec, auto_queue=settings.auto_queue, api_key_id=api_key_id, rerun_of=rerun_of
     )
     session.commit()
-    warning = publish_runs(settings, [(run.id, run.queue) for run in job.runs]).warning()
+    warnings = publish_runs(settings, [(run.id, run.queue) for run in job.runs]).warnings()
     JOBS_SUBMITTED.inc()
-    return job, [warning] if warning else []
+    return job, warnings
 
 
 def _get_job(session: Session, job_id: int) -> Job:

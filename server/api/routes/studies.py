@@ -91,8 +91,7 @@ def create_study(
     session.commit()
     study_id = study.id
     runs = [(run.id, run.queue) for job in study.jobs for run in job.runs]
-    warning = publish_runs(settings, runs).warning()
-    warnings = [warning] if warning else []
+    warnings = publish_runs(settings, runs).warnings()
     response.headers["Location"] = f"{API_PREFIX}/studies/{study_id}"
     session.expire_all()
     return study_detail(_get(session, study_id), warnings)
