@@ -42,6 +42,9 @@ MAX_SEEDS = 32
 MAX_SWEEP_VALUES = 16
 MAX_CORPUS_CHARS = 500_000_000
 MAX_CONTEXT = 32_768
+# Processes (GPUs, or Gloo processes on CPU) one run may train on; what workers can offer is checked
+# at submission (``server.crud.workers``).
+MAX_DEVICES_PER_RUN = 64
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 # Names and labels: 1-80 characters, Unicode letters and digits (with their combining marks, which
@@ -430,13 +433,27 @@ class TaskSpec(StrictModel):
     tie_weights: bool = Field(False, description="share the embedding and output matrices")
     # batch and length
     batch_size: int = Field(16, ge=1, le=4096, description="sequences per micro-batch")
-    grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
+    grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step (per device)")
+    devices_per_run: int = Field(
+        1,
+        ge=1,
+        le=MAX_DEVICES_PER_RUN,
+        description="devices (GPUs; Gloo processes on CPU) one run trains on under torch.distributed; "
+        "batch_size is per device, so the global batch is batch_size · devices_per_run · grad_accum. "
+        "An N-device run sees exactly the data of a 1-device run with N times the grad_accum",
+    )
+    distributed: Literal["shard", "replicate"] = Field(
+        "shard",
+        description="how a multi-device run shares the optimizer: shard = each matrix has one owner "
+        "rank that updates its state and broadcasts the new weights (no work repeated); replicate = "
+        "plain DDP, every rank repeats the whole optimizer step",
+    )
     steps: int = Field(500, gt=0, le=MAX_STEPS, description="optimizer steps")
     tokens: int | None = Field(
         None,
         gt=0,
         description="training tokens instead of steps: steps = ceil(tokens / (batch_size · grad_accum · "
-        "context))",
+        "devices_per_run · context))",
     )
     # schedule and clipping
     warmup_steps: int = Field(50, ge=0, le=MAX_STEPS)
@@ -479,6 +496,15 @@ class TaskSpec(StrictModel):
             return "val_exact_match"
         return "val_loss"
 
+    @property
+    def sequences_per_step(self) -> int:
+        """The global batch in sequences: per-device micro-batch × accumulation × devices."""
+        return self.batch_size * self.grad_accum * self.devices_per_run
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.sequences_per_step * self.context
+
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
@@ -493,7 +519,7 @@ class TaskSpec(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> TaskSpec:
         if self.tokens is not None:
-            steps = math.ceil(self.tokens / (self.batch_size * self.grad_accum * self.context))
+            steps = math.ceil(self.tokens / self.tokens_per_step)
             # A dumped spec carries both (steps computed); only a disagreeing pair is an error.
             if "steps" in self.model_fields_set and self.steps != steps:
                 raise ValueError(

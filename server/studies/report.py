@@ -55,7 +55,8 @@ def tokens_of(task: Mapping[str, Any]) -> float:
     explicit = task.get("tokens")
     if isinstance(explicit, int | float) and explicit > 0:
         return float(explicit)
-    return float(task["steps"] * task["batch_size"] * task.get("grad_accum", 1) * task["context"])
+    per_step = task["batch_size"] * task.get("grad_accum", 1) * task.get("devices_per_run", 1)
+    return float(task["steps"] * per_step * task["context"])
 
 
 def pick_winner(runs: Sequence[RunRecord], group: str, first_seed: int) -> RunRecord | None:

@@ -293,7 +293,7 @@ def build_task(spec: TaskSpec, seed: int) -> LMTask:
             spec.preset,
             n_params / 1e6,
             20 * n_params / 1e9,
-            spec.steps * spec.batch_size * spec.grad_accum * spec.context / 1e9,
+            spec.steps * spec.tokens_per_step / 1e9,
         )
     return LMTask(
         kind=spec.kind,
