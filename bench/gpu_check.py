@@ -5,7 +5,8 @@
 
 It prints the device, driver, torch and CUDA versions; runs the test suite's CUDA-marked tests;
 times one optimizer step of adamw, soap, dykaf, dykaf-rank1 and muon on GPT-2-small layer shapes
-(CUDA events, median of several refresh windows) with the FLOP floor of DyKAF's extra work; trains
+(CUDA events, median of several refresh windows) with the FLOP floor of DyKAF's extra work; runs the
+multi-device code path (torchrun, NCCL, DDP, the sharded optimizer) as a forced one-rank run; trains
 the embedded pre-training task for a fixed number of steps (bf16 autocast on CUDA) for adamw, soap
 and dykaf through the real worker code path; runs the default task's AdamW run first in fresh
 processes, with and without the runner's device warm-up; runs ``bench/default_task.yaml`` (the
@@ -220,6 +221,75 @@ def training(device: str, dry_run: bool) -> dict[str, Any]:
     return {"task": task, "autocast": "bf16" if device == "cuda" else "none", "runs": rows}
 
 
+def distributed(device: str, dry_run: bool) -> dict[str, Any]:
+    """The multi-device code path on one device: torchrun, the process group (NCCL on CUDA), DDP and
+    the sharded optimizer with its collectives, as a one-rank run forced onto that path
+    (``Ranks.forced``; one GPU cannot host two NCCL ranks). Each optimizer and mode runs once that
+    way and once in-process; the report compares their losses and tokens/s (the path's overhead)."""
+    absent = missing("pydantic", "yaml")
+    if absent:
+        return {"skipped": f"worker code path needs {', '.join(absent)}; carry wheels (bench/gpu_check.sh)"}
+    import tempfile
+
+    from server.jobs.spec import JobSpec
+    from worker.distributed.launch import launch_ranks
+    from worker.training.runner import execute_run
+    from worker.training.sinks import MemorySink
+
+    size = (
+        {"n_layer": 1, "n_head": 2, "d_model": 32, "context": 32, "batch_size": 4, "steps": 6}
+        if dry_run
+        else {"n_layer": 6, "n_head": 6, "d_model": 384, "context": 256, "batch_size": 32, "steps": 100}
+    )
+    task = {**size, "warmup_steps": 1, "eval_every": size["steps"], "eval_batches": 2, "log_every": 1}
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for mode in ("shard", "replicate"):
+            job = JobSpec.model_validate(
+                {
+                    "name": "gpu-check-ranks",
+                    "device": device,
+                    "task": {
+                        "corpus": {"name": "pydoc"},
+                        "tokenizer": {"kind": "byte"},
+                        "distributed": mode,
+                        **task,
+                    },
+                    "optimizers": [
+                        {"name": name, "hyperparameters": {"lr": 3e-3}} for name in TRAIN_OPTIMIZERS
+                    ],
+                }
+            )
+            for run in job.expand():
+                plain = execute_run(run, MemorySink(), device=device)
+                folder = Path(scratch) / f"{mode}-{run.optimizer}"
+                ranked = launch_ranks(
+                    run,
+                    folder / "launch",
+                    checkpoint_dir=folder,
+                    devices=["0"] if device == "cuda" else ["cpu0"],
+                    force_collectives=True,
+                )
+                one, two = plain.summary.get("final_val_loss"), ranked.summary.get("final_val_loss")
+                rows.append(
+                    {
+                        "optimizer": run.optimizer,
+                        "mode": mode,
+                        "status": ranked.status,
+                        "reason": ranked.reason,
+                        "val_loss_plain": one,
+                        "val_loss_ranked": two,
+                        "val_loss_rel_diff": abs(one - two) / abs(one) if one and two else None,
+                        "tokens_per_s_plain": plain.summary.get("tokens_per_s"),
+                        "tokens_per_s_ranked": ranked.summary.get("tokens_per_s"),
+                        "optimizer_ms_plain": plain.summary.get("optimizer_ms"),
+                        "optimizer_ms_ranked": ranked.summary.get("optimizer_ms"),
+                    }
+                )
+                print(rows[-1], flush=True)
+    return {"task": task, "backend": "nccl" if device == "cuda" else "gloo", "runs": rows}
+
+
 def cold_start(device: str, dry_run: bool) -> dict[str, Any]:
     """The default task's AdamW run in two fresh processes, twice in each (``bench/fisher_breakdown.py
     --repeat 2``): once with the runner's device warm-up turned off, once with it on. Pass 1 of the
@@ -378,6 +448,27 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["## One optimizer step", "", optimizer_step.markdown(steps), ""]
     else:
         lines += ["## One optimizer step", "", steps.get("skipped") or steps.get("error", ""), ""]
+    ranked = report.get("distributed", {"skipped": "not in this report"})
+    lines += ["## Multi-device code path on one device (forced one-rank run vs in-process)", ""]
+    if "runs" in ranked:
+        keys = [
+            "optimizer",
+            "mode",
+            "status",
+            "val_loss_rel_diff",
+            "tokens_per_s_plain",
+            "tokens_per_s_ranked",
+            "optimizer_ms_plain",
+            "optimizer_ms_ranked",
+        ]
+        lines += [
+            f"Backend: {ranked['backend']}; task: {ranked['task']}",
+            "",
+            *_table(keys, ranked["runs"]),
+            "",
+        ]
+    else:
+        lines += [ranked.get("skipped") or ranked.get("error", ""), ""]
     train = report["training"]
     lines += ["## Training (embedded pre-training task)", ""]
     if "runs" in train:
@@ -470,7 +561,18 @@ def main() -> int:
         "--skip",
         nargs="*",
         default=[],
-        choices=["tests", "cold", "default", "fisher", "rules", "engine", "training", "steps", "pretrain"],
+        choices=[
+            "tests",
+            "distributed",
+            "cold",
+            "default",
+            "fisher",
+            "rules",
+            "engine",
+            "training",
+            "steps",
+            "pretrain",
+        ],
     )
     args = parser.parse_args()
     device = "cpu" if args.dry_run else "cuda"
@@ -486,6 +588,7 @@ def main() -> int:
     # device's time limit keeps the figures that matter.
     sections = {
         "tests": ("cuda_tests", cuda_tests),
+        "distributed": ("distributed", distributed),
         "cold": ("cold_start", cold_start),
         "default": ("default_task", default_task),
         "fisher": ("fisher", fisher_overhead),

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from server.jobs.status import RunStatus
-from worker import cli_service, cli_study
+from worker import cli_ranks, cli_service, cli_study
 from worker.cli_common import load_job_file, summary_table
 from worker.lm import cli_data
 
@@ -87,3 +87,4 @@ def run(
 cli_service.register(app)
 cli_data.register(app)  # prepare-data, presets
 cli_study.register(app)
+cli_ranks.register(app)  # prepare-ranks

@@ -10,6 +10,11 @@ The flow is built so that every failure mode converges on a correct final state:
   training and writes nothing further (every write is fenced by ``attempt``);
 * cancel → the API sets ``cancel_requested``; the heartbeat thread polls it and ``should_cancel``
   returns True between steps; the runner checkpoints and returns ``cancelled``; metrics stay.
+
+A run on several devices (``task.devices_per_run`` > 1), and every run of a worker that owns several
+GPUs, trains in torchrun-started rank processes on devices taken from the worker's pool
+(``worker.devices``); this process then only supervises (``worker.distributed.launch``): claim,
+heartbeat, cancel and the final state work exactly as above, and rank 0 streams the metrics.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -234,8 +239,11 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def device_label(spec_device: str, worker_device: str | None) -> str:
-    """The device a run will use; checked in the child only (never before a pool forks)."""
+def device_label(spec_device: str, worker_device: str | None, devices: int = 1) -> str:
+    """The device a run will use (``cuda×4`` for four GPUs); checked in the child only (never before
+    a pool forks)."""
+    if devices > 1:
+        return f"{device_label(spec_device, worker_device)}×{devices}"
     if worker_device:
         return worker_device
     if spec_device in ("cpu", "cuda"):
@@ -283,8 +291,9 @@ def run_task(run_id: int, settings: Settings, *, task_id: str | None = None) -> 
 
     with session_scope(settings.database_url) as session:
         row = session.get(Run, run_id)
-        spec_device = (row.spec or {}).get("device", "auto") if row is not None else "auto"
-    device = device_label(spec_device, settings.worker_device)
+        stored = (row.spec or {}) if row is not None else {}
+    devices = int(stored.get("task", {}).get("devices_per_run", 1))
+    device = device_label(stored.get("device", "auto"), settings.worker_device, devices)
     with session_scope(settings.database_url) as session:
         claim = runs_crud.claim_run(
             session, run_id, worker=worker_name(), device=device, stale_after_s=settings.stale_after_s
@@ -332,14 +341,17 @@ def execute_claimed(claim: runs_crud.Claim, settings: Settings, *, device: str |
     try:
         spec = RunSpec.model_validate(claim.spec)
         sink.alignment = CheckpointAlignment(spec.task)
-        result = execute_run(
-            spec,
-            sink,
-            checkpoint_dir=checkpoint_dir,
-            should_cancel=should_cancel,
-            device=settings.worker_device,
-            progress=progress,
-        )
+        if on_ranks(spec, settings):
+            result = execute_on_ranks(claim, spec, settings, checkpoint_dir, should_cancel, progress)
+        else:
+            result = execute_run(
+                spec,
+                sink,
+                checkpoint_dir=checkpoint_dir,
+                should_cancel=should_cancel,
+                device=settings.worker_device,
+                progress=progress,
+            )
         sink.close()
         status, reason = result.status, result.reason
         final_step, summary = result.final_step, _finite_summary(result.summary)
@@ -383,6 +395,48 @@ def execute_claimed(claim: runs_crud.Claim, settings: Settings, *, device: str |
     if new_runs:
         publish_runs(settings, new_runs)
     return status if finished else "lost"
+
+
+def on_ranks(spec: RunSpec, settings: Settings) -> bool:
+    """Train in torchrun-started rank processes: several devices, or a worker owning several GPUs
+    (whose runs must not share this process)."""
+    owned_gpus = [gpu for gpu in (settings.worker_gpus or "").split(",") if gpu.strip()]
+    return spec.task.devices_per_run > 1 or len(owned_gpus) > 1
+
+
+def execute_on_ranks(
+    claim: runs_crud.Claim,
+    spec: RunSpec,
+    settings: Settings,
+    checkpoint_dir: Path,
+    should_cancel: Callable[[], bool],
+    progress: Callable[..., None],
+) -> Any:
+    """Take the run's devices from this worker's pool (waiting while other runs hold them) and
+    supervise its ranks; rank 0 writes the metrics to the database itself."""
+    from worker.devices import node_pool
+    from worker.distributed.launch import launch_ranks
+    from worker.training.runner import RunResult
+
+    wanted = spec.task.devices_per_run
+    try:
+        with node_pool(settings).acquire(wanted, should_stop=should_cancel) as devices:
+            log.info("run %s trains on %s", claim.run_id, ", ".join(devices))
+            return launch_ranks(
+                spec,
+                checkpoint_dir / "launch",
+                checkpoint_dir=checkpoint_dir,
+                devices=devices,
+                sink="database",
+                run_id=claim.run_id,
+                should_stop=should_cancel,
+                progress=progress,
+                env=settings.env(),
+            )
+    except InterruptedError:
+        return RunResult(
+            status=RunStatus.CANCELLED, reason="cancelled while waiting for devices", final_step=0
+        )
 
 
 def _requeue_for_shutdown(claim: runs_crud.Claim, settings: Settings, elapsed: float) -> str:

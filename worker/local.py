@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.markup import escape
 
 from server import palette
@@ -49,8 +50,10 @@ from server.summary import (
     summary_csv_rows,
 )
 from worker import fisher_plot
+from worker.distributed.folder import METRICS_FILE
+from worker.distributed.launch import launch_ranks
 from worker.training.runner import RunResult, execute_run
-from worker.training.sinks import MemorySink, MultiSink
+from worker.training.sinks import MemorySink, MultiSink, read_json_lines
 
 RESULT_FILES = (
     "metrics.csv",
@@ -346,6 +349,36 @@ class ResultCsvSink:
                 part[0].close()
 
 
+def rank_devices(count: int, device: str | None, spec_device: str) -> list[str]:
+    """This machine's first ``count`` GPUs, or ``count`` CPU ranks for a CPU run (or one without
+    CUDA); a GPU run asking for more GPUs than the machine has is refused with the numbers."""
+    wanted = device or spec_device
+    if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
+        return [f"cpu{i}" for i in range(count)]
+    available = torch.cuda.device_count()
+    if available < count:
+        raise ValueError(f"task.devices_per_run is {count} but this machine has {available} GPU(s)")
+    return [str(i) for i in range(count)]
+
+
+def _train_on_ranks(
+    spec: RunSpec, sink: MultiSink, checkpoint_dir: Path, device: str | None, on_step: Any
+) -> RunResult:
+    """A multi-device run: torchrun-started ranks (``worker.distributed``), rank 0 writing its
+    metrics to a file that is replayed into ``sink`` when they are done."""
+    folder = checkpoint_dir / "launch"
+    result = launch_ranks(
+        spec,
+        folder,
+        checkpoint_dir=checkpoint_dir,
+        devices=rank_devices(spec.task.devices_per_run, device, spec.device),
+        progress=lambda step: on_step(step, spec.task.steps, {}),
+    )
+    if (folder / METRICS_FILE).exists():
+        read_json_lines(folder / METRICS_FILE, sink)
+    return result
+
+
 def _run_one(
     spec: RunSpec, run_id: int, out: Path, device: str | None, progress: Any, checkpoints: bool
 ) -> RunRecord:
@@ -364,13 +397,18 @@ def _run_one(
 
     sink = MultiSink(csv_sink, memory)
     try:
-        result = execute_run(
-            spec,
-            sink,
-            checkpoint_dir=checkpoint_dir if checkpoints else None,
-            device=device,
-            progress=on_step,
-        )
+        if spec.task.devices_per_run > 1:
+            result = _train_on_ranks(spec, sink, checkpoint_dir, device, on_step)
+            if not checkpoints:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        else:
+            result = execute_run(
+                spec,
+                sink,
+                checkpoint_dir=checkpoint_dir if checkpoints else None,
+                device=device,
+                progress=on_step,
+            )
     finally:
         csv_sink.close()
     status = result.status if result.status == RunStatus.SUCCEEDED else f"{result.status}: {result.reason}"

@@ -30,6 +30,13 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path: Path) -> None:
     assert [r["optimizer"] for r in runs] == ["adamw", "soap", "dykaf"]
     assert all(r["status"] == "succeeded" and r["final_val_loss"] > 0 for r in runs)
     assert all(r["fisher_overhead"] > 0 for r in runs)  # diagnostics on by default, self-measured
+    ranked = report["distributed"]["runs"]  # the multi-device path forced onto one Gloo rank
+    assert [(r["optimizer"], r["mode"]) for r in ranked] == [
+        (name, mode) for mode in ("shard", "replicate") for name in ("adamw", "soap", "dykaf")
+    ]
+    assert all(r["status"] == "succeeded" and r["tokens_per_s_ranked"] > 0 for r in ranked), ranked
+    # One rank sees the data of the in-process run: the same validation loss (float32 on the CPU).
+    assert all(r["val_loss_rel_diff"] < 1e-5 for r in ranked), ranked
     cold = report["cold_start"]["runs"]  # two fresh processes: warm-up off, then on; two passes each
     assert [(r["warm_up"], r["pass"]) for r in cold] == [("off", "1"), ("off", "2"), ("on", "1"), ("on", "2")]
     assert all(
@@ -84,7 +91,7 @@ def test_report_written_midway_marks_the_sections_still_to_run(tmp_path: Path) -
 def test_gpu_check_pretrain_section_dry_run(tmp_path: Path) -> None:
     """The pre-training throughput section alone (tiny presets on the CPU): every optimizer's row
     has tokens/s and an optimizer share, and no MFU (no peak on a CPU)."""
-    others = ["tests", "cold", "default", "fisher", "rules", "training", "steps"]
+    others = ["tests", "distributed", "cold", "default", "fisher", "rules", "training", "steps"]
     proc = subprocess.run(
         [
             sys.executable,

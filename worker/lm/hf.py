@@ -156,7 +156,9 @@ def logits_of(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 
 def _is_gpt(model: nn.Module) -> bool:
-    """One of our models, seen through torch.compile's and peft's wrappers."""
+    """One of our models, seen through torch.compile's, DDP's and peft's wrappers."""
     model = getattr(model, "_orig_mod", model)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return isinstance(base, OUR_MODELS)

@@ -1,6 +1,10 @@
 """Checkpoints written atomically (temporary file in the same directory, fsync, ``os.replace``), so a
 crash mid-write never leaves a truncated file where the resume logic would find it.
 
+A run on several devices writes, per checkpoint, one part per rank (``step-XXXXXXXX.rank-R.pt``:
+its RNG state and, when the optimizer is sharded, its optimizer shard) and then the main file, which
+rank 0 writes only once every part is on disk: a main file found means a complete checkpoint.
+
 Checkpoint directories belong to the worker (never named by a user's spec), which is why loading
 falls back to full unpickling for optimizer states that hold non-tensor objects.
 """
@@ -18,6 +22,7 @@ from typing import Any
 import torch
 
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
+_PART = re.compile(r"^step-(\d{8,})\.rank-\d+\.pt$")
 
 
 class CheckpointWriteError(OSError):
@@ -79,6 +84,18 @@ def checkpoint_path(directory: Path, step: int) -> Path:
     return directory / f"step-{step:08d}.pt"
 
 
+def part_path(directory: Path, step: int, rank: int) -> Path:
+    """One rank's part of the checkpoint of ``step`` (multi-device runs)."""
+    return directory / f"step-{step:08d}.rank-{rank}.pt"
+
+
+def checkpoint_step(path: Path) -> int:
+    match = _NAME.match(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not a checkpoint file")
+    return int(match.group(1))
+
+
 def list_checkpoints(directory: str | Path | None) -> list[tuple[int, Path]]:
     """(step, path) of the checkpoints in ``directory``, oldest first."""
     if directory is None or not Path(directory).is_dir():
@@ -103,6 +120,11 @@ def save_checkpoint(directory: str | Path, step: int, payload: dict[str, Any], k
     atomic_torch_save(payload, path)
     for _, old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
+    kept = {found for found, _ in list_checkpoints(directory)}
+    for entry in directory.iterdir():
+        match = _PART.match(entry.name)
+        if match and int(match.group(1)) not in kept and int(match.group(1)) < step:
+            entry.unlink(missing_ok=True)
     return path
 
 

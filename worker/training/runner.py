@@ -9,6 +9,12 @@ Guarantees the comparison relies on:
 - a run resumed from a checkpoint ends bit-identical (on CPU) to one that never stopped, because the
   checkpoint carries model, optimizer, scheduler and RNG states and the data position is a function
   of the step;
+- an N-device run (``task.devices_per_run``, one process per device under torch.distributed, see
+  ``distributed.py``) trains on exactly the micro-batches of a 1-device run with N times the
+  accumulation: at step s, rank r takes micro-batches ``(s-1)·A·N + r·A + j`` for ``j < A``
+  (``A = grad_accum``), the ones the 1-device run takes as its micro-batches ``r·A … r·A+A-1``;
+  DDP averages the gradients, so the step is the same up to floating-point summation order (and,
+  with dropout, each rank's own dropout stream);
 - a non-finite loss, gradient or update ends the run as ``diverged`` (with step and reason), and so
   does a breakdown of the optimizer's own linear algebra (``torch.linalg.LinAlgError``: an
   eigendecomposition or inverse root of statistics blown up by too large a step); any other
@@ -33,7 +39,10 @@ import torch
 import torch.nn.functional as F
 
 from dykaf.baselines.registry import build_optimizer
+from dykaf.distributed import build_sharded_optimizer
 from dykaf.fisher import FisherMonitor
+from dykaf.fisher.monitor import DEFAULT_MONITOR_LAYERS
+from dykaf.fisher.selection import select_layers
 from server.jobs.spec import RunSpec
 from server.jobs.status import RunStatus
 from server.metrics_registry import OPERATORS, metric
@@ -42,6 +51,7 @@ from worker.lm.task import LMTask, build_task
 from worker.lm.throughput import device_peak_flops, mfu
 from worker.training import checkpoint as ckpt
 from worker.training import measure, warmup
+from worker.training.distributed import Ranks, rank_seed
 from worker.training.schedule import build_scheduler
 from worker.training.sinks import MetricSink
 
@@ -226,8 +236,9 @@ class _Run:
         checkpoint_dir: Path | None,
         should_cancel: Callable[[], bool],
         progress: ProgressFn | None,
+        ranks: Ranks,
     ) -> None:
-        self.spec, self.sink, self.device = spec, sink, device
+        self.spec, self.sink, self.device, self.ranks = spec, sink, device, ranks
         self.checkpoint_dir, self.should_cancel, self.progress = checkpoint_dir, should_cancel, progress
         self.task_spec = spec.task
         target = spec.target_metric.model_dump() if spec.target_metric is not None else None
@@ -242,16 +253,32 @@ class _Run:
     def build(self) -> None:
         task = build_task(self.task_spec, self.spec.seed)
         self.task = task
+        t = self.task_spec
         self.model = task.model.to(self.device)
-        # Forward passes go through ``forward_model``; state dicts, hooks and exports use ``model``.
-        self.forward_model = torch.compile(self.model) if self.task_spec.compile else self.model
+        # Training forwards go through ``train_module`` (DDP on several devices: it averages the
+        # gradients) and ``forward_model`` (that, compiled); state dicts, hooks, evaluation and
+        # exports use ``model`` itself.
+        self.train_module: torch.nn.Module = self.model
+        if self.ranks.active:
+            self.train_module = torch.nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                # Fine-tuned models may hold parameters a task's forward never reaches (a pooler).
+                find_unused_parameters=t.kind != "pretrain",
+            )
+        self.forward_model = torch.compile(self.train_module) if t.compile else self.train_module
+        if not self.ranks.active:
+            self.eval_forward = self.forward_model
+        else:
+            self.eval_forward = torch.compile(self.model) if t.compile else self.model
         if self.device.type == "cuda":
-            task.info["peak_flops"] = device_peak_flops(torch.cuda.get_device_name(self.device), bf16=True)
+            peak = device_peak_flops(torch.cuda.get_device_name(self.device), bf16=True)
+            # MFU of the run: its tokens/s are global, so the peak is that of all its devices.
+            task.info["peak_flops"] = peak * self.ranks.world_size if peak else peak
         named = task.trainable_parameters()
         self.params = [p for _, p in named]
         roles = {name: task.roles[name] for name, _ in named}
-        self.optimizer = build_optimizer(self.spec.optimizer, named, dict(self.spec.hyperparameters), roles)
-        t = self.task_spec
+        self.optimizer = self.build_optimizer(named, roles)
         self.scheduler = build_scheduler(
             self.optimizer,
             steps=t.steps,
@@ -264,14 +291,15 @@ class _Run:
         else:
             self.batches = WindowBatches(task.train_tokens, t.context, t.batch_size, self.spec.seed)
             self.val_batches = validation_batches(task.val_tokens, t.context, t.batch_size, t.eval_batches)
-        self.tokens_per_step = t.batch_size * t.grad_accum * t.context
+        self.tokens_per_step = t.tokens_per_step
         if t.compile:
             task.info["compile_s"] = self.compile_now()
-        if t.fisher_every > 0:
+        if t.fisher_every > 0 and self.ranks.is_main:
             self.fisher = FisherMonitor(
                 self.model,
                 self.optimizer,
                 layers=t.fisher_layers,
+                max_layers=DEFAULT_MONITOR_LAYERS,
                 window=t.fisher_window,
                 report_every=t.fisher_every,
                 last_step=t.steps,
@@ -279,11 +307,32 @@ class _Run:
         # Once-per-process device start-up, before the peak-memory window and every timed phase.
         self.warmup_s = warmup.warm_up(self.device, self.params, self.fisher)
         self.memory = measure.MemoryPeak(self.device)
-        # Dropout and any other in-loop randomness: seeded per run (the caller's RNG is forked).
-        torch.manual_seed(self.spec.seed)
-        random.seed(self.spec.seed)
+        # Dropout and any other in-loop randomness: seeded per run (the caller's RNG is forked) and
+        # per rank.
+        seed = rank_seed(self.spec.seed, self.ranks.rank)
+        torch.manual_seed(seed)
+        random.seed(seed)
         if self.device.type == "cuda":
-            torch.cuda.manual_seed(self.spec.seed)
+            torch.cuda.manual_seed(seed)
+
+    @property
+    def sharded(self) -> bool:
+        """Each matrix's optimizer state lives on one owner rank (``dykaf.distributed``)."""
+        return self.ranks.active and self.task_spec.distributed == "shard"
+
+    def build_optimizer(self, named: list[tuple[str, torch.nn.Parameter]], roles: dict[str, str]) -> Any:
+        hyper = dict(self.spec.hyperparameters)
+        if not self.sharded:
+            return build_optimizer(self.spec.optimizer, named, hyper, roles)
+        t = self.task_spec
+        # The layers the Fisher diagnostics read are owned by rank 0, which runs them: their "own"
+        # factors are then at hand there (the balancing places everything else around them).
+        probed = (
+            select_layers(self.model, t.fisher_layers, DEFAULT_MONITOR_LAYERS) if t.fisher_every > 0 else []
+        )
+        return build_sharded_optimizer(
+            self.spec.optimizer, named, hyper, roles, pinned=dict.fromkeys(probed, 0)
+        )
 
     def compile_now(self) -> float:
         """Trigger torch.compile's graph capture and code generation with one untimed forward and
@@ -311,43 +360,81 @@ class _Run:
             return
         self.log_finished_fisher(wait=True)
         self.sink.flush()
-        payload = {
-            "fingerprint": spec_fingerprint(self.spec),
-            "step": self.step,
-            # Micro-batches consumed; batches are a pure function of (seed, position), see lm.data.
-            "data_position": self.step * self.task_spec.grad_accum,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": _rng_state(self.device),
-            "tracker": {**self.tracker.state(), "wall_offset": self.wall_time()},
-            # The probes' gradient windows and shadow factors: without them a resumed run's Fisher
-            # rows would restart from scratch and differ from an uninterrupted run's.
-            "fisher": self.fisher.state_dict() if self.fisher is not None else None,
-        }
-        ckpt.save_checkpoint(self.checkpoint_dir, self.step, payload)
+        if self.ranks.active:
+            # Every rank's part first (its RNG, its optimizer shard); rank 0 seals the checkpoint with
+            # the main file once all parts are on disk, so a main file always has its parts.
+            part = {
+                "fingerprint": spec_fingerprint(self.spec),
+                "rng": _rng_state(self.device),
+                "optimizer": self.optimizer.state_dict() if self.sharded else None,
+            }
+            ckpt.atomic_torch_save(part, ckpt.part_path(self.checkpoint_dir, self.step, self.ranks.rank))
+            self.ranks.barrier()
+        if self.ranks.is_main:
+            payload = {
+                "fingerprint": spec_fingerprint(self.spec),
+                "world_size": self.ranks.world_size,
+                "step": self.step,
+                # Micro-batches of the global stream consumed; batches are a pure function of (seed,
+                # position), see lm.data.
+                "data_position": self.step * self.micro_batches_per_step,
+                "model": self.model.state_dict(),
+                "optimizer": None if self.sharded else self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": _rng_state(self.device),
+                "tracker": {**self.tracker.state(), "wall_offset": self.wall_time()},
+                # The probes' gradient windows and shadow factors: without them a resumed run's Fisher
+                # rows would restart from scratch and differ from an uninterrupted run's.
+                "fisher": self.fisher.state_dict() if self.fisher is not None else None,
+            }
+            ckpt.save_checkpoint(self.checkpoint_dir, self.step, payload)
+        self.ranks.barrier()
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches of the global stream one optimizer step consumes (all ranks together)."""
+        return self.task_spec.grad_accum * self.ranks.world_size
 
     def resume(self) -> bool:
         """Load the newest checkpoint if any; True when one was loaded."""
         path = ckpt.latest_checkpoint(self.checkpoint_dir)
-        if path is None:
+        # Every rank resumes from the checkpoint rank 0 found (-1: none), even if one is being
+        # written by a previous attempt that is still dying.
+        found = self.ranks.broadcast_int(ckpt.checkpoint_step(path) if path is not None else -1)
+        if found < 0:
             return False
+        assert self.checkpoint_dir is not None
+        path = ckpt.checkpoint_path(self.checkpoint_dir, found)
         payload = ckpt.load_checkpoint(path)
+        saved_world = int(payload.get("world_size", 1))
+        if saved_world != self.ranks.world_size:
+            raise ValueError(
+                f"checkpoint {path} was written by a {saved_world}-device run and this run has "
+                f"{self.ranks.world_size} devices: a run resumes on as many devices as it started "
+                "with (its global batch depends on them)"
+            )
         if payload.get("fingerprint") != spec_fingerprint(self.spec):
             raise ValueError(f"checkpoint {path} was written by a different run spec; use a fresh directory")
+        rng, optimizer_state = payload["rng"], payload["optimizer"]
+        if self.ranks.active:
+            part_file = ckpt.part_path(self.checkpoint_dir, found, self.ranks.rank)
+            if not part_file.is_file():
+                raise ValueError(f"checkpoint {path} lacks rank {self.ranks.rank}'s part {part_file.name}")
+            part = ckpt.load_checkpoint(part_file)
+            rng = part["rng"]
+            if self.sharded:
+                optimizer_state = part["optimizer"]
         self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        self.optimizer.load_state_dict(optimizer_state)
         ckpt.place_nested_state(self.optimizer)
         self.scheduler.load_state_dict(payload["scheduler"])
-        _set_rng_state(payload["rng"], self.device)
+        _set_rng_state(rng, self.device)
         self.tracker.load(payload["tracker"])
         if self.fisher is not None and payload.get("fisher") is not None:
             self.fisher.load_state_dict(payload["fisher"])
         self.step = int(payload["step"])
-        if (
-            payload.get("data_position", self.step * self.task_spec.grad_accum)
-            != self.step * self.task_spec.grad_accum
-        ):
+        expected = self.step * self.micro_batches_per_step
+        if payload.get("data_position", expected) != expected:
             raise ValueError(f"checkpoint {path} has an inconsistent data position")
         log.info("resumed %s from %s (step %d)", self.spec.run_key, path.name, self.step)
         return True
@@ -356,7 +443,8 @@ class _Run:
         """Pre-training runs leave a ``model.pt`` that a fine-tuning task can start from."""
         from worker.lm.hf import EXPORT_NAME, OUR_MODELS, save_gpt_export
 
-        if self.checkpoint_dir is not None and isinstance(self.model, OUR_MODELS) and self.task is not None:
+        exporting = self.checkpoint_dir is not None and self.ranks.is_main
+        if exporting and isinstance(self.model, OUR_MODELS) and self.task is not None:
             save_gpt_export(self.checkpoint_dir / EXPORT_NAME, self.model, self.task.tokenizer)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -383,25 +471,35 @@ class _Run:
         self.tracker.fisher_total += spent
         return result, spent
 
-    def loss(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, inputs: Any, targets: torch.Tensor, *, evaluating: bool = False) -> torch.Tensor:
+        """The task's loss on one micro-batch. Training goes through DDP on several devices;
+        evaluation never does (ranks evaluate different numbers of batches, and DDP's forward may
+        hold a collective), so it uses the model itself, compiled where training is."""
         assert self.task is not None
         if self.task.loss_fn is not None:
+            module = self.model if evaluating else self.train_module
             with self.autocast():
-                return self.task.loss_fn(self.model, inputs, targets)
+                return self.task.loss_fn(module, inputs, targets)
+        module = self.eval_forward if evaluating else self.forward_model
         with self.autocast():
-            logits = self.task.logits(self.forward_model, inputs)
+            logits = self.task.logits(module, inputs)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Validation loss over the fixed validation batches; on N devices rank r evaluates every
+        N-th batch from the r-th and the sums are reduced, so each rank does 1/N of the work."""
         self.model.eval()
         total, count = 0.0, 0
-        for inputs, targets in self.val_batches:
-            loss = self.loss(_to_device(inputs, self.device), targets.to(self.device))
+        for index, (inputs, targets) in enumerate(self.val_batches):
+            if index % self.ranks.world_size != self.ranks.rank:
+                continue
+            loss = self.loss(_to_device(inputs, self.device), targets.to(self.device), evaluating=True)
             counted = int((targets != -100).sum())  # instruct: prompt positions carry no loss
             total += float(loss) * counted
             count += counted
         self.model.train()
+        total, count = self.ranks.sum(total, count)
         return total / count
 
     def task_metrics(self) -> dict[str, float]:
@@ -434,12 +532,19 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         start = measure.now(self.device)
         losses = []
+        first = (self.step - 1) * self.micro_batches_per_step + self.ranks.rank * t.grad_accum
         for micro in range(t.grad_accum):
-            inputs, targets = self.batches.batch((self.step - 1) * t.grad_accum + micro)
-            loss = self.loss(_to_device(inputs, self.device), targets.to(self.device, non_blocking=True))
-            (loss / t.grad_accum).backward()
+            inputs, targets = self.batches.batch(first + micro)
+            # DDP averages gradients across ranks in the backward of the last micro-batch only.
+            last = micro == t.grad_accum - 1
+            syncing = (
+                contextlib.nullcontext() if last or not self.ranks.active else self.train_module.no_sync()
+            )
+            with syncing:
+                loss = self.loss(_to_device(inputs, self.device), targets.to(self.device, non_blocking=True))
+                (loss / t.grad_accum).backward()
             losses.append(loss.detach())
-        train_loss = float(torch.stack(losses).mean())
+        train_loss = self.ranks.mean(float(torch.stack(losses).mean()))
         after_backward = measure.now(self.device)
         lr = self.optimizer.param_groups[0]["lr"]
         metrics = {"train_loss": train_loss, "lr": lr}
@@ -516,7 +621,8 @@ class _Run:
             metrics["peak_memory_mb"] = self.tracker.peak_memory_mb = self.memory.sample()
             self.sink.log_metrics(0, metrics, self.wall_time())
         while self.step < t.steps:
-            if self.should_cancel():
+            # Rank 0 hears of a cancel (or a shutdown, or a lost run); every rank stops at this step.
+            if self.ranks.any(self.ranks.is_main and self.should_cancel()):
                 self.save()
                 return self.result(RunStatus.CANCELLED, f"cancelled before step {self.step + 1}")
             self.step += 1
@@ -558,6 +664,7 @@ def execute_run(
     should_cancel: Callable[[], bool] = lambda: False,
     device: str | torch.device | None = None,
     progress: ProgressFn | None = None,
+    ranks: Ranks | None = None,
 ) -> RunResult:
     """Train one run to completion, divergence, cancellation or failure; never raises ``Exception``.
 
@@ -565,12 +672,19 @@ def execute_run(
     every ``task.checkpoint_every`` steps, on cancel and at the end). ``device`` overrides the spec's
     preference. ``progress(step, total, metrics)`` is called after every step. The sink is flushed
     but not closed: it belongs to the caller.
+
+    ``ranks``: this process's place in a multi-device run (``worker.distributed`` starts the
+    processes and joins the group); every rank calls this with the same spec, rank 0 with the real
+    sink and ``should_cancel``, the others with a ``NullSink``. None: a single-device run.
     """
+    ranks = ranks or Ranks()
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     run: _Run | None = None
     try:
-        target = resolve_device(device if device is not None else spec.device)
-        run = _Run(spec, sink, target, directory, should_cancel, progress)
+        target = (
+            ranks.device if ranks.active else resolve_device(device if device is not None else spec.device)
+        )
+        run = _Run(spec, sink, target, directory, should_cancel, progress, ranks)
         fork_devices = [target.index or 0] if target.type == "cuda" else []
         with torch.random.fork_rng(devices=fork_devices):
             return run.train()

@@ -9,6 +9,7 @@ should therefore treat (run, step, metric) as a key and overwrite.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -54,6 +55,67 @@ class MemorySink:
 
     def series(self, name: str) -> list[tuple[int, float]]:
         return [(step, m[name]) for step, m, _ in self.records if name in m]
+
+
+class NullSink:
+    """Discards everything: the sink of the ranks other than rank 0 in a multi-device run."""
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float], wall_time: float) -> None:
+        pass
+
+    def log_fisher(self, rows: Iterable[Sequence[Any]]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonLinesSink:
+    """Appends one JSON object per call to a file (``{"step", "metrics", "wall_time"}`` or
+    ``{"fisher": [...]}``), flushed on ``flush``: how rank 0 of a multi-device run started outside
+    the service hands its metrics back to the process that launched it (``read_json_lines``).
+    Non-finite floats are written as JSON's NaN/Infinity extensions, which ``json`` reads back."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = self.path.open("a", encoding="utf-8")
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float], wall_time: float) -> None:
+        record = {
+            "step": int(step),
+            "metrics": {k: float(v) for k, v in metrics.items()},
+            "wall_time": wall_time,
+        }
+        self._handle.write(json.dumps(record) + "\n")
+
+    def log_fisher(self, rows: Iterable[Sequence[Any]]) -> None:
+        materialised = [list(row) for row in rows]
+        if materialised:
+            self._handle.write(json.dumps({"fisher": materialised}) + "\n")
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def read_json_lines(path: str | Path, into: MetricSink) -> None:
+    """Replay a ``JsonLinesSink`` file into another sink (a partly written last line is skipped)."""
+    with Path(path).open(encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "fisher" in record:
+                into.log_fisher([tuple(row) for row in record["fisher"]])
+            else:
+                into.log_metrics(record["step"], record["metrics"], record["wall_time"])
 
 
 def _cell(value: Any) -> str:

@@ -141,6 +141,13 @@ async function fetchFisher() {
 
 // ------------------------------------------------------------------ header, runs, summary
 
+/** Per-device micro-batch × accumulation, and the devices when a run spans several. */
+function batchText(task) {
+  const devices = Number(task.devices_per_run) || 1;
+  const base = `${task.batch_size}×${task.grad_accum}`;
+  return devices > 1 ? `${base} × ${devices} devices (${task.distributed || 'shard'})` : base;
+}
+
 function renderHeader(job) {
   document.title = `${job.name} · job ${job.id} · dykaf-lab`;
   fill($('#job-title'), h('span', { text: job.name }), ' ', statusBadge(job.status));
@@ -155,7 +162,7 @@ function renderHeader(job) {
     ['task', model],
     ['data', `${corpus.name || '?'}${corpus.name === 'hf' && corpus.hf_name ? ` ${corpus.hf_name}` : ''} · ${(task.tokenizer && task.tokenizer.kind) || ''} tokens`],
     ['steps', int(task.steps)],
-    ['batch', `${task.batch_size}×${task.grad_accum}`],
+    ['batch', batchText(task)],
     ['seeds', (spec.seeds || []).join(', ')],
     ['target', spec.target_loss ?? '–'],
     ['device', spec.device || 'auto'],

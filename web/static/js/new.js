@@ -184,7 +184,7 @@ function jobSection(values = {}) {
 
 const TASK_GROUPS = [
   ['Model', ['kind', 'n_layer', 'n_head', 'd_model', 'context', 'dropout', 'tie_weights']],
-  ['Batch and schedule', ['batch_size', 'grad_accum', 'steps', 'warmup_steps', 'schedule', 'min_lr_ratio', 'grad_clip']],
+  ['Batch and schedule', ['batch_size', 'grad_accum', 'devices_per_run', 'distributed', 'steps', 'warmup_steps', 'schedule', 'min_lr_ratio', 'grad_clip']],
   ['Measurement', ['eval_every', 'eval_batches', 'log_every', 'fisher_every', 'fisher_window', 'fisher_layers', 'checkpoint_every']],
 ];
 

@@ -53,13 +53,14 @@ export function interpolator(xs, ys) {
   };
 }
 
-/** Tokens consumed per optimizer step for a task spec. */
+/** Tokens consumed per optimizer step for a task spec (all devices together). */
 export function tokensPerStep(task) {
   if (!task) return null;
   const b = Number(task.batch_size) || 0;
   const c = Number(task.context) || 0;
   const a = Number(task.grad_accum) || 1;
-  return b * c * a || null;
+  const n = Number(task.devices_per_run) || 1; // batch_size is per device
+  return b * c * a * n || null;
 }
 
 /** Number of runs a job spec expands to (mirror of server.jobs.spec.JobSpec.run_count). */
