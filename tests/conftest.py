@@ -201,9 +201,9 @@ def api_factory() -> Iterator[Callable[[Any], Api]]:
 def worker_factory(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     workers: list[WorkerProcess] = []
 
-    def start(settings: Any, name: str | None = None, **env: str) -> WorkerProcess:
+    def start(settings: Any, name: str | None = None, cpus: int | None = None, **env: str) -> WorkerProcess:
         name = name or f"w{len(workers)}"
-        worker = WorkerProcess(settings, tmp_path / f"worker-{name}.log", name, env)
+        worker = WorkerProcess(settings, tmp_path / f"worker-{name}.log", name, env, cpus=cpus)
         workers.append(worker)
         return worker
 

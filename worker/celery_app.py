@@ -1,4 +1,4 @@
-"""The Celery consumer: one task per run, late acks, one run at a time per worker process.
+"""The Celery consumer: one task per run, late acks, registered in the workers registry.
 
 Start a worker with ``dykaf-lab worker`` (which picks the pool and queues) or directly:
 ``celery -A worker.celery_app worker -P solo -Q gpu --prefetch-multiplier 1``.
@@ -20,6 +20,7 @@ from server.core.config import Settings
 from server.jobs.publish import TASK_NAME, celery_app_for
 from server.jobs.reconcile import start_reconciler_thread
 from worker.execute import SHUTDOWN, run_task
+from worker.registration import offer_of, start_registration_thread
 
 
 def create_celery_app(settings: Settings) -> Celery:
@@ -37,6 +38,7 @@ def create_celery_app(settings: Settings) -> Celery:
 app = create_celery_app(Settings.from_env())
 
 _reconciler_stop = threading.Event()
+_registration_stop = threading.Event()
 
 
 @signals.worker_ready.connect
@@ -48,6 +50,15 @@ def _start_reconciler(sender: Any = None, **_: Any) -> None:
         start_reconciler_thread(settings, _reconciler_stop)
 
 
+@signals.worker_ready.connect
+def _start_registration(sender: Any = None, **_: Any) -> None:
+    """Enter the workers registry under the Celery node name (``sender`` is the consumer) and keep
+    the entry fresh, so the API knows how many devices this worker offers."""
+    settings: Settings = getattr(sender, "app", app).conf.dykaf_settings
+    name = str(getattr(sender, "hostname", "") or "worker")
+    start_registration_thread(settings, offer_of(settings, name), _registration_stop)
+
+
 @signals.worker_shutting_down.connect
 def _on_shutting_down(sender: Any = None, **_: Any) -> None:
     """Ask the run in progress to checkpoint and requeue itself so the shutdown is prompt."""
@@ -57,3 +68,4 @@ def _on_shutting_down(sender: Any = None, **_: Any) -> None:
 @signals.worker_shutdown.connect
 def _stop_reconciler(sender: Any = None, **_: Any) -> None:
     _reconciler_stop.set()
+    _registration_stop.set()

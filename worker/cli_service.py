@@ -5,7 +5,8 @@
                   pool), create a local API key in ``.lab/api_key``, submit ``examples/quick.yaml``
                   once, print the dashboard URL; Ctrl-C stops everything.
 * ``api``       — the API server alone (cluster mode: set DYKAF_DATABASE_URL / DYKAF_BROKER_URL).
-* ``worker``    — one Celery worker process (one per GPU: ``--queue gpu --gpu 0``).
+* ``worker``    — one Celery worker process (one per GPU: ``--gpu 0``; one per machine: ``--gpus all``;
+                  CPU: ``--queue cpu --cpus N``).
 * ``migrate``   — apply Alembic migrations to DYKAF_DATABASE_URL.
 * ``keys``      — create / list / revoke API keys (direct DB access).
 * ``submit``, ``status``, ``watch``, ``cancel``, ``download`` — HTTP client for any server URL
@@ -36,8 +37,10 @@ from server.core.config import HTTP_KEEP_ALIVE_S, Settings
 from server.crud.api_keys import create_key, list_keys, revoke_key, verify_token
 from server.db import migrate as m
 from server.db.session import session_scope
+from server.jobs.queues import consumed_queues
 from server.jobs.status import TERMINAL, RunStatus
 from worker.cli_common import load_job_file, summary_table
+from worker.worker_plan import celery_worker_argv, plan_worker
 
 console = Console(stderr=True)
 out = Console()
@@ -351,6 +354,18 @@ def keys_revoke(ident: Annotated[str, typer.Argument(help="key id, prefix or ful
 # worker still trains at full speed on the CPU left over (read latencies of both: BENCHMARKS.md,
 # "Mixed load").
 EMBEDDED_WORKER_NICE = 10
+# CPU ranks the embedded worker offers unless DYKAF_WORKER_CPU_RANKS says otherwise: a job with
+# `devices_per_run: 2` runs out of the box (two Gloo processes), still one run at a time.
+EMBEDDED_CPU_RANKS = 2
+
+
+def embedded_worker(settings: Settings) -> tuple[Settings, list[str]]:
+    """The embedded worker's settings and queues: both device families (``auto`` runs go to the
+    ``gpu`` family and train on the CPU of a machine without a GPU) and their sized queues up to
+    its CPU ranks (``gpu,cpu,gpu-x2,cpu-x2`` by default)."""
+    if not os.environ.get("DYKAF_WORKER_CPU_RANKS"):
+        settings = settings.with_(worker_cpu_ranks=EMBEDDED_CPU_RANKS)
+    return settings, consumed_queues(["gpu", "cpu"], settings.worker_cpu_ranks)
 
 
 def uvicorn_argv(host: str, port: int, *, workers: int = 1, access_log: bool = True) -> list[str]:
@@ -362,37 +377,24 @@ def uvicorn_argv(host: str, port: int, *, workers: int = 1, access_log: bool = T
     return argv if access_log else [*argv, "--no-access-log"]
 
 
-def celery_worker_argv(queues: str, name: str, loglevel: str = "INFO") -> list[str]:
-    """The worker command line: solo pool (no fork, so no CUDA-before-fork), one run at a time."""
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.celery_app",
-        "worker",
-        "-P",
-        "solo",
-        "-c",
-        "1",
-        "--prefetch-multiplier",
-        "1",
-        "-Q",
-        queues,
-        "-n",
-        name,
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-        "-l",
-        loglevel,
-    ]
-
-
 def worker(
-    queue: Annotated[str, typer.Option(help="queue(s) to consume: gpu, cpu or gpu,cpu")] = "gpu",
+    queue: Annotated[
+        str | None,
+        typer.Option(help="base queue(s): gpu, cpu or gpu,cpu (default: cpu with --cpus, else gpu)"),
+    ] = None,
     gpu: Annotated[
-        int | None, typer.Option(help="GPU index this worker owns (sets CUDA_VISIBLE_DEVICES)")
+        int | None, typer.Option(help="the one GPU this worker owns (sets CUDA_VISIBLE_DEVICES); = --gpus N")
+    ] = None,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            help="GPUs this worker owns: 0-7, 0,2,5 or all (nvidia-smi -L); several GPUs make a node worker "
+            "that runs one run per free GPU and runs on up to all of them"
+        ),
+    ] = None,
+    cpus: Annotated[
+        int | None,
+        typer.Option(min=1, max=64, help="CPU ranks (Gloo processes) offered to runs on several devices"),
     ] = None,
     name: Annotated[str | None, typer.Option(help="worker node name")] = None,
     loglevel: Annotated[str, typer.Option(help="log level")] = "INFO",
@@ -403,18 +405,17 @@ def worker(
         ),
     ] = 0,
 ) -> None:
-    """Run one Celery worker process (start one per GPU); replaces this process with ``celery worker``."""
+    """Run one Celery worker process (one per GPU, or one per machine with --gpus); replaces this
+    process with ``celery worker`` (queues, pool and devices: ``worker.worker_plan``)."""
+    try:
+        plan = plan_worker(queue=queue, gpu=gpu, gpus=gpus, cpus=cpus, name=name)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     if nice:
         os.nice(nice)  # inherited by the exec'd worker
-    env = dict(os.environ)
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        env.setdefault("DYKAF_WORKER_DEVICE", "cuda")
-    elif queue == "cpu":
-        env.setdefault("DYKAF_WORKER_DEVICE", "cpu")
-    node = name or (f"gpu{gpu}@%h" if gpu is not None else f"{queue.replace(',', '-')}-{os.getpid()}@%h")
-    argv = celery_worker_argv(queue, node, loglevel)
+    env = plan.env
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    argv = plan.argv(loglevel)
     os.execvpe(argv[0], argv, env)
 
 
@@ -596,7 +597,7 @@ def up(
     no_example: Annotated[bool, typer.Option("--no-example", help="do not submit the example job")] = False,
 ) -> None:
     """Embedded mode: SQLite + SQLAlchemy broker + API + one worker, started and stopped together."""
-    settings = _settings(data_dir=data_dir)
+    settings, worker_queues = embedded_worker(_settings(data_dir=data_dir))
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     m.upgrade(settings.database_url)
     token = _ensure_local_key(settings)
@@ -632,7 +633,7 @@ def up(
         )
         procs.append(
             subprocess.Popen(
-                celery_worker_argv("gpu,cpu", "embedded@%h", "INFO"),
+                celery_worker_argv(",".join(worker_queues), "embedded@%h", "INFO"),
                 env=env,
                 stdout=handles[1],
                 stderr=subprocess.STDOUT,

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -22,6 +22,8 @@ from pydantic_settings import (
 )
 
 ENV_PREFIX = "DYKAF_"
+# Most devices one worker offers or one run asks for (the job contract's own cap is the same).
+MAX_DEVICES = 64
 
 
 # Seconds uvicorn keeps an idle keep-alive connection open. Above the idle timeouts of the
@@ -100,6 +102,16 @@ class Settings(BaseSettings):
     auto_queue: str = "gpu"
     # Device a worker trains on (None = the job's choice; "cuda" when a GPU worker pins one).
     worker_device: str | None = None
+    # The devices a worker process offers (set by ``dykaf-lab worker --gpus/--gpu/--cpus``): the
+    # physical GPU indices it owns, comma-separated (CUDA_VISIBLE_DEVICES is the same list), else
+    # this many CPU ranks (Gloo processes). Runs needing N devices take N of them (worker.devices).
+    worker_gpus: str | None = None
+    worker_cpu_ranks: Annotated[int, Field(ge=1, le=MAX_DEVICES)] = 1
+    # Submissions of runs on N > 1 devices are refused when no worker offers N: the limit is this
+    # value when set (an operator who knows better than the registry), else the largest offer of the
+    # workers whose registry heartbeat is at most ``worker_seen_s`` old (server.crud.workers).
+    max_devices_per_run: Annotated[int | None, Field(ge=1, le=MAX_DEVICES)] = None
+    worker_seen_s: Annotated[float, Field(gt=0)] = 3600.0
     # Run the stale-run reconciler inside API and worker processes.
     reconcile: bool = True
 
@@ -139,6 +151,19 @@ class Settings(BaseSettings):
     def _expand_roots(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
         return tuple(root.expanduser() for root in value)
 
+    @field_validator("worker_gpus")
+    @classmethod
+    def _gpu_list(cls, value: str | None) -> str | None:
+        """Canonical ``"0,2,5"``: distinct non-negative indices, as CUDA_VISIBLE_DEVICES takes them."""
+        if value is None:
+            return None
+        parts = [part.strip() for part in value.split(",")]
+        if not all(part.isdigit() for part in parts) or len(set(map(int, parts))) != len(parts):
+            raise ValueError(f"must be distinct GPU indices separated by commas, e.g. 0,2,5; got {value!r}")
+        if len(parts) > MAX_DEVICES:
+            raise ValueError(f"at most {MAX_DEVICES} GPUs per worker")
+        return ",".join(str(int(part)) for part in parts)
+
     @field_validator("cache_dir")
     @classmethod
     def _expand_cache(cls, value: Path | None) -> Path | None:
@@ -166,6 +191,11 @@ class Settings(BaseSettings):
     def broker_is_redis(self) -> bool:
         """Cluster mode's broker; the embedded one is kombu's SQLAlchemy transport (``sqla+``)."""
         return self.broker_url.startswith(("redis://", "rediss://"))
+
+    @property
+    def gpu_indices(self) -> tuple[int, ...]:
+        """The physical GPU indices this worker owns (``worker_gpus``); empty for a CPU worker."""
+        return tuple(int(part) for part in self.worker_gpus.split(",")) if self.worker_gpus else ()
 
     @property
     def cache_root(self) -> Path:

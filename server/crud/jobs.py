@@ -23,16 +23,21 @@ from sqlalchemy.orm import Session, selectinload
 
 from server.db.models import Job, Run
 from server.db.types import utcnow
+from server.jobs.queues import sized_queue
 from server.jobs.status import ACTIVE, TERMINAL, RunStatus
 
 
-def queue_for(device: str, auto_queue: str = "gpu") -> str:
-    """Celery queue of a run: ``cpu`` jobs go to CPU workers, ``cuda``/``auto`` to GPU workers."""
+def queue_for(device: str, auto_queue: str = "gpu", devices: int = 1) -> str:
+    """Celery queue of a run: ``cpu`` jobs go to CPU workers, ``cuda``/``auto`` to GPU workers (the
+    ``auto_queue`` family); a run on N > 1 devices to that family's ``-xN`` queue
+    (``server.jobs.queues``), which only workers owning at least N devices consume."""
     if device == "cpu":
-        return "cpu"
-    if device == "cuda":
-        return "gpu"
-    return auto_queue
+        base = "cpu"
+    elif device == "cuda":
+        base = "gpu"
+    else:
+        base = auto_queue
+    return sized_queue(base, devices)
 
 
 def runs_from_specs(run_specs: Sequence[Any], *, start_index: int, auto_queue: str) -> list[Run]:
@@ -46,7 +51,7 @@ def runs_from_specs(run_specs: Sequence[Any], *, start_index: int, auto_queue: s
             seed=rs.seed,
             spec=rs.model_dump(mode="json"),
             total_steps=rs.task.steps,
-            queue=queue_for(rs.device, auto_queue),
+            queue=queue_for(rs.device, auto_queue, rs.task.devices_per_run),
             status=RunStatus.QUEUED,
             step=0,
             attempt=0,

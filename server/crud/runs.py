@@ -275,6 +275,8 @@ def expand_next_stage(session: Session, job_id: int) -> list[tuple[int, str]]:
     new = runs_from_specs(run_specs, start_index=stage_one, auto_queue=runs[0].queue)
     for run in new:
         run.job_id = job_id
+        # The first stage's stored queue: the auto-device choice made at submission (the setting
+        # may have changed since) and the run size (``gpu-x4``), the same for every run of a job.
         run.queue = runs[0].queue
     session.add_all(new)
     session.flush()

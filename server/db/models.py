@@ -1,4 +1,4 @@
-"""ORM models: api_keys, studies, jobs, runs, metrics (tall) and fisher rows.
+"""ORM models: api_keys, studies, jobs, runs, metrics (tall), fisher rows and the workers registry.
 
 Metrics and Fisher rows have natural composite primary keys (``run_id, name, step`` and
 ``run_id, step, layer, method, metric``): the key is the uniqueness guarantee that makes a
@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     Boolean,
+    CheckConstraint,
     Float,
     ForeignKey,
     Index,
@@ -181,3 +182,22 @@ class FisherValue(Base):
     method: Mapped[str] = mapped_column(String(64), primary_key=True)
     metric: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[float | None] = mapped_column(Float(precision=53))
+
+
+class Worker(Base):
+    """A worker process and the devices it offers, so the API can refuse at submission a run on
+    more devices than any worker owns (``server.crud.workers``).
+
+    ``last_seen`` is stamped with the database's clock (``server.db.clock``), like run heartbeats,
+    so a worker machine whose clock is off is judged by the same time as everyone else.
+    """
+
+    __tablename__ = "workers"
+    __table_args__ = (CheckConstraint("kind IN ('cuda', 'cpu')", name="kind"),)
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255), nullable=False)
+    kind: Mapped[str] = mapped_column(String(8), nullable=False)
+    devices: Mapped[int] = mapped_column(Integer, nullable=False)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)

@@ -35,7 +35,6 @@ warnings.filterwarnings(
 )
 
 TASK_NAME = "dykaf.execute_run"
-QUEUES = ("gpu", "cpu")
 # A publish gives up after about a second: the run stays queued without a task id and the
 # reconciler publishes it later, so an API request never hangs on a dead broker.
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.3, "interval_max": 0.5}

@@ -31,14 +31,15 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 ENV_EXAMPLE = ROOT / "docker" / ".env.example"
 
 # Services built from this project's image (everything except postgres, redis and flower).
-APP_SERVICES = ("migrate", "api", "worker-gpu0", "worker-gpu1", "worker-cpu")
-WORKERS = ("worker-gpu0", "worker-gpu1", "worker-cpu")
-GPU_WORKERS = ("worker-gpu0", "worker-gpu1")
+APP_SERVICES = ("migrate", "api", "worker-gpu0", "worker-gpu1", "worker-node", "worker-cpu")
+WORKERS = ("worker-gpu0", "worker-gpu1", "worker-node", "worker-cpu")
+GPU_WORKERS = ("worker-gpu0", "worker-gpu1")  # one GPU each; worker-node owns them all
 API_CONTAINER_PORT = 8000
 
 # DYKAF_* variables the code reads that the service containers must not get from compose:
 CLIENT_ONLY = {"DYKAF_SERVER", "DYKAF_API_KEY"}  # the HTTP client commands (submit, status, ...)
-SET_BY_WORKER_COMMAND = {"DYKAF_WORKER_DEVICE"}  # `dykaf-lab worker --gpu/--queue cpu` sets it
+# `dykaf-lab worker --gpu/--gpus/--cpus/--queue cpu` sets them from its options:
+SET_BY_WORKER_COMMAND = {"DYKAF_WORKER_DEVICE", "DYKAF_WORKER_GPUS", "DYKAF_WORKER_CPU_RANKS"}
 # Variables whose code default is the embedded mode (SQLite files under ./.lab): wrong in a
 # cluster, so every service must set them explicitly.
 REQUIRED = {"DYKAF_DATABASE_URL", "DYKAF_BROKER_URL", "DYKAF_DATA_DIR"}
@@ -184,6 +185,7 @@ def test_compose_parses_and_has_the_services(raw: dict[str, Any], compose: dict[
         assert name in services, f"service {name} missing"
     # Optional pieces sit behind profiles; the core stack has none.
     assert services["worker-cpu"].get("profiles") == ["cpu"]
+    assert services["worker-node"].get("profiles") == ["node"]  # the alternative to worker-gpuN
     assert services["flower"].get("profiles") == ["monitoring"]
     for name in ("postgres", "redis", "migrate", "api", *GPU_WORKERS):
         assert not services[name].get("profiles"), name
@@ -346,7 +348,7 @@ def cli_options(*path: str) -> set[str]:
 def test_commands_match_the_cli(compose: dict[str, Any]) -> None:
     import typer.main
 
-    from server.jobs.publish import QUEUES
+    from server.jobs.queues import QUEUES
     from worker.cli import app
 
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
@@ -405,6 +407,39 @@ def test_gpu_workers_own_one_gpu_each(raw: dict[str, Any], compose: dict[str, An
         block = [line for line in lines[start + 1 :] if line.strip()]
         length = next(i for i, line in enumerate(block) if not line.startswith("    "))
         assert length <= 3, f"{name} takes {length + 1} lines"
+
+
+def test_node_worker_owns_every_gpu(raw: dict[str, Any], compose: dict[str, Any]) -> None:
+    """worker-node: one worker for all GPUs of the machine, the alternative to one per GPU."""
+    from worker.worker_plan import plan_worker
+
+    svc = compose["services"]["worker-node"]
+    argv = command(svc)
+    assert option_value(argv, "--gpus") == "all" and option_value(argv, "--gpu") is None
+    (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert device["count"] == "all" and "device_ids" not in device, "count and device_ids exclude each other"
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    # The worker command sets CUDA_VISIBLE_DEVICES to the GPUs it lists; a fixed value would hide them.
+    assert "CUDA_VISIBLE_DEVICES" not in environment(svc)
+    assert svc["hostname"] not in {compose["services"][name]["hostname"] for name in GPU_WORKERS}
+    assert svc["restart"] == "unless-stopped" and svc["stop_grace_period"]
+    assert svc["healthcheck"] == {"disable": True}
+    assert svc["shm_size"], "NCCL between the GPUs of one run needs shared memory"
+    # What that command becomes inside a container that sees four GPUs.
+    plan = plan_worker(
+        gpus=option_value(argv, "--gpus"), environ=environment(svc), listed=lambda: [0, 1, 2, 3]
+    )
+    assert plan.queues == ["gpu", "gpu-x2", "gpu-x3", "gpu-x4"]
+    assert (plan.pool, plan.concurrency) == ("threads", 4)
+    assert plan.env["CUDA_VISIBLE_DEVICES"] == plan.env["DYKAF_WORKER_GPUS"] == "0,1,2,3"
+    # The CPU worker offers LAB_CPU_RANKS ranks (1 by default: its queue only).
+    cpu = plan_worker(**_worker_options(command(compose["services"]["worker-cpu"])), environ={})
+    assert cpu.queues == ["cpu"] and cpu.pool == "solo"
+
+
+def _worker_options(argv: list[str]) -> dict[str, Any]:
+    cpus = option_value(argv, "--cpus")
+    return {"queue": option_value(argv, "--queue"), "cpus": int(cpus) if cpus else None}
 
 
 # --- compose: ordering, health, volumes, ports --------------------------------------------------

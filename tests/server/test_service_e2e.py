@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import csv
 import io
+import socket
 import time
 from collections import Counter
 from typing import Any
 
 from sqlalchemy import func, select
 
-from server.db.models import FisherValue, MetricPoint, MetricRollup, Run
+from server.crud import workers as workers_crud
+from server.db.models import FisherValue, MetricPoint, MetricRollup, Run, Worker
 from server.db.session import session_scope
 from tests.support.services import tiny_job
 from worker.training.measure import METRIC_NAMES
@@ -72,7 +74,8 @@ def check_fisher(api: Any, job: dict[str, Any], steps: int) -> None:
 def test_job_runs_to_success(any_settings: Any, api_factory: Any, worker_factory: Any) -> None:
     settings = any_settings
     api = api_factory(settings)
-    worker = worker_factory(settings)
+    # Started as `dykaf-lab worker --queue gpu,cpu --cpus 2` does: it also enters the workers registry.
+    worker = worker_factory(settings, name="ranks", cpus=2)
     r = api.post("/jobs", json=tiny_job(seeds=(0, 1)))
     assert r.status_code == 201, r.text
     job = api.wait_job(r.json()["id"], {"succeeded", "failed", "diverged", "cancelled"}, timeout=180)
@@ -100,6 +103,25 @@ def test_job_runs_to_success(any_settings: Any, api_factory: Any, worker_factory
     metrics = api.get(f"/jobs/{job['id']}/metrics", params={"name": "train_loss"}).json()
     assert len(metrics["series"]) == 4 and [a["label"] for a in metrics["aggregates"]] == ["adamw", "dykaf"]
     assert all(n == 2 for a in metrics["aggregates"] for n in a["n"])
+    check_registered(settings, worker)
+
+
+def check_registered(settings: Any, worker: Any) -> None:
+    """The worker registered under its node name, offering its 2 CPU ranks: a 2-device CPU job is
+    accepted from now on (``server.api.routes.jobs.check_devices``)."""
+    deadline = time.monotonic() + 60
+    while True:
+        with session_scope(settings.database_url) as session:
+            rows = session.scalars(select(Worker)).all()
+            offer = workers_crud.largest_offer(session, "cpu", settings.worker_seen_s)
+        if rows or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [(r.name, r.host, r.kind, r.devices) for r in rows] == [
+        (f"ranks@{socket.gethostname()}", socket.gethostname(), "cpu", 2)
+    ], worker.log()[-3000:]
+    assert offer == 2 and rows[0].last_seen >= rows[0].started_at
+    assert "registered as ranks@" in worker.log()
 
 
 def _wait_step(api: Any, job_id: int, run_index: int, min_step: int, timeout: float = 120) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from server.db import migrate
 from server.db.models import Base
 from server.db.session import create_db_engine
 
-TABLES = {"api_keys", "jobs", "runs", "metrics", "metric_rollups", "fisher", "studies"}
+TABLES = {"api_keys", "jobs", "runs", "metrics", "metric_rollups", "fisher", "studies", "workers"}
 
 
 def _tables(url: str) -> set[str]:
@@ -43,6 +43,17 @@ def test_up_and_down_on_both_backends(any_empty_settings: Any) -> None:
         with engine.connect() as conn:
             diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         assert diffs == [], f"models and migrations disagree: {diffs}"
+    finally:
+        engine.dispose()
+    # 0004 alone: down to the studies revision drops only the workers registry, and back up.
+    migrate.downgrade(url, "0003_studies")
+    assert _tables(url) == TABLES - {"workers"}
+    migrate.upgrade(url)
+    engine = create_db_engine(url)
+    try:
+        columns = {c["name"] for c in inspect(engine).get_columns("workers")}
+        assert columns == {"name", "host", "kind", "devices", "started_at", "last_seen"}
+        assert inspect(engine).get_pk_constraint("workers")["constrained_columns"] == ["name"]
     finally:
         engine.dispose()
     migrate.downgrade(url, "base")

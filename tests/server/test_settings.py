@@ -50,6 +50,10 @@ def test_env_round_trips_through_from_env(tmp_path: Path, clean_env: pytest.Monk
         live_read_ttl_s=0.0,
         auto_queue="cpu",
         worker_device="cpu",
+        worker_gpus="0,2,5",
+        worker_cpu_ranks=3,
+        max_devices_per_run=4,
+        worker_seen_s=60.0,
         reconcile=False,
     )
     defaults = Settings()
@@ -84,3 +88,24 @@ def test_data_roots_split_on_the_path_separator(clean_env: pytest.MonkeyPatch) -
 def test_unknown_fields_are_refused() -> None:
     with pytest.raises(ValidationError, match="max_steps"):
         Settings(max_steps=5)  # type: ignore[call-arg]
+
+
+def test_worker_devices_are_checked_and_named(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("DYKAF_WORKER_GPUS", " 3, 0 ,12")
+    settings = Settings.from_env()
+    assert settings.worker_gpus == "3,0,12" and settings.gpu_indices == (3, 0, 12)
+    assert Settings().gpu_indices == () and Settings().worker_cpu_ranks == 1
+    for bad in ("0,0", "a", "0-3", "1,,2", "-1"):
+        with pytest.raises(ValidationError, match="worker_gpus"):
+            Settings(worker_gpus=bad)
+    for field, value in (("worker_cpu_ranks", 0), ("max_devices_per_run", 0), ("worker_seen_s", 0.0)):
+        with pytest.raises(ValidationError, match=field):
+            Settings(**{field: value})
+    assert Settings().max_devices_per_run is None and "DYKAF_MAX_DEVICES_PER_RUN" not in Settings().env()
+
+
+def test_device_cap_is_the_job_contracts() -> None:
+    from server.core.config import MAX_DEVICES
+    from server.jobs.spec import MAX_DEVICES_PER_RUN
+
+    assert MAX_DEVICES == MAX_DEVICES_PER_RUN

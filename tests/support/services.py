@@ -86,10 +86,16 @@ class Api:
 
 
 class WorkerProcess:
-    """A real ``celery worker`` subprocess (solo pool, one run at a time)."""
+    """A real ``celery worker`` subprocess (solo pool, one run at a time); with ``cpus``, the one
+    ``dykaf-lab worker --queue gpu,cpu --cpus N`` starts (same queues, pool and environment)."""
 
     def __init__(
-        self, settings: Any, log_path: Path, name: str, extra_env: dict[str, str] | None = None
+        self,
+        settings: Any,
+        log_path: Path,
+        name: str,
+        extra_env: dict[str, str] | None = None,
+        cpus: int | None = None,
     ) -> None:
         env = {
             **os.environ,
@@ -102,10 +108,14 @@ class WorkerProcess:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         # Exactly the command `dykaf-lab worker` runs, so the tests exercise the production setup.
-        from worker.cli_service import celery_worker_argv
+        from worker.worker_plan import celery_worker_argv, plan_worker
 
+        argv = celery_worker_argv("gpu,cpu", f"{name}@%h")
+        if cpus is not None:
+            plan = plan_worker(queue="gpu,cpu", cpus=cpus, name=f"{name}@%h", environ=env)
+            argv, env = plan.argv(), plan.env
         self.proc = subprocess.Popen(
-            celery_worker_argv("gpu,cpu", f"{name}@%h"),
+            argv,
             cwd=ROOT,
             env=env,
             stdout=self._log,

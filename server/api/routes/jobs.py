@@ -15,6 +15,7 @@ from server.auth import read_access, require_key
 from server.core.config import Settings
 from server.crud import jobs as jobs_crud
 from server.crud import summary as summary_crud
+from server.crud import workers as workers_crud
 from server.db.models import ApiKey, Job, Run
 from server.errors import ApiError
 from server.jobs.publish import publish_runs, revoke
@@ -127,6 +128,54 @@ def check_limits(spec: JobSpec, settings: Settings) -> None:
         )
 
 
+# The kind of worker a job's device needs; "auto" runs on whichever worker consumes its queue.
+WORKER_KIND = {"cuda": "cuda", "cpu": "cpu", "auto": None}
+
+
+def check_devices(
+    session: Session,
+    settings: Settings,
+    spec: JobSpec,
+    loc: tuple[str | int, ...] = ("body", "task", "devices_per_run"),
+) -> None:
+    """Refuse a job whose runs need more devices than any worker offers (422, nothing created).
+
+    A one-device job is always accepted: it waits in its queue for a worker. A run on N > 1
+    devices goes to a ``-xN`` queue that only a worker owning N devices consumes, so without one
+    it would wait forever; the limit is ``DYKAF_MAX_DEVICES_PER_RUN`` when set, else the largest
+    offer of a matching worker seen within ``DYKAF_WORKER_SEEN_S`` (``server.crud.workers``).
+    """
+    wanted = spec.task.devices_per_run
+    if wanted <= 1:
+        return
+    kind = WORKER_KIND[spec.device]
+    if settings.max_devices_per_run is not None:
+        limit = settings.max_devices_per_run
+        offer = f"this server's limit DYKAF_MAX_DEVICES_PER_RUN is {limit}"
+    else:
+        limit = workers_crud.largest_offer(session, kind, settings.worker_seen_s)
+        scope = f" for device {kind}" if kind else ""
+        window = f"in the last {settings.worker_seen_s:g} s"
+        if limit:
+            offer = f"the largest offer of a worker{scope} seen {window} is {limit} devices"
+        else:
+            offer = f"no worker registered{scope} {window}"
+    if wanted <= limit:
+        return
+    starts = {
+        "cuda": f"`dykaf-lab worker --gpus 0-{wanted - 1}`",
+        "cpu": f"`dykaf-lab worker --cpus {wanted}`",
+    }
+    how = starts[kind] if kind else " or ".join(starts.values())
+    raise ApiError(
+        422,
+        f"task.devices_per_run is {wanted} but {offer}: start a worker that owns {wanted} devices "
+        f"({how}), or set DYKAF_MAX_DEVICES_PER_RUN if such workers come and go",
+        loc=list(loc),
+        type_="devices_unavailable",
+    )
+
+
 def submit(
     session: Session,
     settings: Settings,
@@ -160,6 +209,7 @@ def create_job(
     settings: Annotated[Settings, Depends(get_settings)],
 ) -> JobOut:
     check_limits(spec, settings)
+    check_devices(session, settings, spec)
     job, warnings = submit(session, settings, spec, api_key_id=key.id)
     response.headers["Location"] = f"{API_PREFIX}/jobs/{job.id}"
     return job_detail(session, job, warnings)  # the rows just written, no reload
@@ -254,6 +304,7 @@ def rerun_job(
             [{**err, "loc": ("spec", *err["loc"])} for err in exc.errors(include_url=False)]
         ) from None
     check_limits(spec, settings)
+    check_devices(session, settings, spec, loc=("spec", "task", "devices_per_run"))
     job, warnings = submit(session, settings, spec, api_key_id=key.id, rerun_of=job_id)
     response.headers["Location"] = f"{API_PREFIX}/jobs/{job.id}"
     session.expire_all()

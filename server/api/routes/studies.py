@@ -10,7 +10,7 @@ from fastapi import APIRouter, Body, Depends, Path, Response
 from sqlalchemy.orm import Session
 
 from server.api.deps import DB_INT_MAX, get_session, get_settings
-from server.api.routes.jobs import API_PREFIX, check_limits
+from server.api.routes.jobs import API_PREFIX, check_devices, check_limits
 from server.auth import read_access, require_key
 from server.core.config import Settings
 from server.db.models import ApiKey, Study
@@ -55,12 +55,14 @@ def study_detail(study: Study, warnings: list[str] | None = None) -> StudyOut:
     )
 
 
-def _check_limits(spec: StudySpec, settings: Settings) -> None:
-    """The deployment's job caps apply to each scale's job, the baseline's budget runs included."""
+def _check_limits(session: Session, spec: StudySpec, settings: Settings) -> None:
+    """The deployment's job caps apply to each scale's job, the baseline's budget runs included,
+    and so does the check that some worker offers the devices its runs need."""
     extra = len(spec.budgets) * len(spec.seeds)
     for index in range(len(spec.scales)):
         job = spec.job_spec(index)
         check_limits(job, settings)
+        check_devices(session, settings, job, loc=("body", "scales", index, "task", "devices_per_run"))
         if job.run_count() + extra > settings.max_runs_per_job:
             raise ApiError(
                 422,
@@ -86,7 +88,7 @@ def create_study(
     session: Annotated[Session, Depends(get_session)],
     settings: Annotated[Settings, Depends(get_settings)],
 ) -> StudyOut:
-    _check_limits(spec, settings)
+    _check_limits(session, spec, settings)
     study = orchestrate.create_study(session, spec, auto_queue=settings.auto_queue, api_key_id=key.id)
     session.commit()
     study_id = study.id
