@@ -19,6 +19,7 @@ heartbeat, cancel and the final state work exactly as above, and rank 0 streams 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,8 @@ from server.db.models import Run
 from server.db.session import get_engine, session_scope
 from server.jobs.publish import publish_runs
 from server.jobs.spec import RunSpec
-from server.jobs.status import RunStatus
+from server.jobs.status import TERMINAL, RunStatus
+from worker.devices import AcquireStopped, node_pool
 
 log = logging.getLogger(__name__)
 
@@ -239,11 +241,13 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def device_label(spec_device: str, worker_device: str | None, devices: int = 1) -> str:
-    """The device a run will use (``cuda×4`` for four GPUs); checked in the child only (never before
-    a pool forks)."""
-    if devices > 1:
-        return f"{device_label(spec_device, worker_device)}×{devices}"
+def device_label(spec_device: str, worker_device: str | None, devices: list[str] | None = None) -> str:
+    """The device a run will use (``cuda:2,5`` for two of a node's GPUs, ``cpu×2`` for two CPU
+    ranks); checked in the child only (never before a pool forks)."""
+    if devices is not None:
+        if all(device.isdigit() for device in devices):
+            return f"cuda:{','.join(devices)}"
+        return f"cpu×{len(devices)}"
     if worker_device:
         return worker_device
     if spec_device in ("cpu", "cuda"):
@@ -292,20 +296,48 @@ def run_task(run_id: int, settings: Settings, *, task_id: str | None = None) -> 
     with session_scope(settings.database_url) as session:
         row = session.get(Run, run_id)
         stored = (row.spec or {}) if row is not None else {}
-    devices = int(stored.get("task", {}).get("devices_per_run", 1))
-    device = device_label(stored.get("device", "auto"), settings.worker_device, devices)
-    with session_scope(settings.database_url) as session:
-        claim = runs_crud.claim_run(
-            session, run_id, worker=worker_name(), device=device, stale_after_s=settings.stale_after_s
-        )
-    if claim is None:
-        log.info("run %s not claimable (already running elsewhere, finished or cancelled)", run_id)
+        ended = row is None or row.status in TERMINAL
+    if ended:
+        log.info("run %s not claimable (deleted or already ended)", run_id)
         return "skipped"
-    log.info("run %s claimed (attempt %d, task %s)", run_id, claim.attempt, task_id)
-    return execute_claimed(claim, settings, device=device)
+    needed = int(stored.get("task", {}).get("devices_per_run", 1))
+    # Devices first, the claim second: a run waiting for a busy node's GPUs stays "queued".
+    with held_devices(settings, needed) as devices:
+        device = device_label(stored.get("device", "auto"), settings.worker_device, devices)
+        with session_scope(settings.database_url) as session:
+            claim = runs_crud.claim_run(
+                session, run_id, worker=worker_name(), device=device, stale_after_s=settings.stale_after_s
+            )
+        if claim is None:
+            log.info("run %s not claimable (already running elsewhere, finished or cancelled)", run_id)
+            return "skipped"
+        log.info("run %s claimed (attempt %d, task %s)", run_id, claim.attempt, task_id)
+        return execute_claimed(claim, settings, device=device, devices=devices)
 
 
-def execute_claimed(claim: runs_crud.Claim, settings: Settings, *, device: str | None) -> str:
+@contextlib.contextmanager
+def held_devices(settings: Settings, needed: int) -> Iterator[list[str] | None]:
+    """The devices a run on ranks holds while it trains (None: it trains in this process).
+
+    Runs go to ranks when they need several devices, or on a worker owning several GPUs (whose runs
+    must not share this process). Waiting for them ends when the worker shuts down: the message then
+    goes back to the broker.
+    """
+    if needed <= 1 and len(settings.gpu_indices) <= 1:
+        yield None
+        return
+    from celery.exceptions import Reject
+
+    try:
+        with node_pool(settings).acquire(needed, stop=SHUTDOWN) as devices:
+            yield devices
+    except AcquireStopped:
+        raise Reject("worker is shutting down", requeue=True) from None
+
+
+def execute_claimed(
+    claim: runs_crud.Claim, settings: Settings, *, device: str | None, devices: list[str] | None = None
+) -> str:
     # torch and the model code: imported inside the task only (see ``run_task``).
     from worker.training.runner import execute_run
 
@@ -341,8 +373,8 @@ def execute_claimed(claim: runs_crud.Claim, settings: Settings, *, device: str |
     try:
         spec = RunSpec.model_validate(claim.spec)
         sink.alignment = CheckpointAlignment(spec.task)
-        if on_ranks(spec, settings):
-            result = execute_on_ranks(claim, spec, settings, checkpoint_dir, should_cancel, progress)
+        if devices is not None:
+            result = execute_on_ranks(claim, spec, settings, devices, checkpoint_dir, should_cancel, progress)
         else:
             result = execute_run(
                 spec,
@@ -397,46 +429,35 @@ def execute_claimed(claim: runs_crud.Claim, settings: Settings, *, device: str |
     return status if finished else "lost"
 
 
-def on_ranks(spec: RunSpec, settings: Settings) -> bool:
-    """Train in torchrun-started rank processes: several devices, or a worker owning several GPUs
-    (whose runs must not share this process)."""
-    owned_gpus = [gpu for gpu in (settings.worker_gpus or "").split(",") if gpu.strip()]
-    return spec.task.devices_per_run > 1 or len(owned_gpus) > 1
-
-
 def execute_on_ranks(
     claim: runs_crud.Claim,
     spec: RunSpec,
     settings: Settings,
+    devices: list[str],
     checkpoint_dir: Path,
     should_cancel: Callable[[], bool],
     progress: Callable[..., None],
 ) -> Any:
-    """Take the run's devices from this worker's pool (waiting while other runs hold them) and
-    supervise its ranks; rank 0 writes the metrics to the database itself."""
-    from worker.devices import node_pool
+    """Supervise the run's ranks on ``devices``; rank 0 writes the metrics to the database itself."""
     from worker.distributed.launch import launch_ranks
     from worker.training.runner import RunResult
 
-    wanted = spec.task.devices_per_run
-    try:
-        with node_pool(settings).acquire(wanted, should_stop=should_cancel) as devices:
-            log.info("run %s trains on %s", claim.run_id, ", ".join(devices))
-            return launch_ranks(
-                spec,
-                checkpoint_dir / "launch",
-                checkpoint_dir=checkpoint_dir,
-                devices=devices,
-                sink="database",
-                run_id=claim.run_id,
-                should_stop=should_cancel,
-                progress=progress,
-                env=settings.env(),
-            )
-    except InterruptedError:
-        return RunResult(
-            status=RunStatus.CANCELLED, reason="cancelled while waiting for devices", final_step=0
-        )
+    on_gpus = all(device.isdigit() for device in devices)
+    if spec.device == "cuda" and not on_gpus:
+        reason = f"the run asks for CUDA devices and this worker offers CPU ranks ({', '.join(devices)})"
+        return RunResult(status=RunStatus.FAILED, reason=reason, final_step=0)
+    log.info("run %s trains on %s", claim.run_id, ", ".join(devices))
+    return launch_ranks(
+        spec,
+        checkpoint_dir / "launch",
+        checkpoint_dir=checkpoint_dir,
+        devices=devices,
+        sink="database",
+        run_id=claim.run_id,
+        should_stop=should_cancel,
+        progress=progress,
+        env=settings.env(),
+    )
 
 
 def _requeue_for_shutdown(claim: runs_crud.Claim, settings: Settings, elapsed: float) -> str:

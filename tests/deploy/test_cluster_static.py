@@ -40,6 +40,8 @@ API_CONTAINER_PORT = 8000
 CLIENT_ONLY = {"DYKAF_SERVER", "DYKAF_API_KEY"}  # the HTTP client commands (submit, status, ...)
 # `dykaf-lab worker --gpu/--gpus/--cpus/--queue cpu` sets them from its options:
 SET_BY_WORKER_COMMAND = {"DYKAF_WORKER_DEVICE", "DYKAF_WORKER_GPUS", "DYKAF_WORKER_CPU_RANKS"}
+# The supervisor of a multi-device run sets it for the ranks it starts (worker/distributed/launch.py):
+SET_FOR_RANKS = {"DYKAF_RANK_DEVICE"}
 # Variables whose code default is the embedded mode (SQLite files under ./.lab): wrong in a
 # cluster, so every service must set them explicitly.
 REQUIRED = {"DYKAF_DATABASE_URL", "DYKAF_BROKER_URL", "DYKAF_DATA_DIR"}
@@ -229,7 +231,7 @@ def test_code_variables_are_all_classified() -> None:
 
     from_settings = set(Settings.env_names().values())
     assert set(Settings().env()) <= from_settings  # what a child process is handed is a setting
-    known = from_settings | CLIENT_ONLY
+    known = from_settings | CLIENT_ONLY | SET_FOR_RANKS
     assert code_variables() - known == set(), (
         "variables read by the code that docker-compose.yml does not know about: pass them in the "
         "x-lab-env block and document them in docker/.env.example"
@@ -237,7 +239,7 @@ def test_code_variables_are_all_classified() -> None:
 
 
 def test_every_service_gets_the_variables_the_code_reads(compose: dict[str, Any]) -> None:
-    needed = code_variables() - CLIENT_ONLY - SET_BY_WORKER_COMMAND
+    needed = code_variables() - CLIENT_ONLY - SET_BY_WORKER_COMMAND - SET_FOR_RANKS
     for name in APP_SERVICES:
         env = environment(compose["services"][name])
         missing = needed - set(env)

@@ -29,7 +29,6 @@ LOCAL_IMPORT_ALLOWED: dict[tuple[str, str], str] = {
     ("worker.execute", "worker.training.runner"): "torch: loaded inside the task, never before the pool",
     ("worker.execute", "worker.training.checkpoint"): "torch: loaded inside the task, never before the pool",
     ("worker.execute", "worker.distributed.launch"): "torch: loaded inside the task, never before the pool",
-    ("worker.execute", "worker.devices"): "only multi-device runs use the pool; loaded inside the task",
     ("worker.cli", "worker.local"): "torch: `dykaf-lab run` only; the other commands start fast",
     ("worker.training.runner", "worker.lm.hf"): "transformers/peft: only runs that export or fine-tune",
     (
