@@ -86,7 +86,8 @@ def torchrun_argv(folder: Path, ranks: int) -> list[str]:
 
 def rank_environment(devices: Sequence[str], base: Mapping[str, str]) -> dict[str, str]:
     """The ranks' environment: the run's GPUs (by physical index) or, for CPU ranks, no GPU and an
-    even share of the cores each (Gloo processes oversubscribing the cores would time one another)."""
+    even share of the cores each (Gloo processes oversubscribing the cores would time one another),
+    never more threads than the worker itself was given."""
     env = dict(base)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     if all(device.isdigit() for device in devices):
@@ -95,7 +96,12 @@ def rank_environment(devices: Sequence[str], base: Mapping[str, str]) -> dict[st
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""
         env["DYKAF_RANK_DEVICE"] = "cpu"
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(devices)))
+        share = max(1, (os.cpu_count() or 1) // len(devices))
+        # A worker started with an explicit thread count (``OMP_NUM_THREADS``) keeps it per rank.
+        chosen = base.get("OMP_NUM_THREADS", "")
+        env["OMP_NUM_THREADS"] = str(
+            min(share, int(chosen)) if chosen.isdigit() and int(chosen) > 0 else share
+        )
     return env
 
 
