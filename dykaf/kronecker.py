@@ -42,11 +42,17 @@ EPS_INIT_SCALE = 1e-3
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Frobenius inner product ``⟨a, b⟩`` per matrix (0-d, or ``b × 1 × 1`` for a block): one BLAS
-    pass, no temporary, no host sync."""
+    """Frobenius inner product ``⟨a, b⟩`` per matrix (0-d, or ``b × 1 × 1`` for a block), no host
+    sync.
+
+    A product and a per-matrix sum rather than one ``bmm`` of ``1 × k`` by ``k × 1``: BLAS computes
+    a batch of one such product with another kernel than a longer batch, so a matrix's factors came
+    out differently in a block of one than in a block of twelve. A sharded run, whose owner ranks
+    step smaller blocks, must reproduce the unsharded run, and so must every way of grouping.
+    """
     if a.ndim == 2:
         return torch.dot(a.reshape(-1), b.reshape(-1))
-    return torch.bmm(a.reshape(a.shape[0], 1, -1), b.reshape(b.shape[0], -1, 1))
+    return (a * b).sum(dim=(-2, -1), keepdim=True)
 
 
 def _norm(mat: Tensor) -> Tensor:

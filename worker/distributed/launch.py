@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,28 +106,49 @@ def rank_environment(devices: Sequence[str], base: Mapping[str, str]) -> dict[st
     return env
 
 
+# torchrun's failure summary: the rank whose failure came first, its exit code and signal name.
+_ROOT_CAUSE = re.compile(
+    r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)[^\n]*?(?:\((SIG[A-Z]+)\))?\s*$",
+    re.DOTALL | re.MULTILINE,
+)
+
+
+def _rank_error(folder: Path, rank: int) -> str | None:
+    path = folder / f"rank-{rank}.error.json"
+    return json.loads(path.read_text())["error"] if path.is_file() else None
+
+
+def _root_cause(folder: Path) -> tuple[int, str] | None:
+    """``(rank, what happened to it)`` for the rank torchrun saw fail first, from its summary."""
+    try:
+        text = (folder / LOG_FILE).read_text(errors="replace")
+    except OSError:
+        return None
+    found = _ROOT_CAUSE.findall(text)
+    if not found:
+        return None
+    rank_text, code, signal_name = found[-1]
+    rank = int(rank_text)
+    error = _rank_error(folder, rank)
+    if error:
+        return rank, f"rank {rank} failed: {error}"
+    if signal_name:
+        return rank, f"rank {rank} was killed by {signal_name}"
+    return rank, f"rank {rank} exited with code {code}"
+
+
 def _failure_reason(folder: Path, returncode: int) -> str:
-    """Why the ranks ended without a result: the first rank error, else torchrun's own account."""
+    """Why the ranks ended without a result: the first rank to fail, else torchrun's exit status."""
+    root = _root_cause(folder)
+    if root is not None:
+        return root[1][:2000]
     errors = sorted(folder.glob("rank-*.error.json"))
     if errors:
         first = json.loads(errors[0].read_text())
         return f"rank {first['rank']} failed: {first['error']}"[:2000]
     if returncode < 0:
-        what = f"torchrun was killed by {signal.Signals(-returncode).name}"
-    else:
-        what = f"a rank died (torchrun exited with code {returncode})"
-    tail = _log_tail(folder / LOG_FILE)
-    return f"{what}; {tail}" if tail else what
-
-
-def _log_tail(path: Path) -> str:
-    """torchrun's summary names the failed rank and its exit code or signal."""
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    telling = [line.strip() for line in lines if "exitcode" in line or "Signal" in line or "error" in line]
-    return " | ".join(telling[-3:])[:1500]
+        return f"torchrun was killed by {signal.Signals(-returncode).name}"
+    return f"a rank died (torchrun exited with code {returncode})"
 
 
 def _clear(folder: Path) -> None:
@@ -182,6 +204,10 @@ def launch_ranks(
             raise
     result = read_result(folder)
     if result is not None:
+        root = _root_cause(folder) if proc.returncode != 0 else None
+        if result.status == RunStatus.FAILED and root is not None and root[0] != 0:
+            # Rank 0 saw only the broken connection; the cause is the rank that died first.
+            result.reason = f"{root[1]}; rank 0 then: {result.reason}"[:2000]
         return result
     reason = _failure_reason(folder, proc.returncode)
     log.warning("run %s: ranks ended without a result: %s", spec.run_key, reason)
