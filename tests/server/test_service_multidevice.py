@@ -24,7 +24,11 @@ TERMINAL = {"succeeded", "failed", "diverged", "cancelled"}
 
 
 def two_device_job(name: str, devices: int, steps: int = 12, **task: Any) -> dict[str, Any]:
-    body = tiny_job(name=name, steps=steps, devices_per_run=devices, grad_accum=2 // devices, **task)
+    # Sides that are multiples of 16 (the byte vocabulary padded to 320): CPU BLAS rounds odd sides
+    # by a matrix's place in a batch (tests/worker/test_distributed_runs.py).
+    body = tiny_job(
+        name=name, steps=steps, devices_per_run=devices, grad_accum=2 // devices, vocab_size=320, **task
+    )
     body["optimizers"][1]["hyperparameters"]["precondition_frequency"] = 4  # refreshes within 12 steps
     return body
 

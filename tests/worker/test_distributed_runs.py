@@ -215,3 +215,104 @@ def test_a_checkpoint_is_not_resumed_on_another_number_of_devices(tmp_path: Path
     resumed = execute_run(longer, MemorySink(), checkpoint_dir=tmp_path / "ckpt", device="cpu")
     assert resumed.status == RunStatus.FAILED
     assert "2-device run" in (resumed.reason or "") and "1 devices" in (resumed.reason or "")
+
+
+def test_dykaf_lab_run_trains_a_two_device_job_and_writes_its_results(tmp_path: Path) -> None:
+    """``./lab run`` of a 2-device job: the ranks' metrics come back into the usual result files."""
+    from worker.local import run_job
+
+    job = JobSpec.model_validate(
+        {
+            "name": "local-pair",
+            "device": "cpu",
+            "task": {**run_spec("adamw", 2, 1, steps=6, eval_every=3).task.model_dump(), "tokens": None},
+            "optimizers": [{"name": "adamw"}, {"name": "soap"}],
+        }
+    )
+    outcome = run_job(job, tmp_path / "out", show_progress=False)
+    assert [r.result.status for r in outcome.runs] == [RunStatus.SUCCEEDED] * 2, [
+        r.result.reason for r in outcome.runs
+    ]
+    for record in outcome.runs:
+        assert [step for step, _ in record.curves.series("train_loss")] == list(range(1, 7))
+    rows = (tmp_path / "out" / "metrics.csv").read_text().splitlines()
+    assert sum(",train_loss," in row for row in rows) == 12
+
+
+def test_prepare_ranks_writes_a_folder_that_torchruns_c10d_rendezvous_trains(tmp_path: Path) -> None:
+    """The multi-machine path on one machine: ``prepare-ranks``, then the printed torchrun command
+    with a c10d rendezvous (here one node of two ranks) trains the run into the folder."""
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+    from worker.distributed.launch import ROOT, read_result
+
+    spec = run_spec("adamw", 2, 1, steps=4, eval_every=4)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "multi",
+                "device": "cpu",
+                "task": spec.task.model_dump(mode="json"),
+                "optimizers": [{"name": "adamw"}],
+            }
+        )
+    )
+    folder = tmp_path / "ranks"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    printed = CliRunner().invoke(
+        app,
+        [
+            "prepare-ranks",
+            str(job_file),
+            "--out",
+            str(folder),
+            "--nodes",
+            "1",
+            "--head",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env={"COLUMNS": "400"},
+    )
+    assert printed.exit_code == 0, printed.output
+    command = next(
+        line.strip() for line in printed.output.splitlines() if line.strip().startswith("torchrun ")
+    )
+    assert f"--rdzv-endpoint=127.0.0.1:{port}" in command and "--nproc-per-node=2" in command
+    argv = [sys.executable, "-m", "torch.distributed.run", *command.split()[1:]]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    subprocess.run(argv, cwd=ROOT, env=env, timeout=180, check=True, capture_output=True)
+    result = read_result(folder)
+    assert result is not None and result.status == RunStatus.SUCCEEDED, result
+    assert result.final_step == 4 and (folder / METRICS_FILE).stat().st_size > 0
+    assert ckpt.checkpoint_step(ckpt.latest_checkpoint(folder / "checkpoints")) == 4
+
+
+def test_prepare_ranks_refuses_a_device_count_the_machines_cannot_split(tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    spec = run_spec("adamw", 2, 1)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(
+        yaml.safe_dump(
+            {"name": "multi", "task": spec.task.model_dump(mode="json"), "optimizers": [{"name": "adamw"}]}
+        )
+    )
+    printed = CliRunner().invoke(
+        app, ["prepare-ranks", str(job_file), "--out", str(tmp_path / "x"), "--nodes", "3", "--head", "h"]
+    )
+    assert printed.exit_code == 2
+    assert "task.devices_per_run (2) is not a multiple of --nodes (3)" in printed.output
