@@ -9,6 +9,7 @@ from dykaf.baselines.registry import (
     all_schemas,
     build_optimizer,
     optimizer_schema,
+    shard_cost,
     validate_hyperparameters,
 )
 from dykaf.baselines.routed import RoutedOptimizer
@@ -21,5 +22,6 @@ __all__ = [
     "all_schemas",
     "build_optimizer",
     "optimizer_schema",
+    "shard_cost",
     "validate_hyperparameters",
 ]

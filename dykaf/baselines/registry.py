@@ -10,6 +10,9 @@ ScalableShampoo, PSGD Kron); only DyKAF and SOAP (one engine) are written here.
 Routing follows practice (``roles.py``): Muon takes hidden 2-D matrices and AdamW the embeddings,
 head and 1-D params; Shampoo takes matrices whose every side fits ``max_precond_dim`` and AdamW the
 rest; the DyKAF engine runs 1-D params as Adam itself.
+
+Each entry also states what its step costs per parameter (``costs.py``), following the same routing:
+:func:`shard_cost` is what a sharded step (``dykaf.distributed``) balances its ranks by.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from dykaf.baselines import costs
 from dykaf.baselines import roles as role_names
 from dykaf.baselines.configs import (
     AdafactorConfig,
@@ -31,7 +35,7 @@ from dykaf.baselines.configs import (
     ShampooConfig,
 )
 from dykaf.baselines.optional import pytorch_optimizer
-from dykaf.baselines.roles import resolve_roles
+from dykaf.baselines.roles import infer_role, resolve_roles
 from dykaf.baselines.routed import RoutedOptimizer
 from dykaf.baselines.shampoo_state import shampoo_class
 from dykaf.config import Hyperparameter, OptimizerConfig
@@ -44,8 +48,9 @@ Triples = list[tuple[str, Tensor, str]]
 @dataclass(frozen=True)
 class OptimizerEntry:
     """A registry entry: its config class, the config fields the entry fixes (``preset``: e.g. the
-    factor rule that makes the engine DyKAF or SOAP; they are not in its schema) and a builder taking
-    resolved ``(name, param, role)`` triples and the validated config."""
+    factor rule that makes the engine DyKAF or SOAP; they are not in its schema), a builder taking
+    resolved ``(name, param, role)`` triples and the validated config, and the relative cost of its
+    step per parameter, ``cost(config, name, param, role)`` (``costs.py``)."""
 
     name: str
     description: str
@@ -53,6 +58,7 @@ class OptimizerEntry:
     config: type[OptimizerConfig]
     build: Callable[[Triples, Any], Optimizer]
     preset: Mapping[str, Any] = field(default_factory=dict)
+    cost: Callable[[Any, str, Tensor, str], float] = costs.elementwise
 
     @property
     def hyperparameters(self) -> dict[str, Hyperparameter]:
@@ -197,6 +203,7 @@ _ENTRIES: list[OptimizerEntry] = [
         DyKAFConfig,
         _build_engine,
         preset={"factor_rule": "parallel", "second_moment": "full"},
+        cost=costs.engine,
     ),
     OptimizerEntry(
         "dykaf-seq",
@@ -205,6 +212,7 @@ _ENTRIES: list[OptimizerEntry] = [
         DyKAFConfig,
         _build_engine,
         preset={"factor_rule": "sequential", "second_moment": "full"},
+        cost=costs.engine,
     ),
     OptimizerEntry(
         "dykaf-rank1",
@@ -213,6 +221,7 @@ _ENTRIES: list[OptimizerEntry] = [
         DyKAFConfig,
         _build_engine,
         preset={"factor_rule": "parallel", "second_moment": "rank1"},
+        cost=costs.engine,
     ),
     OptimizerEntry(
         "soap",
@@ -222,6 +231,7 @@ _ENTRIES: list[OptimizerEntry] = [
         _build_engine,
         # ``init`` belongs to the projector-splitting rules; the ema rule starts from zero.
         preset={"factor_rule": "ema", "second_moment": "full", "init": "kron"},
+        cost=costs.engine,
     ),
     OptimizerEntry("adamw", "AdamW (torch.optim.AdamW)", "torch.optim", AdamWConfig, _build_adamw),
     OptimizerEntry(
@@ -233,6 +243,7 @@ _ENTRIES: list[OptimizerEntry] = [
         "torch.optim",
         MuonConfig,
         _build_muon,
+        cost=costs.muon,
     ),
     OptimizerEntry(
         "shampoo",
@@ -241,9 +252,15 @@ _ENTRIES: list[OptimizerEntry] = [
         "pytorch-optimizer",
         ShampooConfig,
         _build_shampoo,
+        cost=costs.shampoo,
     ),
     OptimizerEntry(
-        "psgd-kron", "PSGD Kron (pytorch-optimizer)", "pytorch-optimizer", PSGDKronConfig, _build_psgd_kron
+        "psgd-kron",
+        "PSGD Kron (pytorch-optimizer)",
+        "pytorch-optimizer",
+        PSGDKronConfig,
+        _build_psgd_kron,
+        cost=costs.psgd_kron,
     ),
 ]
 
@@ -287,3 +304,23 @@ def build_optimizer(
     if not triples:
         raise ValueError("no trainable parameters were given to the optimizer")
     return entry.build(triples, config)
+
+
+def shard_cost(
+    optimizer_name: str,
+    hyperparameters: Mapping[str, Any] | None,
+    roles: Mapping[str, str] | None = None,
+) -> Callable[[str, Tensor], float]:
+    """``cost(name, param)``: the relative cost of the named optimizer's step on one parameter, as
+    it routes that parameter (explicit ``roles`` first, else :func:`roles.infer_role`), for
+    balancing a sharded step's ranks (``dykaf.distributed``). The hyperparameters are validated
+    as by :func:`build_optimizer` (``ValueError`` names a bad one) and defaults filled in, since
+    some costs read them (``max_precond_dim``, ``block_size``...)."""
+    entry = _entry(optimizer_name)
+    config = entry.configure(hyperparameters)
+
+    def cost(name: str, param: Tensor) -> float:
+        role = (roles or {}).get(name) or infer_role(name, param)
+        return entry.cost(config, name, param, role)
+
+    return cost
