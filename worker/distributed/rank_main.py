@@ -91,7 +91,14 @@ def main() -> None:
     )
     if len(sys.argv) != 2:
         sys.exit("usage: python -m worker.distributed.rank_main LAUNCH_FOLDER")
-    sys.exit(run(Path(sys.argv[1])))
+    code = run(Path(sys.argv[1]))
+    # Everything is written; leave without interpreter finalisation, during which a Gloo worker
+    # thread still releasing a collective's tensors can abort the process (torch 2.13) and turn a
+    # finished run into a failed exit (dykaf/distributed/README.md).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
