@@ -193,6 +193,20 @@ class DatabaseSink:
         return len(self._metrics) + len(self._fisher)
 
 
+def database_sink(settings: Settings, run_id: int, task: Any = None) -> DatabaseSink:
+    """The sink of a run's metrics in the service: this worker's, or rank 0's of a multi-device run.
+    With ``task`` it flushes before every checkpoint (``CheckpointAlignment``)."""
+    sink = DatabaseSink(
+        get_engine(settings.database_url),
+        run_id,
+        flush_every_points=settings.flush_every_points,
+        flush_every_s=settings.flush_every_s,
+    )
+    if task is not None:
+        sink.alignment = CheckpointAlignment(task)
+    return sink
+
+
 class Heartbeat(threading.Thread):
     """Refreshes the run's heartbeat and progress, and watches for cancel and lost ownership.
 
@@ -341,12 +355,7 @@ def execute_claimed(
     # torch and the model code: imported inside the task only (see ``run_task``).
     from worker.training.runner import execute_run
 
-    sink = DatabaseSink(
-        get_engine(settings.database_url),
-        claim.run_id,
-        flush_every_points=settings.flush_every_points,
-        flush_every_s=settings.flush_every_s,
-    )
+    sink = database_sink(settings, claim.run_id)
     heartbeat = Heartbeat(settings, claim, sink)
     heartbeat.start()
     checkpoint_dir = settings.checkpoint_root / str(claim.run_id)

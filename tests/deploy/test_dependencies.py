@@ -29,6 +29,10 @@ LOCAL_IMPORT_ALLOWED: dict[tuple[str, str], str] = {
     ("worker.execute", "worker.training.runner"): "torch: loaded inside the task, never before the pool",
     ("worker.execute", "worker.training.checkpoint"): "torch: loaded inside the task, never before the pool",
     ("worker.execute", "worker.distributed.launch"): "torch: loaded inside the task, never before the pool",
+    (
+        "worker.distributed.rank_main",
+        "worker.execute",
+    ): "SQLAlchemy/Celery: only ranks of a service run write to the database",
     ("worker.cli", "worker.local"): "torch: `dykaf-lab run` only; the other commands start fast",
     ("worker.training.runner", "worker.lm.hf"): "transformers/peft: only runs that export or fine-tune",
     (

@@ -18,12 +18,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 from server.core.config import Settings
-from server.db.session import get_engine
 from server.jobs.spec import RunSpec
 from server.jobs.status import RunStatus
 from worker.distributed import folder as files
 from worker.distributed.parent import die_with_parent
-from worker.execute import CheckpointAlignment, DatabaseSink
 from worker.training.distributed import Ranks, init_from_environment
 from worker.training.runner import execute_run
 from worker.training.sinks import JsonLinesSink, MetricSink, NullSink
@@ -36,18 +34,13 @@ def _sink(launch: files.Launch, folder: Path, spec: RunSpec, ranks: Ranks) -> Me
         return NullSink()
     if launch.sink == "files":
         return JsonLinesSink(folder / files.METRICS_FILE)
-    # The service: the worker's batched, retrying database sink, flushed before every checkpoint.
     if launch.run_id is None:
         raise ValueError("a database sink needs the run id")
-    settings = Settings.from_env()
-    sink = DatabaseSink(
-        get_engine(settings.database_url),
-        launch.run_id,
-        flush_every_points=settings.flush_every_points,
-        flush_every_s=settings.flush_every_s,
-    )
-    sink.alignment = CheckpointAlignment(spec.task)
-    return sink
+    # The service's packages (SQLAlchemy, Celery) load only for a service run: ranks started by
+    # prepare-ranks, or on a machine with just torch (bench/gpu_check.py), do without them.
+    from worker.execute import database_sink
+
+    return database_sink(Settings.from_env(), launch.run_id, spec.task)
 
 
 def run(folder: Path) -> int:
