@@ -317,3 +317,42 @@ def test_prepare_ranks_refuses_a_device_count_the_machines_cannot_split(tmp_path
     )
     assert printed.exit_code == 2
     assert "task.devices_per_run (2) is not a multiple of --nodes (3)" in printed.output
+
+
+TORCHRUN_SUMMARY = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+worker.distributed.rank_main FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-12-04_23:44:43
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 22561)  (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 22561
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-04_23:44:43
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : 1 (pid: 22560)
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================
+"""
+
+
+def test_the_killed_rank_is_the_cause_even_when_torchrun_saw_its_peer_fail_first(tmp_path: Path) -> None:
+    """Rank 0 noticed the broken connection and exited 1 before torchrun saw rank 1's SIGKILL: the
+    reason still names rank 1 (the summary is torchrun's own format, as logged by a real run)."""
+    from worker.distributed import launch as supervisor
+
+    (tmp_path / "ranks.log").write_text(TORCHRUN_SUMMARY)
+    (tmp_path / "rank-0.error.json").write_text(
+        '{"rank": 0, "error": "RuntimeError: Connection reset by peer"}'
+    )
+    assert supervisor._root_cause(tmp_path) == (1, "rank 1 was killed by SIGKILL")
+    (tmp_path / "ranks.log").write_text(TORCHRUN_SUMMARY.replace("(SIGKILL)", "(SIGTERM)"))
+    assert supervisor._root_cause(tmp_path) == (0, "rank 0 failed: RuntimeError: Connection reset by peer")

@@ -106,11 +106,13 @@ def rank_environment(devices: Sequence[str], base: Mapping[str, str]) -> dict[st
     return env
 
 
-# torchrun's failure summary: the rank whose failure came first, its exit code and signal name.
-_ROOT_CAUSE = re.compile(
-    r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)[^\n]*?(?:\((SIG[A-Z]+)\))?\s*$",
-    re.DOTALL | re.MULTILINE,
+# torchrun's failure summary: one entry per failed rank, with its exit code and signal name.
+_FAILED_RANK = re.compile(
+    r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)[^\n]*?(?:\((SIG[A-Z]+)\))?[ \t]*$",
+    re.MULTILINE,
 )
+# What torchrun itself sends the surviving ranks once one has failed: not a cause.
+_STOP_SIGNALS = {"SIGTERM", "SIGINT", "SIGHUP"}
 
 
 def _rank_error(folder: Path, rank: int) -> str | None:
@@ -119,22 +121,29 @@ def _rank_error(folder: Path, rank: int) -> str | None:
 
 
 def _root_cause(folder: Path) -> tuple[int, str] | None:
-    """``(rank, what happened to it)`` for the rank torchrun saw fail first, from its summary."""
+    """``(rank, what happened to it)`` for the rank whose failure brought the run down.
+
+    torchrun's own "root cause" is the first failure it observed, which, when a rank is killed,
+    may be a peer that only saw the broken connection. So: a rank killed by a signal torchrun does
+    not send, else a rank that left an error, else torchrun's first entry.
+    """
     try:
         text = (folder / LOG_FILE).read_text(errors="replace")
     except OSError:
         return None
-    found = _ROOT_CAUSE.findall(text)
-    if not found:
+    summary = text[text.rfind("ChildFailedError") :] if "ChildFailedError" in text else text
+    failed = [(int(rank), int(code), name) for rank, code, name in _FAILED_RANK.findall(summary)]
+    if not failed:
         return None
-    rank_text, code, signal_name = found[-1]
-    rank = int(rank_text)
-    error = _rank_error(folder, rank)
-    if error:
-        return rank, f"rank {rank} failed: {error}"
-    if signal_name:
-        return rank, f"rank {rank} was killed by {signal_name}"
-    return rank, f"rank {rank} exited with code {code}"
+    for rank, _, name in sorted(failed):
+        if name and name not in _STOP_SIGNALS:
+            return rank, f"rank {rank} was killed by {name}"
+    for rank, _, _ in sorted(failed, key=lambda entry: (entry[0] == 0, entry[0])):
+        error = _rank_error(folder, rank)
+        if error:
+            return rank, f"rank {rank} failed: {error}"
+    rank, code, name = failed[-1]  # torchrun lists the root cause last
+    return rank, f"rank {rank} was killed by {name}" if name else f"rank {rank} exited with code {code}"
 
 
 def _failure_reason(folder: Path, returncode: int) -> str:
