@@ -27,9 +27,7 @@ import math
 import os
 import platform
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +40,8 @@ if not __package__:  # run as `python bench/NAME.py`: import as under `python -m
 
 from sqlalchemy import update
 
-from bench._common import ROOT, free_port, write_text
+from bench._browser import CHROMIUM, CHROMIUM_ARGS, ServerProcess, launch_chromium
+from bench._common import write_text
 from server.core.config import Settings
 from server.crud import jobs as jobs_crud
 from server.crud.metrics import insert_fisher, insert_metrics
@@ -52,55 +51,6 @@ from server.db.models import Run
 from server.db.session import dispose_engines, get_engine, session_scope
 from server.db.types import utcnow
 from server.jobs.spec import JobSpec
-from worker.cli_service import uvicorn_argv
-
-CHROMIUM = os.environ.get("DYKAF_CHROMIUM", "/usr/bin/chromium")  # Debian's, never a downloaded one
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-class ServerProcess:
-    """The API server (``uvicorn --factory server.main:create_app``) on one port, restartable, so
-    that a first visit can be measured against a server that has just started."""
-
-    def __init__(self, settings: Settings, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **settings.env(), "PYTHONPATH": str(ROOT)}
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60.0) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                uvicorn_argv("127.0.0.1", self.port), cwd=ROOT, env=self.env, stdout=log, stderr=log
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.1)
-        log_tail = self.log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"the API server did not start within {timeout}s:\n{log_tail}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
 
 OPTIMIZERS = ("adamw", "dykaf", "soap", "muon")
 SEEDS = (0, 1, 2)
@@ -327,7 +277,7 @@ def main() -> None:
         results: dict[str, Any] = {}
         load_before = os.getloadavg()
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            browser = launch_chromium(p)
             try:
                 cold = []
                 for i in range(args.repeats):
