@@ -103,6 +103,12 @@ def matrix_shape(param: Tensor, precondition_1d: bool) -> tuple[int, int] | None
     return (param.shape[0], math.prod(param.shape[1:]))
 
 
+def factored_sides(shape: tuple[int, int], max_precond_dim: int) -> tuple[bool, bool]:
+    """Which sides of an ``m × n`` matrix get a Kronecker factor: those within ``max_precond_dim``
+    (a longer side is left unrotated; with neither, the parameter runs plain Adam)."""
+    return shape[0] <= max_precond_dim, shape[1] <= max_precond_dim
+
+
 class DyKAF(Optimizer):
     """DyKAF (arXiv 2511.06477) with the fixes listed in ``dykaf/docs/math.md``.
 
@@ -253,9 +259,9 @@ class DyKAF(Optimizer):
         dtype = state_dtype(param)
         grad = param.grad.to(dtype)
         shape = matrix_shape(param, group["precondition_1d"])
-        max_dim = group["max_precond_dim"]
-        has_left = shape is not None and shape[0] <= max_dim
-        has_right = shape is not None and shape[1] <= max_dim
+        has_left, has_right = (
+            (False, False) if shape is None else factored_sides(shape, group["max_precond_dim"])
+        )
         if not (has_left or has_right):
             state["step"] = 0
             state["matrix_shape"] = None

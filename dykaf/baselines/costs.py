@@ -26,7 +26,7 @@ from typing import Any
 from torch import Tensor
 
 from dykaf.baselines import roles as role_names
-from dykaf.optimizer import matrix_shape
+from dykaf.optimizer import factored_sides, matrix_shape
 
 
 def elementwise(config: Any, name: str, param: Tensor, role: str) -> float:
@@ -40,14 +40,20 @@ def engine(config: Any, name: str, param: Tensor, role: str) -> float:
     if shape is None:
         return float(param.numel())
     rows, cols = shape
-    limit = config.max_precond_dim
-    sides = (rows if rows <= limit else 0) + (cols if cols <= limit else 0)
+    left, right = factored_sides(shape, config.max_precond_dim)
+    sides = rows * left + cols * right
     return float(rows * cols * sides) if sides else float(rows * cols)
+
+
+def shampoo_takes(param: Tensor, max_precond_dim: int) -> bool:
+    """The registry's Shampoo routing: tensors of two or more dimensions whose every side fits
+    ``max_precond_dim`` go to ``ScalableShampoo``, the rest to AdamW (shared with its builder)."""
+    return param.ndim >= 2 and max(param.shape) <= max_precond_dim
 
 
 def shampoo(config: Any, name: str, param: Tensor, role: str) -> float:
     """``ScalableShampoo`` on tensors whose every side fits ``max_precond_dim``, in blocks."""
-    if param.ndim >= 2 and max(param.shape) <= config.max_precond_dim:
+    if shampoo_takes(param, config.max_precond_dim):
         return float(param.numel() * sum(min(side, config.block_size) for side in param.shape))
     return float(param.numel())
 

@@ -152,9 +152,8 @@ def _build_shampoo(triples: Triples, config: ShampooConfig) -> Optimizer:
     without grafting) trails AdamW far behind on a language model, so it would make a straw-man
     baseline."""
     graft_types = pytorch_optimizer("shampoo", "optimizer.utils.graft").LayerWiseGrafting
-    limit = config.max_precond_dim
-    fits = [p for _, p, _ in triples if p.ndim >= 2 and max(p.shape) <= limit]
-    rest = [p for _, p, _ in triples if not (p.ndim >= 2 and max(p.shape) <= limit)]
+    fits = [p for _, p, _ in triples if costs.shampoo_takes(p, config.max_precond_dim)]
+    rest = [p for _, p, _ in triples if not costs.shampoo_takes(p, config.max_precond_dim)]
 
     def make(params: list[Tensor]) -> Optimizer:
         optimizer = shampoo_class()(

@@ -59,8 +59,21 @@ def write_result(folder: Path, result: Any) -> None:
     write_atomic(folder / RESULT_FILE, json.dumps(payload))
 
 
+ERROR_FILES = "rank-*.error.json"
+
+
+def error_path(folder: Path, rank: int) -> Path:
+    """Where rank ``rank`` leaves the error that made it exit non-zero."""
+    return folder / f"rank-{rank}.error.json"
+
+
 def write_error(folder: Path, rank: int, message: str) -> None:
-    write_atomic(folder / f"rank-{rank}.error.json", json.dumps({"rank": rank, "error": message}))
+    write_atomic(error_path(folder, rank), json.dumps({"rank": rank, "error": message}))
+
+
+def read_error(folder: Path, rank: int) -> str | None:
+    path = error_path(folder, rank)
+    return str(json.loads(path.read_text())["error"]) if path.is_file() else None
 
 
 def write_progress(folder: Path, step: int) -> None:

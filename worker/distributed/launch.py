@@ -37,11 +37,13 @@ from pathlib import Path
 from server.jobs.spec import RunSpec
 from server.jobs.status import RunStatus
 from worker.distributed.folder import (
+    ERROR_FILES,
     LOG_FILE,
     PROGRESS_FILE,
     RESULT_FILE,
     STOP_FILE,
     Launch,
+    read_error,
     read_progress,
 )
 from worker.distributed.parent import die_with_parent
@@ -115,11 +117,6 @@ _FAILED_RANK = re.compile(
 _STOP_SIGNALS = {"SIGTERM", "SIGINT", "SIGHUP"}
 
 
-def _rank_error(folder: Path, rank: int) -> str | None:
-    path = folder / f"rank-{rank}.error.json"
-    return json.loads(path.read_text())["error"] if path.is_file() else None
-
-
 def _root_cause(folder: Path) -> tuple[int, str] | None:
     """``(rank, what happened to it)`` for the rank whose failure brought the run down.
 
@@ -139,7 +136,7 @@ def _root_cause(folder: Path) -> tuple[int, str] | None:
         if name and name not in _STOP_SIGNALS:
             return rank, f"rank {rank} was killed by {name}"
     for rank, _, _ in sorted(failed, key=lambda entry: (entry[0] == 0, entry[0])):
-        error = _rank_error(folder, rank)
+        error = read_error(folder, rank)
         if error:
             return rank, f"rank {rank} failed: {error}"
     rank, code, name = failed[-1]  # torchrun lists the root cause last
@@ -151,9 +148,8 @@ def _failure_reason(folder: Path, returncode: int) -> str:
     root = _root_cause(folder)
     if root is not None:
         return root[1][:2000]
-    errors = sorted(folder.glob("rank-*.error.json"))
-    if errors:
-        first = json.loads(errors[0].read_text())
+    for path in sorted(folder.glob(ERROR_FILES)):
+        first = json.loads(path.read_text())
         return f"rank {first['rank']} failed: {first['error']}"[:2000]
     if returncode < 0:
         return f"torchrun was killed by {signal.Signals(-returncode).name}"
@@ -164,7 +160,7 @@ def _clear(folder: Path) -> None:
     """Remove what an earlier attempt left (its stop request, result, errors and progress)."""
     for name in (STOP_FILE, RESULT_FILE, PROGRESS_FILE):
         (folder / name).unlink(missing_ok=True)
-    for stale in folder.glob("rank-*.error.json"):
+    for stale in folder.glob(ERROR_FILES):
         stale.unlink(missing_ok=True)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from worker.training.runner import execute_run
 from worker.training.sinks import JsonLinesSink, MetricSink, NullSink
 
 log = logging.getLogger(__name__)
+
+# How often rank 0 tells the supervisor its step (the supervisor polls four times a second).
+PROGRESS_EVERY_S = 0.2
 
 
 def _sink(launch: files.Launch, folder: Path, spec: RunSpec, ranks: Ranks) -> MetricSink:
@@ -57,8 +61,15 @@ def run(folder: Path) -> int:
         raise
     stop_file = folder / files.STOP_FILE
 
-    def progress(step: int, _total: int, _metrics: object) -> None:
-        files.write_progress(folder, step)
+    last_write = 0.0
+
+    def progress(step: int, total: int, _metrics: object) -> None:
+        # The supervisor reads it a few times a second for the heartbeat: no file write per step.
+        nonlocal last_write
+        now = time.monotonic()
+        if now - last_write >= PROGRESS_EVERY_S or step == total:
+            files.write_progress(folder, step)
+            last_write = now
 
     result = execute_run(
         spec,

@@ -278,7 +278,7 @@ class _Run:
         named = task.trainable_parameters()
         self.params = [p for _, p in named]
         roles = {name: task.roles[name] for name, _ in named}
-        self.optimizer = self.build_optimizer(named, roles)
+        self.optimizer = self.make_optimizer(named, roles)
         self.scheduler = build_scheduler(
             self.optimizer,
             steps=t.steps,
@@ -320,7 +320,8 @@ class _Run:
         """Each matrix's optimizer state lives on one owner rank (``dykaf.distributed``)."""
         return self.ranks.active and self.task_spec.distributed == "shard"
 
-    def build_optimizer(self, named: list[tuple[str, torch.nn.Parameter]], roles: dict[str, str]) -> Any:
+    def make_optimizer(self, named: list[tuple[str, torch.nn.Parameter]], roles: dict[str, str]) -> Any:
+        """The registry optimizer, or in shard mode its sharded form (``dykaf.distributed``)."""
         hyper = dict(self.spec.hyperparameters)
         if not self.sharded:
             return build_optimizer(self.spec.optimizer, named, hyper, roles)
